@@ -1,0 +1,35 @@
+# Every target sets itself up: a virtualenv in .venv with pinned installs.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+TORCH   := torch==2.14.1 torchvision==0.29.1
+PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
+           scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
+
+.PHONY: install test demo groups bench bench-quick coverage clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q $(PINNED)
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+groups: $(STAMP)
+	.venv/bin/fxmerge groups resnet50
+
+demo: groups
+
+coverage: $(STAMP)
+	$(PY) benchmarks/coverage.py
+
+bench: coverage
+
+clean:
+	rm -rf .venv build *.egg-info

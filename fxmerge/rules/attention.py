@@ -1,0 +1,154 @@
+"""Contractions and attention: matmul, einsum, scaled_dot_product_attention,
+nn.MultiheadAttention.
+
+A contraction is invariant when both operands permute the contracted axis
+alike; attention adds no other constraint. Head structure is not declared
+here: it comes from the reshapes that produce q, k and v, so one head
+permutation ends up shared by q, k, v and the output projection, q and k
+share the within-head permutation of each head, and v shares its own with
+the output projection.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ir import Dim, as_product, split_dim
+from .elementwise import broadcast_layouts
+from .registry import RULES, TL, Opaque
+
+
+def _is_activation(t: TL) -> bool:
+    return t.member is None
+
+
+@RULES.function(operator.matmul, torch.matmul, torch.bmm, torch.mm)
+@RULES.method("matmul", "bmm", "mm", "__matmul__")
+def matmul(ctx, a, b):
+    if not isinstance(a, TL) or not isinstance(b, TL):
+        raise Opaque("matmul with a non-tensor operand")
+    if a.ndim == 1 or b.ndim == 1:
+        if a.ndim == 1 and b.ndim == 1:
+            ctx.unify(a.lays[0], b.lays[0])
+            return ctx.tl(())
+        if a.ndim == 1:
+            ctx.unify(a.lays[0], b.lays[-2])
+            return ctx.tl(b.lays[:-2] + (b.lays[-1],))
+        ctx.unify(a.lays[-1], b.lays[0])
+        return ctx.tl(a.lays[:-1])
+    ctx.unify(a.lays[-1], b.lays[-2])
+    if a.ndim >= 3 and b.ndim >= 3 and _is_activation(a) and _is_activation(b):
+        # activation x activation: attention scores (q k^T) or mixing (attn v)
+        ctx.hint(a.lays[-1], "qk")
+        ctx.hint(b.lays[-1], "v")
+    out_shape = ctx.out_shape
+    batch = broadcast_layouts(ctx, [TL(a.lays[:-2], a.shape[:-2]), TL(b.lays[:-2], b.shape[:-2])], out_shape[:-2])
+    return ctx.tl(batch + (a.lays[-2], b.lays[-1]))
+
+
+@RULES.function(F.scaled_dot_product_attention)
+def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    q, k, v = query, key, value
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        raise Opaque("attention with broadcast or grouped heads")
+    for i in range(q.ndim - 2):
+        ctx.unify(q.lays[i], k.lays[i])
+        ctx.unify(q.lays[i], v.lays[i])
+    ctx.unify(q.lays[-1], k.lays[-1])
+    ctx.unify(k.lays[-2], v.lays[-2])
+    ctx.hint(q.lays[-1], "qk")
+    ctx.hint(v.lays[-1], "v")
+    if isinstance(attn_mask, TL):
+        scores = TL(q.lays[:-1] + (k.lays[-2],), q.shape[:-1] + (k.shape[-2],))
+        broadcast_layouts(ctx, [scores, attn_mask], scores.shape)
+    return ctx.tl(q.lays[:-1] + (v.lays[-1],))
+
+
+_EINSUM_TERM = re.compile(r"^[a-zA-Z.]*$")
+
+
+@RULES.function(torch.einsum)
+def einsum(ctx, equation, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not all(isinstance(o, TL) for o in operands):
+        raise Opaque("einsum with a non-tensor operand")
+    eq = equation.replace(" ", "")
+    if "->" not in eq:
+        raise Opaque("implicit einsum output")
+    lhs, rhs = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands) or "." in eq:
+        raise Opaque("einsum with ellipsis")
+    letters: dict[str, list] = {}
+    for term, op in zip(terms, operands):
+        if len(term) != op.ndim:
+            raise Opaque("einsum term does not match operand rank")
+        for ch, lay, size in zip(term, op.lays, op.shape):
+            letters.setdefault(ch, []).append((lay, size))
+    out = []
+    for ch, entries in letters.items():
+        real = [l for l, s in entries if s != 1]
+        for other in real[1:]:
+            ctx.unify(real[0], other)
+        if ch not in rhs and len(entries) > 1 and len(operands) > 1 and all(_is_activation(o) for o in operands):
+            ctx.hint(real[0], "qk") if real else None
+    for ch in rhs:
+        entries = letters[ch]
+        real = [l for l, s in entries if s != 1]
+        out.append(real[0] if real else Dim(1))
+    return ctx.tl(out)
+
+
+@RULES.module(nn.MultiheadAttention)
+def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                        average_attn_weights=True, is_causal=False):
+    m = ctx.module
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise Opaque("MultiheadAttention with separate q/k/v projections or extra key/value bias")
+    E, H = m.embed_dim, m.num_heads
+    w_in = ctx.param("in_proj_weight")
+    b_in = ctx.param("in_proj_bias")
+    w_out = ctx.param("out_proj.weight")
+    b_out = ctx.param("out_proj.bias")
+    # packed projections: [q | k | v], each heads x head_dim
+    q_d, k_d, v_d = split_dim(w_in.lays[0], [E, 2 * E])
+    pq, pk, pv = as_product(q_d, H), as_product(k_d, H), as_product(v_d, H)
+    if pq is None or pk is None or pv is None:
+        raise Opaque("packed projection does not factor into heads")
+    ctx.unify(pq.outer, pk.outer)
+    ctx.unify(pq.outer, pv.outer)
+    for a, b in zip(pq.inners, pk.inners):
+        ctx.unify(a, b)
+    for i in pq.inners:
+        ctx.hint(i, "qk")
+    for i in pv.inners:
+        ctx.hint(i, "v")
+    if b_in is not None:
+        ctx.unify(b_in.lays[0], w_in.lays[0])
+    ctx.unify(w_out.lays[1], v_d)
+    if b_out is not None:
+        ctx.unify(b_out.lays[0], w_out.lays[0])
+    for t in (query, key, value):
+        ctx.unify(t.lays[-1], w_in.lays[1])
+    # token and batch axes
+    tok = 1 if (m.batch_first and query.ndim == 3) else 0
+    for i in range(query.ndim - 1):
+        if i != tok:
+            ctx.unify(query.lays[i], key.lays[i])
+    for i in range(key.ndim - 1):
+        ctx.unify(key.lays[i], value.lays[i])
+    out = ctx.tl(query.lays[:-1] + (w_out.lays[0],), ctx.out_shapes()[0])
+    weights_shape = ctx.out_shapes()[1]
+    if weights_shape is None:
+        return (out, None)
+    # attention weights are a function of tokens only (heads averaged) or
+    # carry the head axis
+    lays = [Dim(s, pinned=True) for s in weights_shape]
+    if len(weights_shape) == query.ndim + 1:
+        lays[-3] = pq.outer
+    return (out, ctx.tl(lays, weights_shape))

@@ -1,0 +1,114 @@
+"""Elementwise ops: every axis of the output is the matching (broadcast) axis
+of the inputs."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ir import Dim
+from .registry import RULES, TL, Opaque, tensors_in
+
+try:
+    from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
+except Exception:  # pragma: no cover
+    _tv_stochastic_depth = None
+
+UNARY_MODULES = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish,
+    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.Softmax2d,
+)
+
+UNARY_FUNCTIONS = [
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardsigmoid, F.hardswish, F.hardtanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.softsign, F.logsigmoid,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softmax, F.log_softmax,
+    F.normalize, F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
+    torch.abs, torch.neg, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip,
+    torch.softmax, torch.log_softmax, torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round,
+    torch.detach, torch.clone, torch.nan_to_num,
+    operator.neg, operator.pos, operator.abs, _tv_stochastic_depth,
+]
+
+UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "sqrt", "rsqrt",
+    "abs", "neg", "square", "sin", "cos", "erf", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
+    "float", "half", "double", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach",
+    "softmax", "log_softmax", "cpu", "cuda", "requires_grad_", "sign", "floor", "ceil", "round",
+    "reciprocal", "nan_to_num", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "mish",
+]
+
+BINARY_FUNCTIONS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.mod,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where, torch.addcmul,
+    torch.addcdiv, torch.lerp, torch.eq, torch.ne, torch.gt, torch.lt, torch.ge, torch.le,
+    torch.masked_fill, torch.fmod, torch.remainder,
+]
+
+BINARY_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "pow_", "maximum", "minimum",
+    "where", "addcmul", "addcmul_", "addcdiv", "lerp", "masked_fill", "masked_fill_", "eq", "ne",
+    "gt", "lt", "ge", "le", "fmod", "remainder", "true_divide", "__add__", "__mul__", "__radd__", "__rmul__",
+]
+
+ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+@RULES.module(*UNARY_MODULES)
+@RULES.function(*[f for f in UNARY_FUNCTIONS if f is not None])
+@RULES.method(*UNARY_METHODS)
+def unary(ctx, x, *args, **kwargs):
+    if not isinstance(x, TL):
+        raise Opaque("first argument is not a tensor")
+    if any(isinstance(t, TL) for t in tensors_in((args, kwargs))) and ctx.node.target not in ("type_as", "to"):
+        # e.g. clamp(x, min=tensor): a broadcasting op after all
+        return broadcast(ctx, x, *args, **kwargs)
+    return ctx.like(x)
+
+
+def broadcast_layouts(ctx, operands, out_shape):
+    """Unify the axes of broadcasting operands (aligned from the right) and
+    return the output's layouts."""
+    nd = len(out_shape)
+    lays = []
+    for k in range(nd):
+        size = out_shape[nd - 1 - k]
+        axis_lays = []
+        for t in operands:
+            if k < t.ndim and t.shape[t.ndim - 1 - k] == size and size != 1:
+                axis_lays.append(t.lays[t.ndim - 1 - k])
+        if not axis_lays:
+            if size != 1:
+                # every operand broadcasts along this axis (size-1 to size n)
+                axis_lays = [Dim(size)]
+            else:
+                axis_lays = [Dim(1)]
+        for other in axis_lays[1:]:
+            ctx.unify(axis_lays[0], other)
+        lays.append(axis_lays[0])
+    return tuple(reversed(lays))
+
+
+@RULES.function(*BINARY_FUNCTIONS)
+@RULES.method(*BINARY_METHODS)
+def broadcast(ctx, *args, **kwargs):
+    operands = tensors_in((args, kwargs))
+    if not operands:
+        raise Opaque("no tensor operand")
+    out_shape = ctx.out_shape
+    lays = broadcast_layouts(ctx, operands, out_shape)
+    target = ctx.node.target
+    full = [t for t in operands if t.shape == out_shape]
+    if target in ADD_OPS and len(full) >= 2:
+        # two full-size tensors summed: a residual join
+        for lay in lays:
+            ctx.hint(lay, "residual")
+    return ctx.tl(lays)

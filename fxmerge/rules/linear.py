@@ -1,0 +1,99 @@
+"""Weighted layers: linear and convolution (grouped and depthwise included)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ir import Dim, Dep, as_product, make_dep
+from .registry import RULES, TL, Opaque
+
+
+def linear_layout(ctx, x: TL, w: TL, b: TL | None) -> TL:
+    ctx.unify(x.lays[-1], w.lays[1])
+    if b is not None:
+        ctx.unify(b.lays[0], w.lays[0])
+    return ctx.tl(x.lays[:-1] + (w.lays[0],))
+
+
+@RULES.module(nn.Linear, "timm.layers.linear.Linear")
+def linear_module(ctx, x, *args, **kwargs):
+    return linear_layout(ctx, x, ctx.param("weight"), ctx.param("bias"))
+
+
+@RULES.function(F.linear)
+def linear_function(ctx, input, weight, bias=None):
+    return linear_layout(ctx, input, weight, bias)
+
+
+def conv_layout(ctx, x: TL, w: TL, b: TL | None, groups: int, *, transposed: bool = False) -> TL:
+    """Channel semantics of a convolution. Spatial axes are pinned (the kernel
+    reads neighbours). With ``groups > 1`` channels form ``groups`` blocks that
+    permute as wholes, each with its own within-block permutation."""
+    spatial = w.ndim - 2
+    ca = x.ndim - 1 - spatial  # channel axis of the input (batched or not)
+    out_shape = ctx.out_shape
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    for i in range(spatial):
+        ctx.pin(x.lays[ca + 1 + i], w.lays[2 + i])
+    out_spatial = tuple(Dim(s, pinned=True) for s in out_shape[ca + 1:])
+    if groups == 1:
+        ctx.unify(x.lays[ca], w.lays[in_axis])
+        out_ch = w.lays[out_axis]
+    else:
+        if transposed:
+            raise Opaque("grouped transposed convolution")
+        cin, cout = x.shape[ca], w.shape[0]
+        if cin == groups and cout == groups:  # depthwise: channels map one to one
+            ctx.unify(x.lays[ca], w.lays[0])
+        else:
+            p_out = as_product(_dim(w.lays[0]), groups)
+            if p_out is None:
+                raise Opaque("output channels do not factor into the convolution's groups")
+            if cin == groups:  # depthwise with a channel multiplier
+                ctx.unify(x.lays[ca], p_out.outer)
+            else:
+                p_in = as_product(_dim(x.lays[ca]), groups)
+                if p_in is None:
+                    raise Opaque("input channels do not factor into the convolution's groups")
+                ctx.unify(p_in.outer, p_out.outer)
+                # weight axis 1 of output block g reads the inputs of block g
+                ctx.set_member_axis(w, 1, make_dep(p_out.outer, p_in.inners))
+        out_ch = w.lays[0]
+    if b is not None:
+        ctx.unify(b.lays[0], out_ch)
+    return ctx.tl(x.lays[:ca] + (out_ch,) + out_spatial)
+
+
+def _dim(lay):
+    if isinstance(lay, Dep):
+        raise Opaque("convolution over a dependent channel axis")
+    return lay
+
+
+@RULES.module(
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    "timm.layers.conv2d_same.Conv2dSame",
+    "timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.StdConv2dSame",
+    "timm.layers.std_conv.ScaledStdConv2d", "timm.layers.std_conv.ScaledStdConv2dSame",
+)
+def conv_module(ctx, x, *args, **kwargs):
+    # Weight standardisation (StdConv) normalises each output filter over all
+    # of its inputs: symmetric in the input channels, so the rule is the same.
+    m = ctx.module
+    w = ctx.param("weight")
+    out = conv_layout(ctx, x, w, ctx.param("bias"), m.groups)
+    gain = ctx.param("gain")
+    if gain is not None:
+        ctx.unify(gain.lays[0], w.lays[0])
+    return out
+
+
+@RULES.module(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose_module(ctx, x, *args, **kwargs):
+    return conv_layout(ctx, x, ctx.param("weight"), ctx.param("bias"), ctx.module.groups, transposed=True)
+
+
+@RULES.function(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+def conv_function(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return conv_layout(ctx, input, weight, bias, groups)

@@ -1,0 +1,197 @@
+"""The per-op rule registry.
+
+A rule states one op kind's channel semantics: given the layouts of its tensor
+arguments (``TL`` objects in place of tensors, python values elsewhere) it
+unifies, pins and refines dims, and returns the layouts of its outputs. Rules
+are registered per module class (or its qualified name, for classes that may
+not be importable), per function object and per tensor-method name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..ir import Dep, Dim, Layout, find, layout_size, localize, pin, unify
+
+
+@dataclass(frozen=True)
+class TL:
+    """The layout of one tensor value: one layout per axis. ``member`` names
+    the parameter or buffer this tensor is, when it is one."""
+
+    lays: tuple
+    shape: tuple
+    member: Optional[str] = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def axis(self, i: int) -> int:
+        return i + self.ndim if i < 0 else i
+
+    def __getitem__(self, i: int) -> Layout:
+        return self.lays[i]
+
+
+Rule = Callable[..., Any]
+
+
+class RuleRegistry:
+    def __init__(self):
+        self.modules: dict[Any, Rule] = {}  # class object or "module.QualName"
+        self.functions: dict[Any, Rule] = {}
+        self.methods: dict[str, Rule] = {}
+
+    def module(self, *classes):
+        def deco(fn):
+            for c in classes:
+                self.modules[c] = fn
+            return fn
+
+        return deco
+
+    def function(self, *fns):
+        def deco(fn):
+            for f in fns:
+                if f is not None:
+                    self.functions[f] = fn
+            return fn
+
+        return deco
+
+    def method(self, *names):
+        def deco(fn):
+            for n in names:
+                self.methods[n] = fn
+            return fn
+
+        return deco
+
+    def for_module(self, mod: torch.nn.Module) -> Optional[Rule]:
+        cls = type(mod)
+        rule = self.modules.get(cls)
+        if rule is None:
+            rule = self.modules.get(f"{cls.__module__}.{cls.__qualname__}")
+        return rule
+
+    def for_function(self, fn) -> Optional[Rule]:
+        try:
+            return self.functions.get(fn)
+        except TypeError:  # unhashable target
+            return None
+
+
+RULES = RuleRegistry()
+
+
+class Opaque(Exception):
+    """Raised by a rule that cannot express an op instance: the engine pins
+    every axis the op touches and reports ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RuleContext:
+    """What a rule may do: read the op's output shapes, make dims, touch the
+    module's parameters, and unify/pin layouts."""
+
+    def __init__(self, analysis, node, module=None):
+        self.analysis = analysis
+        self.node = node
+        self.module = module
+        self.out_value = node.meta.get("fxm_value")
+
+    # -- shapes ------------------------------------------------------------
+    @property
+    def out_shape(self) -> tuple:
+        v = self.out_value
+        if not hasattr(v, "shape"):
+            raise Opaque("expected a tensor output")
+        return tuple(v.shape)
+
+    def out_shapes(self) -> list:
+        return [tuple(v.shape) if hasattr(v, "shape") else None for v in self.out_value]
+
+    # -- making layouts ----------------------------------------------------
+    def fresh(self, shape=None, *, pinned: bool = False) -> TL:
+        shape = self.out_shape if shape is None else tuple(shape)
+        return TL(tuple(Dim(s, pinned=pinned) for s in shape), shape)
+
+    def tl(self, lays, shape=None) -> TL:
+        shape = self.out_shape if shape is None else tuple(shape)
+        lays = localize(tuple(lays))
+        if len(lays) != len(shape) or any(layout_size(l) != s for l, s in zip(lays, shape)):
+            raise Opaque(f"rule produced layout sizes {[layout_size(l) for l in lays]} for shape {list(shape)}")
+        return TL(lays, shape)
+
+    def like(self, x: "TL") -> TL:
+        if x.shape != self.out_shape:
+            raise Opaque(f"elementwise op changed shape {list(x.shape)} -> {list(self.out_shape)}")
+        return x if x.member is None else TL(x.lays, x.shape)
+
+    def param(self, name: str) -> Optional[TL]:
+        """The layout of the called module's parameter or buffer ``name``."""
+        t = _get_tensor_attr(self.module, name)
+        if t is None:
+            return None
+        full = f"{self.node.target}.{name}"
+        return self.analysis.member(full, t)
+
+    def set_member_axis(self, x: TL, axis: int, lay: Layout) -> None:
+        """State that axis ``axis`` of the parameter ``x`` has layout ``lay``
+        (which may be dependent on another axis). Falls back to unification,
+        which is stricter, when ``x`` is not a plain parameter."""
+        if x.member is not None and self.analysis.replace_member_axis(x.member, axis, x.lays[axis], lay):
+            return
+        unify(x.lays[axis], lay)
+
+    # -- constraints -------------------------------------------------------
+    @staticmethod
+    def unify(a: Layout, b: Layout) -> None:
+        unify(a, b)
+
+    @staticmethod
+    def pin(*xs) -> None:
+        for x in xs:
+            if isinstance(x, TL):
+                for l in x.lays:
+                    pin(l)
+            elif x is not None:
+                pin(x)
+
+    @staticmethod
+    def hint(lay: Layout, tag: str) -> None:
+        if isinstance(lay, Dep):
+            for t in lay.table:
+                RuleContext.hint(t, tag)
+        else:
+            find(lay).hints.add(tag)
+
+
+def _get_tensor_attr(module, name):
+    obj = module
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def tensors_in(value) -> list:
+    """Every TL in a (nested) argument structure."""
+    out = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, TL):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return out

@@ -1,0 +1,368 @@
+"""Layout ops: reshape (split and merge axes), permute, expand, repeat, cat,
+stack, split/chunk/unbind and indexing."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+
+from ..ir import (
+    Dep, Dim, Layout, as_product, collapse, concat_dim, dep_keys, find, is_pinned, layout_size,
+    make_dep, pin, product_dim, resolve, split_dim,
+)
+from .registry import RULES, TL, Opaque, tensors_in
+
+# ----------------------------------------------------------------------------
+# reshape
+
+
+def make_product(outer: Layout, inner: Layout) -> Layout:
+    """The layout of two adjacent axes merged into one (``outer`` major)."""
+    size = layout_size(outer) * layout_size(inner)
+    if is_pinned(outer) and is_pinned(inner):
+        return Dim(size, pinned=True)
+    if isinstance(outer, Dep):
+        return make_dep(outer.key, [make_product(t, resolve(inner, outer.key, j)) for j, t in enumerate(outer.table)])
+    keys = [k for k in dep_keys(inner) if find(k) is not find(outer)]
+    if keys:
+        k = keys[0]
+        return make_dep(k, [make_product(outer, resolve(inner, k, j)) for j in range(k.size)])
+    if isinstance(inner, Dep):  # depends on ``outer`` only
+        entries = inner.table
+    else:
+        entries = (inner,) * outer.size
+    return product_dim(outer, entries)
+
+
+def split_layout(lay: Layout, factors: list) -> list:
+    """Split one axis into ``factors`` (outer first); refines the dims."""
+    if len(factors) == 1:
+        return [lay]
+    if isinstance(lay, Dep):
+        per_entry = [split_layout(t, factors) for t in lay.table]
+        return [make_dep(lay.key, [pe[i] for pe in per_entry]) for i in range(len(factors))]
+    if is_pinned(lay):
+        return [Dim(f, pinned=True) for f in factors]
+    p = as_product(lay, factors[0])
+    if p is None:
+        pin(lay)
+        return [Dim(f, pinned=True) for f in factors]
+    rest = [split_layout(inner, factors[1:]) for inner in p.inners]
+    return [p.outer] + [make_dep(p.outer, [r[i] for r in rest]) for i in range(len(factors) - 1)]
+
+
+def reshape_layouts(x: TL, out_shape: tuple) -> tuple:
+    """Layouts of ``x`` reshaped to ``out_shape``: axes are matched in runs of
+    equal product; each run is merged and split again."""
+    in_shape = x.shape
+    if 0 in in_shape or 0 in out_shape:
+        raise Opaque("reshape of an empty tensor")
+    ins = [i for i, s in enumerate(in_shape) if s != 1]
+    outs = [j for j, s in enumerate(out_shape) if s != 1]
+    result: list = [Dim(1) if s == 1 else None for s in out_shape]
+    a = b = 0
+    while a < len(ins) or b < len(outs):
+        ga, gb = [ins[a]], [outs[b]]
+        pa, pb = in_shape[ins[a]], out_shape[outs[b]]
+        a, b = a + 1, b + 1
+        while pa != pb:
+            if pa < pb:
+                ga.append(ins[a]); pa *= in_shape[ins[a]]; a += 1
+            else:
+                gb.append(outs[b]); pb *= out_shape[outs[b]]; b += 1
+        merged = x.lays[ga[-1]]
+        for i in reversed(ga[:-1]):
+            merged = make_product(x.lays[i], merged)
+        parts = split_layout(merged, [out_shape[j] for j in gb])
+        for j, lay in zip(gb, parts):
+            result[j] = lay
+    return tuple(result)
+
+
+@RULES.method("reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze")
+@RULES.function(torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze)
+@RULES.module(nn.Flatten, nn.Unflatten)
+def reshape(ctx, x, *args, **kwargs):
+    return ctx.tl(reshape_layouts(x, ctx.out_shape))
+
+
+# ----------------------------------------------------------------------------
+# axis order
+
+
+def _norm_axes(dims, ndim):
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return [d + ndim if d < 0 else d for d in dims]
+
+
+@RULES.method("permute")
+@RULES.function(torch.permute)
+def permute(ctx, x, *dims, **kwargs):
+    dims = _norm_axes(dims or kwargs.get("dims"), x.ndim)
+    return ctx.tl(tuple(x.lays[d] for d in dims))
+
+
+@RULES.method("transpose", "swapaxes", "swapdims")
+@RULES.function(torch.transpose, torch.swapaxes, torch.swapdims)
+def transpose(ctx, x, dim0, dim1):
+    a, b = _norm_axes((dim0, dim1), x.ndim)
+    lays = list(x.lays)
+    lays[a], lays[b] = lays[b], lays[a]
+    return ctx.tl(lays)
+
+
+@RULES.method("movedim", "moveaxis")
+@RULES.function(torch.movedim, torch.moveaxis)
+def movedim(ctx, x, source, destination):
+    src = _norm_axes(source if isinstance(source, (list, tuple)) else [source], x.ndim)
+    dst = _norm_axes(destination if isinstance(destination, (list, tuple)) else [destination], x.ndim)
+    order = [i for i in range(x.ndim) if i not in src]
+    for d, s in sorted(zip(dst, src)):
+        order.insert(d, s)
+    return ctx.tl(tuple(x.lays[i] for i in order))
+
+
+@RULES.method("t")
+@RULES.function(torch.t)
+def t_(ctx, x):
+    return ctx.tl(tuple(reversed(x.lays)))
+
+
+@RULES.function(getattr)
+def tensor_attribute(ctx, x, name):
+    if name == "T":
+        return ctx.tl(tuple(reversed(x.lays)))
+    if name == "mT":
+        return ctx.tl(x.lays[:-2] + (x.lays[-1], x.lays[-2]))
+    if name in ("data",):
+        return ctx.like(x)
+    raise Opaque(f"tensor attribute '{name}'")
+
+
+# ----------------------------------------------------------------------------
+# broadcast copies
+
+
+@RULES.method("expand", "expand_as", "broadcast_to")
+@RULES.function(torch.broadcast_to)
+def expand(ctx, x, *args, **kwargs):
+    out_shape = ctx.out_shape
+    lead = len(out_shape) - x.ndim
+    lays = [Dim(s) for s in out_shape[:lead]]
+    for i, lay in enumerate(x.lays):
+        size = out_shape[lead + i]
+        # an expanded axis holds copies: any permutation of it is harmless
+        lays.append(lay if x.shape[i] == size else Dim(size))
+    return ctx.tl(lays)
+
+
+@RULES.method("repeat", "tile")
+@RULES.function(torch.tile)
+def repeat(ctx, x, *args, **kwargs):
+    out_shape = ctx.out_shape
+    lead = len(out_shape) - x.ndim
+    lays = [Dim(s) for s in out_shape[:lead]]
+    for i, lay in enumerate(x.lays):
+        size, reps = out_shape[lead + i], out_shape[lead + i] // x.shape[i]
+        if reps == 1:
+            lays.append(lay)
+        elif x.shape[i] == 1:
+            lays.append(Dim(size))
+        else:  # copies side by side, each permuted like the original
+            lays.append(concat_dim([collapse(lay)] * reps))
+    return ctx.tl(lays)
+
+
+@RULES.method("repeat_interleave")
+@RULES.function(torch.repeat_interleave)
+def repeat_interleave(ctx, x, repeats, dim=None, **kwargs):
+    if dim is None or not isinstance(repeats, int):
+        raise Opaque("repeat_interleave without an axis or with tensor repeats")
+    d = _norm_axes([dim], x.ndim)[0]
+    lays = list(x.lays)
+    base = collapse(lays[d])
+    lays[d] = product_dim(base, [Dim(repeats, pinned=True)] * base.size)
+    return ctx.tl(lays)
+
+
+# ----------------------------------------------------------------------------
+# concatenation and splitting
+
+
+@RULES.function(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx, tensors, dim=0, axis=None, **kwargs):
+    if axis is not None:
+        dim = axis
+    ts = [t for t in tensors if isinstance(t, TL) and 0 not in t.shape]
+    if not ts:
+        raise Opaque("cat of no tensors")
+    nd = ts[0].ndim
+    d = _norm_axes([dim], nd)[0]
+    for t in ts[1:]:
+        for i in range(nd):
+            if i != d:
+                ctx.unify(ts[0].lays[i], t.lays[i])
+    parts = [collapse(t.lays[d]) for t in ts]
+    if len(parts) == 1:
+        out = parts[0]
+    else:
+        for p in parts:
+            ctx.hint(p, "concat")
+        out = concat_dim(parts)
+    lays = list(ts[0].lays)
+    lays[d] = out
+    return ctx.tl(lays)
+
+
+@RULES.function(torch.stack)
+def stack(ctx, tensors, dim=0, **kwargs):
+    ts = [t for t in tensors if isinstance(t, TL)]
+    nd = ts[0].ndim
+    d = _norm_axes([dim], nd + 1)[0]
+    key = Dim(len(ts), pinned=True)  # which tensor: a fixed position
+    lays = [make_dep(key, [t.lays[i] for t in ts]) for i in range(nd)]
+    lays.insert(d, key)
+    return ctx.tl(lays)
+
+
+def _split_axis(lay: Layout, cuts: list) -> list:
+    if isinstance(lay, Dep):
+        per = [_split_axis(t, cuts) for t in lay.table]
+        return [make_dep(lay.key, [p[i] for p in per]) for i in range(len(cuts) + 1)]
+    return split_dim(lay, cuts)
+
+
+def split_outputs(ctx, x: TL, d: int, sizes: list) -> tuple:
+    cuts, pos = [], 0
+    for s in sizes[:-1]:
+        pos += s
+        cuts.append(pos)
+    pieces = _split_axis(x.lays[d], cuts)
+    if len(pieces) != len(sizes):
+        raise Opaque("split produced a different number of pieces")
+    outs = []
+    for piece, s in zip(pieces, sizes):
+        lays = list(x.lays)
+        lays[d] = piece
+        shape = list(x.shape)
+        shape[d] = s
+        outs.append(ctx.tl(lays, shape))
+    return tuple(outs)
+
+
+@RULES.method("split", "chunk", "tensor_split", "split_with_sizes")
+@RULES.function(torch.split, torch.chunk, torch.tensor_split)
+def split(ctx, x, *args, dim=0, **kwargs):
+    shapes = ctx.out_shapes()
+    if len(args) >= 2:
+        dim = args[1]
+    d = _norm_axes([dim], x.ndim)[0]
+    return split_outputs(ctx, x, d, [s[d] for s in shapes])
+
+
+def index_axis(x_lays: tuple, d: int, j: int) -> tuple:
+    """Layouts after taking index ``j`` of axis ``d`` (which is pinned)."""
+    lay = x_lays[d]
+    if isinstance(lay, Dep):
+        lay = collapse(lay)
+    pin(lay)
+    key = find(lay)
+    rest = x_lays[:d] + x_lays[d + 1:]
+    return tuple(resolve(l, key, j) for l in rest)
+
+
+@RULES.method("unbind")
+@RULES.function(torch.unbind)
+def unbind(ctx, x, dim=0):
+    d = _norm_axes([dim], x.ndim)[0]
+    shape = x.shape[:d] + x.shape[d + 1:]
+    return tuple(ctx.tl(index_axis(x.lays, d, j), shape) for j in range(x.shape[d]))
+
+
+@RULES.method("select")
+@RULES.function(torch.select)
+def select(ctx, x, dim, index):
+    d = _norm_axes([dim], x.ndim)[0]
+    return ctx.tl(index_axis(x.lays, d, index % x.shape[d]))
+
+
+@RULES.method("narrow")
+@RULES.function(torch.narrow)
+def narrow(ctx, x, dim, start, length):
+    d = _norm_axes([dim], x.ndim)[0]
+    return ctx.tl(_slice_axis(x, d, slice(start, start + length)))
+
+
+def _slice_axis(x: TL, d: int, sl: slice) -> tuple:
+    n = x.shape[d]
+    start, stop, step = sl.indices(n)
+    lays = list(x.lays)
+    if (start, stop, step) == (0, n, 1):
+        return tuple(lays)
+    if step != 1 or stop <= start:
+        pin(lays[d])
+        lays[d] = Dim(len(range(start, stop, step)), pinned=True)
+        return tuple(lays)
+    pieces = _split_axis(lays[d], [c for c in (start, stop) if 0 < c < n])
+    lays[d] = pieces[1] if start > 0 else pieces[0]
+    return tuple(lays)
+
+
+@RULES.function(operator.getitem)
+def getitem(ctx, x, idx):
+    if not isinstance(x, TL):
+        # a tuple/list of values (split, unbind, multi-output modules)
+        if isinstance(x, (list, tuple)):
+            return x[idx]
+        raise Opaque("indexing a non-tensor value")
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(isinstance(it, (TL, list)) or tensors_in(it) for it in items):
+        raise Opaque("advanced (tensor) indexing")
+    # expand the ellipsis
+    n_axes = sum(1 for it in items if it is not None and it is not Ellipsis)
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        items[k:k + 1] = [slice(None)] * (x.ndim - n_axes)
+    items += [slice(None)] * (x.ndim - sum(1 for it in items if it is not None))
+    lays = list(x.lays)
+    shape = list(x.shape)
+    # integer indices first (they remove axes and resolve dependencies)
+    ax = 0
+    plan = []
+    for it in items:
+        if it is None:
+            plan.append(("new", None))
+        elif isinstance(it, int):
+            plan.append(("int", ax, it))
+            ax += 1
+        elif isinstance(it, slice):
+            plan.append(("slice", ax, it))
+            ax += 1
+        else:
+            raise Opaque(f"index of type {type(it).__name__}")
+    kept = []
+    for p in plan:
+        if p[0] == "slice":
+            kept.append(p[1])
+    # resolve integer indices
+    removed = []
+    for p in plan:
+        if p[0] == "int":
+            d, j = p[1], p[2] % x.shape[p[1]]
+            lay = lays[d]
+            if isinstance(lay, Dep):
+                lay = collapse(lay)
+            pin(lay)
+            key = find(lay)
+            lays = [resolve(l, key, j) if i != d else l for i, l in enumerate(lays)]
+            removed.append(d)
+    sliced = TL(tuple(lays), tuple(shape))
+    out = []
+    for p in plan:
+        if p[0] == "new":
+            out.append(Dim(1))
+        elif p[0] == "slice":
+            out.append(_slice_axis(sliced, p[1], p[2])[p[1]])
+    return ctx.tl(out)

@@ -1,0 +1,269 @@
+"""Turning a model into a checked ``torch.fx`` graph.
+
+``trace`` works on a deep copy (tracing can mutate module caches), respects
+timm's no-trace leaf modules and autowrapped functions, pins optional forward
+arguments to their defaults, records every node's value summary (``ValueProp``)
+and checks that the GraphModule reproduces the eager model.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+
+class TraceError(RuntimeError):
+    """Tracing, or the check of the traced graph against the eager model, failed."""
+
+    def __init__(self, message: str, *, module_path: Optional[str] = None, source: Optional[str] = None):
+        self.module_path = module_path
+        self.source = source
+        where = []
+        if module_path is not None:
+            where.append(f"module '{module_path or '<root>'}'")
+        if source:
+            where.append(f"at {source}")
+        super().__init__(message + (f" ({', '.join(where)})" if where else ""))
+
+
+def _timm_notrace():
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # timm missing or too old: plain tracing
+        return (), ()
+    mods = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
+    fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+    return mods, fns
+
+
+class FxTracer(fx.Tracer):
+    """A tracer that treats timm's registered no-trace modules as leaves and
+    autowraps its registered functions."""
+
+    def __init__(self, leaf_modules: Sequence[type] = (), autowrap_functions: Sequence = ()):
+        timm_mods, timm_fns = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(timm_fns) + tuple(autowrap_functions))
+        self.leaf_types = tuple(timm_mods) + tuple(leaf_modules)
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_frame(tb) -> Optional[str]:
+    """The innermost frame of the traceback outside torch.fx and fxmerge."""
+    best = None
+    for frame in traceback.extract_tb(tb):
+        f = frame.filename.replace(os.sep, "/")
+        if "/torch/fx/" in f or "/fxmerge/" in f or f.endswith("/torch/nn/modules/module.py"):
+            continue
+        best = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return best
+
+
+def _concrete_args(model: torch.nn.Module, n_inputs: int) -> dict:
+    """Optional forward arguments beyond the example inputs, pinned to their
+    defaults (``attn_mask=None``, ``mask=None``, ``is_causal=False``)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for p in params[n_inputs:]:
+        if p.default is not inspect.Parameter.empty and (p.default is None or isinstance(p.default, (bool, int, float, str))):
+            out[p.name] = p.default
+    return out
+
+
+# ----------------------------------------------------------------------------
+# value summaries
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def summarize(value: Any) -> Any:
+    """What the analysis needs of a runtime value: shapes for tensors, the
+    value itself for small python constants."""
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, torch.Size):
+        return tuple(int(v) for v in value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(summarize(v) for v in value) if not hasattr(value, "_fields") else tuple(summarize(v) for v in value)
+    if isinstance(value, dict):
+        return {k: summarize(v) for k, v in value.items()}
+    return value
+
+
+class ValueProp(fx.Interpreter):
+    """Runs the graph once and stores ``node.meta['fxm_value']``, a summary of
+    every node's value (the fx ``ShapeProp`` idea, kept for non-tensors too)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise TraceError(
+                f"the traced graph failed at node '{n.name}' ({n.op} {_target_name(n)}): {type(e).__name__}: {e}",
+                module_path=_node_module_path(n),
+                source=_node_source(n),
+            ) from e
+        n.meta["fxm_value"] = summarize(result)
+        return result
+
+
+def _target_name(n: fx.Node) -> str:
+    t = n.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__qualname__", getattr(t, "__name__", repr(t)))
+
+
+def _node_module_path(n: fx.Node) -> Optional[str]:
+    if n.op == "call_module":
+        return str(n.target)
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else list(stack.keys())[-1]
+    return None
+
+
+def _node_source(n: fx.Node) -> Optional[str]:
+    st = n.meta.get("stack_trace") or n.stack_trace
+    if not st:
+        return None
+    lines = [l.strip() for l in st.strip().splitlines() if l.strip()]
+    # the last "File ..." entry and the code line after it
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{lines[i]}: {code}"
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Traced:
+    """A checked trace: the GraphModule (its nodes carry ``fxm_value``) and the
+    example inputs it was checked on."""
+
+    gm: fx.GraphModule
+    example_inputs: tuple
+    concrete_args: dict = field(default_factory=dict)
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs,
+    *,
+    check: bool = True,
+    leaf_modules: Sequence[type] = (),
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> Traced:
+    """Trace a deep copy of ``model`` (in eval mode) into a ``GraphModule``.
+
+    Raises ``TraceError`` naming the module path and source line when tracing,
+    running the graph, or the comparison with the eager model fails.
+    """
+    inputs = _as_tuple(example_inputs)
+    eager = copy.deepcopy(model).eval()
+    root = copy.deepcopy(model).eval()
+    concrete = _concrete_args(root, len(inputs))
+    tracer = FxTracer(leaf_modules=leaf_modules)
+    try:
+        graph = tracer.trace(root, concrete_args=concrete or None)
+    except Exception as e:
+        path = list(tracer.module_stack.keys())[-1] if getattr(tracer, "module_stack", None) else None
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}",
+            module_path=path,
+            source=_user_frame(e.__traceback__),
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    with torch.no_grad():
+        traced_out = ValueProp(gm).run(*inputs)
+        if check:
+            _check_against_eager(gm, eager, inputs, traced_out, atol=atol, rtol=rtol)
+    return Traced(gm=gm, example_inputs=inputs, concrete_args=concrete)
+
+
+def _check_against_eager(gm, eager, inputs, traced_out, *, atol, rtol):
+    captured: dict[str, Any] = {}
+    hooks = []
+    module_nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    for name, mod in eager.named_modules():
+        if name in module_nodes:
+            hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: captured.setdefault(name, o)))
+    try:
+        eager_out = eager(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    if _close(eager_out, traced_out, atol, rtol):
+        return
+    # Name the first module whose traced output departs from the eager one.
+    interp_vals: dict[str, Any] = {}
+
+    class _Capture(fx.Interpreter):
+        def run_node(self, n):
+            r = super().run_node(n)
+            if n.op == "call_module":
+                interp_vals[n.target] = r
+            return r
+
+    _Capture(gm).run(*inputs)
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target in captured and n.target in interp_vals:
+            if not _close(captured[n.target], interp_vals[n.target], atol, rtol):
+                raise TraceError(
+                    f"the traced graph does not reproduce the eager model: first difference at the output of '{n.target}'",
+                    module_path=str(n.target),
+                    source=_node_source(n),
+                )
+    raise TraceError("the traced graph does not reproduce the eager model's output (no single module differs: "
+                     "look for python control flow on tensor values in forward)")
+
+
+def _close(a, b, atol, rtol) -> bool:
+    la, _ = pytree.tree_flatten(a)
+    lb, _ = pytree.tree_flatten(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape:
+                return False
+            if x.numel() == 0:
+                continue
+            scale = x.detach().abs().max().item() if x.is_floating_point() else 0.0
+            if not torch.allclose(x.double(), y.double(), atol=atol + rtol * scale, rtol=0):
+                return False
+    return True
