@@ -50,7 +50,7 @@ def op_kind(node: fx.Node, module: Optional[torch.nn.Module] = None) -> str:
             return f"call_function:F.{name}"
         if mod in ("_operator", "operator"):
             return f"call_function:operator.{name}"
-        if mod.startswith("torch") and not mod.startswith("torch.nn"):
+        if (mod == "torch" or mod.startswith("torch._")) and not mod.startswith("torch.nn"):
             return f"call_function:torch.{name}"
         return f"call_function:{mod}.{name}" if mod else f"call_function:{name}"
     if node.op == "call_method":
@@ -404,7 +404,12 @@ def _summarize_members(members, k) -> str:
     for name, axis in members:
         mod, _, leaf = name.rpartition(".")
         by_module[mod].append(f"{leaf}[{axis}]")
-    items = [f"{m}.{{{','.join(v)}}}" if len(v) > 1 else f"{m}.{v[0]}" for m, v in by_module.items()]
+    items = []
+    for m, v in by_module.items():
+        if not m:  # top-level tensors (cls_token, pos_embed)
+            items.extend(v)
+        else:
+            items.append(f"{m}.{{{','.join(v)}}}" if len(v) > 1 else f"{m}.{v[0]}")
     more = f" (+{len(items) - k} modules)" if len(items) > k else ""
     return ", ".join(items[:k]) + more
 
@@ -531,7 +536,8 @@ def _build_groups(pg: PermutationGroups) -> list:
                 g.numel += int(np.prod(pg.member_shapes[name]))
     # stable order: by first graph node touched
     order = {n.name: i for i, n in enumerate(pg.gm.graph.nodes)}
-    groups.sort(key=lambda g: (min((order.get(n, 1 << 30) for n in g.nodes), default=1 << 30), g.kind != "heads"))
+    kind_order = {"heads": 0, "blocks": 0, "head_dim_qk": 1, "head_dim_v": 2}
+    groups.sort(key=lambda g: (min((order.get(n, 1 << 30) for n in g.nodes), default=1 << 30), kind_order.get(g.kind, 3)))
     for i, g in enumerate(groups):
         g.id = i
     for g in groups:

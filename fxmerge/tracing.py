@@ -219,9 +219,15 @@ def _check_against_eager(gm, eager, inputs, traced_out, *, atol, rtol):
     captured: dict[str, Any] = {}
     hooks = []
     module_nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    def keep_first(name):
+        def hook(module, args, output):
+            captured.setdefault(name, output)  # returns None: output unchanged
+
+        return hook
+
     for name, mod in eager.named_modules():
         if name in module_nodes:
-            hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: captured.setdefault(name, o)))
+            hooks.append(mod.register_forward_hook(keep_first(name)))
     try:
         eager_out = eager(*inputs)
     finally:
@@ -236,7 +242,7 @@ def _check_against_eager(gm, eager, inputs, traced_out, *, atol, rtol):
         def run_node(self, n):
             r = super().run_node(n)
             if n.op == "call_module":
-                interp_vals[n.target] = r
+                interp_vals.setdefault(n.target, r)
             return r
 
     _Capture(gm).run(*inputs)
