@@ -1,0 +1,63 @@
+import json
+import os
+
+import pytest
+import torch
+
+from fxmerge.cli import main
+
+
+def test_groups_json(capsys):
+    assert main(["groups", "resnet18", "--input-size", "3,32,32", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "resnet18" and len(d["groups"]) == 12
+    assert all(g["members"] for g in d["groups"])
+    assert d["pinned"] == []
+
+
+
+def test_groups_verify_and_dot(capsys, tmp_path):
+    dot = tmp_path / "g.dot"
+    assert main(["groups", "resnet18", "--input-size", "3,32,32", "--verify", "--dot", str(dot)]) == 0
+    out = capsys.readouterr().out
+    assert "residual" in out and "verified" in out
+    assert dot.read_text().startswith("graph permutation_groups")
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["groups", "no_such_model_xyz"], "unknown model"),
+        (["groups", "torchvision:nope"], "unknown torchvision model"),
+        (["groups", "resnet18", "--input-size", "3,32"], "bad --input-size"),
+        (["groups", "--arch", "resnet18", "--checkpoint", "/nonexistent.pth"], "does not exist"),
+    ],
+)
+def test_bad_input_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path, capsys):
+    import timm
+
+    good = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=5).state_dict(), good)
+    assert main(["groups", "--arch", "resnet18", "--checkpoint", str(good), "--input-size", "3,32,32", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["groups"]) == 12
+    garbage = tmp_path / "bad.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(["groups", "--arch", "resnet18", "--checkpoint", str(garbage)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    wrong = tmp_path / "r34.pth"
+    torch.save(timm.create_model("resnet34").state_dict(), wrong)
+    assert main(["groups", "--arch", "resnet18", "--checkpoint", str(wrong)]) == 2
+    assert "does not fit architecture" in capsys.readouterr().err
+
+
+def test_dot_to_unwritable_path_leaves_nothing(tmp_path, capsys):
+    target = tmp_path / "missing_dir" / "g.dot"
+    assert main(["groups", "resnet18", "--input-size", "3,32,32", "--dot", str(target)]) == 2
+    assert not target.exists()
