@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
 groups: $(STAMP)
-	.venv/bin/fxmerge groups resnet50
+	.venv/bin/fxmerge groups resnet50 --verify
 
 demo: groups
 

@@ -61,3 +61,13 @@ def test_dot_to_unwritable_path_leaves_nothing(tmp_path, capsys):
     target = tmp_path / "missing_dir" / "g.dot"
     assert main(["groups", "resnet18", "--input-size", "3,32,32", "--dot", str(target)]) == 2
     assert not target.exists()
+
+
+def test_verify_failure_exit_1(monkeypatch, capsys):
+    import operator
+
+    from fxmerge.rules import RULES
+
+    monkeypatch.setitem(RULES.functions, operator.add, lambda ctx, a, b: ctx.like(a))
+    assert main(["groups", "resnet18", "--input-size", "3,32,32", "--verify"]) == 1
+    assert "UNSOUND" in capsys.readouterr().out
