@@ -10,7 +10,6 @@ pairs that must share a permutation, with the IR behind them.
 from __future__ import annotations
 
 import json
-import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence

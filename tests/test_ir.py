@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fxmerge.ir import (
-    Concat, Dep, Dim, IRConflict, PermutationSampler, Product, as_product, find, make_dep, pin, resolve, split_dim, unify,
+    Concat, Dep, Dim, IRConflict, PermutationSampler, as_product, find, make_dep, pin, resolve, split_dim, unify,
 )
 
 

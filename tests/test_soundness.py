@@ -1,13 +1,12 @@
 """Fail-closed behaviour and the teeth of the verification."""
 import operator
 
-import pytest
 import torch
 import torch.nn as nn
 
 import fxmerge
 from fxmerge.rules import RULES
-from nets import Residual, build
+from nets import build
 
 
 class Weird(nn.Module):
