@@ -250,6 +250,11 @@ class Group:
     roots: list = field(default_factory=list, repr=False)
 
     @property
+    def size_label(self) -> str:
+        """``size``, or ``blocksxsize`` for groups with one permutation per block."""
+        return f"{self.blocks}x{self.size}" if self.parent is not None else str(self.size)
+
+    @property
     def has_params(self) -> bool:
         return bool(self.members)
 
@@ -368,8 +373,7 @@ class PermutationGroups:
     def table(self, max_members: int = 3) -> str:
         rows = [("id", "kind", "size", "params", "members")]
         for g in self.groups:
-            size = f"{g.blocks}x{g.size}" if g.parent is not None else str(g.size)
-            rows.append((str(g.id), g.kind, size, _fmt_count(g.numel), _summarize_members(g.members, max_members)))
+            rows.append((str(g.id), g.kind, g.size_label, _fmt_count(g.numel), _summarize_members(g.members, max_members)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = []
         for r in rows:

@@ -87,8 +87,7 @@ def to_dot(groups) -> str:
     """Graphviz text: groups and the parameters they permute."""
     lines = ["graph permutation_groups {", "  rankdir=LR;", "  node [fontsize=10];"]
     for g in groups.groups:
-        lines.append(f'  g{g.id} [shape=box,label="#{g.id} {g.kind}\\n{g.blocks}x{g.size}"];' if g.parent is not None
-                     else f'  g{g.id} [shape=box,label="#{g.id} {g.kind}\\n{g.size}"];')
+        lines.append(f'  g{g.id} [shape=box,label="#{g.id} {g.kind}\\n{g.size_label}"];')
         if g.parent is not None:
             lines.append(f"  g{g.id} -- g{g.parent} [style=dashed];")
         for p, axis in g.members:
@@ -122,7 +121,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (InputError, CLIError, TraceError) as e:
-        print(f"fxmerge: error: {e}", file=sys.stderr)
+        # one line: torch.fx appends the failing node and a traceback to errors
+        print(f"fxmerge: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -122,7 +122,8 @@ class ValueProp(fx.Interpreter):
             result = super().run_node(n)
         except Exception as e:
             raise TraceError(
-                f"the traced graph failed at node '{n.name}' ({n.op} {_target_name(n)}): {type(e).__name__}: {e}",
+                f"the traced graph failed at node '{n.name}' ({n.op} {_target_name(n)}): "
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                 module_path=_node_module_path(n),
                 source=_node_source(n),
             ) from e
@@ -151,9 +152,9 @@ def _node_source(n: fx.Node) -> Optional[str]:
     if not st:
         return None
     lines = [l.strip() for l in st.strip().splitlines() if l.strip()]
-    # the last "File ..." entry and the code line after it
+    # the innermost "File ..." entry outside torch itself, and its code line
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
+        if lines[i].startswith("File ") and "/torch/" not in lines[i].replace(os.sep, "/"):
             code = lines[i + 1] if i + 1 < len(lines) else ""
             return f"{lines[i]}: {code}"
     return lines[-1]

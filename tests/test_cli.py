@@ -70,3 +70,11 @@ def test_verify_failure_exit_1(monkeypatch, capsys):
     monkeypatch.setitem(RULES.functions, operator.add, lambda ctx, a, b: ctx.like(a))
     assert main(["groups", "resnet18", "--input-size", "3,32,32", "--verify"]) == 1
     assert "UNSOUND" in capsys.readouterr().out
+
+
+def test_untraceable_input_size_is_one_line_with_user_source(capsys):
+    # a fixed-size ViT asserts on the input size inside its patch embedding
+    assert main(["groups", "vit_tiny_patch16_224", "--input-size", "3,32,32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "patch_embed" in err and "patch_embed.py" in err and "/torch/fx/" not in err
