@@ -81,6 +81,7 @@ class ChannelAnalysis(fx.Interpreter):
         self.pinned: dict[str, PinnedOp] = {}
         self.layouts: dict[fx.Node, Any] = {}
         self.outputs: list[TL] = []
+        self.contractions: dict = {}
 
     # -- members -----------------------------------------------------------
     def member(self, name: str, tensor: torch.Tensor) -> TL:
@@ -285,12 +286,15 @@ class PermutationGroups:
         self.member_is_param = analysis.member_is_param
         self.layouts = analysis.layouts
         self.pinned = sorted(analysis.pinned.values(), key=lambda p: (-p.count, p.kind))
+        # Contractions whose node was not made opaque afterwards.
+        opaque_nodes = {n for p in analysis.pinned.values() for n in p.nodes}
+        self.contractions = {k: c for k, c in analysis.contractions.items() if k not in opaque_nodes}
         self.all_groups = _build_groups(self)
         # Only groups that own parameter axes are reported as groups.
         self.groups = [g for g in self.all_groups if any(self.member_is_param[m] for m, _ in g.members)]
         for i, g in enumerate(self.groups):
             g.id = i
-        self._by_root = {}
+        self._by_root: dict = {}
         for g in self.all_groups:
             for r in g.roots:
                 self._by_root[r.uid] = g

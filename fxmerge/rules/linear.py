@@ -6,11 +6,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ir import Dim, Dep, as_product, make_dep
-from .registry import RULES, TL, Opaque
+from .registry import RESIZE, RULES, TL, Opaque
 
 
 def linear_layout(ctx, x: TL, w: TL, b: TL | None) -> TL:
     ctx.unify(x.lays[-1], w.lays[1])
+    ctx.contraction(w, weight_in_axis=1, input_axis=x.ndim - 1, output_axis=len(ctx.out_shape) - 1)
     if b is not None:
         ctx.unify(b.lays[0], w.lays[0])
     return ctx.tl(x.lays[:-1] + (w.lays[0],))
@@ -62,6 +63,7 @@ def conv_layout(ctx, x: TL, w: TL, b: TL | None, groups: int, *, transposed: boo
         out_ch = w.lays[0]
     if b is not None:
         ctx.unify(b.lays[0], out_ch)
+    ctx.contraction(w, weight_in_axis=in_axis, input_axis=ca, output_axis=ca, groups=groups)
     return ctx.tl(x.lays[:ca] + (out_ch,) + out_spatial)
 
 
@@ -97,3 +99,26 @@ def conv_transpose_module(ctx, x, *args, **kwargs):
 @RULES.function(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
 def conv_function(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return conv_layout(ctx, input, weight, bias, groups)
+
+
+@RESIZE.register(nn.Linear)
+def resize_linear(m, old_shapes):
+    m.out_features, m.in_features = m.weight.shape
+
+
+@RESIZE.register(nn.modules.conv._ConvNd)
+def resize_conv(m, old_shapes):
+    # The per-group widths never change (blocks are merged or kept whole), so
+    # the number of groups grows with the channels.
+    w = m.weight
+    if m.transposed:
+        per_group_out = w.shape[1]
+        m.in_channels = w.shape[0]
+        if m.groups > 1:
+            m.groups = m.groups * m.in_channels // old_shapes["weight"][0]
+        m.out_channels = per_group_out * m.groups
+    else:
+        m.out_channels = w.shape[0]
+        if m.groups > 1:
+            m.groups = m.groups * m.out_channels // old_shapes["weight"][0]
+        m.in_channels = w.shape[1] * m.groups

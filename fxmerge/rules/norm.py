@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..ir import as_product
 from .elementwise import UNARY_MODULES
-from .registry import RULES, TL, Opaque
+from .registry import RESIZE, RULES, TL, Opaque
 
 
 def _per_channel(ctx, x: TL, axis: int, *stats) -> TL:
@@ -111,3 +111,26 @@ def group_norm_act(ctx, x, *args, **kwargs):
 def layer_norm_act(ctx, x, *args, **kwargs):
     _elementwise_children(ctx)
     return layer_norm_module(ctx, x)
+
+
+@RESIZE.register(nn.modules.batchnorm._NormBase)
+def resize_batch_norm(m, old_shapes):
+    for name in ("weight", "running_mean"):
+        t = getattr(m, name, None)
+        if t is not None:
+            m.num_features = t.shape[0]
+            return
+
+
+@RESIZE.register(nn.LayerNorm, nn.RMSNorm)
+def resize_layer_norm(m, old_shapes):
+    if getattr(m, "weight", None) is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@RESIZE.register(nn.GroupNorm)
+def resize_group_norm(m, old_shapes):
+    if getattr(m, "weight", None) is not None:
+        old = old_shapes["weight"][0]
+        m.num_groups = m.num_groups * m.weight.shape[0] // old
+        m.num_channels = m.weight.shape[0]

@@ -39,6 +39,18 @@ class TL:
 Rule = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class Contraction:
+    """A node that contracts a channel axis of its input with a weight."""
+
+    node: str
+    weight: str  # member name of the weight
+    weight_in_axis: int
+    input_axis: int  # channel axis of the input tensor
+    output_axis: int  # channel axis of the output tensor
+    groups: int = 1
+
+
 class RuleRegistry:
     def __init__(self):
         self.modules: dict[Any, Rule] = {}  # class object or "module.QualName"
@@ -85,6 +97,33 @@ class RuleRegistry:
 
 
 RULES = RuleRegistry()
+
+
+class ResizeRegistry:
+    """Per module class: how to make a module's attributes agree with its
+    widened parameters (``in_channels``, ``num_features``, ``groups`` ...).
+    A resize rule gets the module and the old shapes of its parameters."""
+
+    def __init__(self):
+        self.rules: dict = {}
+
+    def register(self, *classes):
+        def deco(fn):
+            for c in classes:
+                self.rules[c] = fn
+            return fn
+
+        return deco
+
+    def for_module(self, mod):
+        for cls in type(mod).__mro__:
+            rule = self.rules.get(cls) or self.rules.get(f"{cls.__module__}.{cls.__qualname__}")
+            if rule is not None:
+                return rule
+        return None
+
+
+RESIZE = ResizeRegistry()
 
 
 class Opaque(Exception):
@@ -149,6 +188,16 @@ class RuleContext:
         if x.member is not None and self.analysis.replace_member_axis(x.member, axis, x.lays[axis], lay):
             return
         unify(x.lays[axis], lay)
+
+    def contraction(self, weight: TL, *, weight_in_axis: int, input_axis: int, output_axis: int, groups: int = 1) -> None:
+        """Record that this node contracts its input's ``input_axis`` with
+        ``weight``'s ``weight_in_axis`` (a convolution or linear layer): the
+        merge engine widens such weights block by block and fits them by least
+        squares."""
+        if weight.member is not None:
+            self.analysis.contractions[self.node.name] = Contraction(
+                self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups
+            )
 
     # -- constraints -------------------------------------------------------
     @staticmethod

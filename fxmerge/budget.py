@@ -1,0 +1,263 @@
+"""The partial-matching budget planner.
+
+Cost model. A dense contraction (convolution or linear layer with one group)
+whose output axis merges ``K_o`` of ``D_o`` channels and whose input axis
+merges ``K_i`` of ``D_i`` costs, per output position and kernel tap,
+
+    K_o (2 D_i - K_i)  +  2 (D_o - K_o) D_i  =  2 D_o D_i - K_o K_i
+
+multiply-accumulates: merged rows read every input column, A-only rows read A's
+and the merged columns, B-only rows B's and the merged ones (the two
+structurally-zero blocks are never computed). A grouped convolution costs its
+widened output width times its per-group input width. ``K`` of a layout is
+linear in the per-root merge counts ``k``, so the whole model's cost is a
+bilinear function of ``k``: exact, cheap to evaluate, and equal to what the
+emitted graph computes.
+
+Planning. Start fully merged (cost 1x) and un-merge, a slice of pairs at a
+time, the least similar remaining pairs of the root with the best ratio of
+disagreement repaired (``sum 1 - similarity``) to cost added, until the target
+is met; the last slice is sized by bisection so the achieved cost lands on the
+target to within one pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .ir import Concat, Dep, Product, find
+from .models import InputError
+
+
+def linear_form(lay) -> tuple:
+    """``K(lay) = const + sum coef[uid] * k[uid]``: merged channels of a layout."""
+    const, coef = 0, {}
+
+    def walk(x):
+        nonlocal const
+        if isinstance(x, Dep):
+            const += x.size
+            return
+        r = find(x)
+        s = r.structure
+        if r.pinned:
+            const += r.size
+        elif s is None:
+            coef[r.uid] = coef.get(r.uid, 0) + 1
+        elif isinstance(s, Concat):
+            for p in s.parts:
+                walk(p)
+        elif isinstance(s, Product):
+            o = find(s.outer)
+            if o.pinned:
+                for i in s.inners:
+                    walk(i)
+            else:
+                coef[o.uid] = coef.get(o.uid, 0) + s.inner_size
+
+    walk(lay)
+    return const, coef
+
+
+@dataclass
+class LayerCost:
+    node: str
+    scale: float  # positions x kernel taps (per example)
+    d_out: int
+    d_in: int
+    out_form: tuple
+    in_form: tuple
+    grouped: bool
+    per_group_in: int
+
+
+@dataclass
+class CostModel:
+    layers: list
+    uids: list  # column order of k
+    sizes: np.ndarray
+    units: dict = field(default_factory=dict)  # root uid -> root size in units (k upper bound)
+
+    @classmethod
+    def from_groups(cls, pg) -> "CostModel":
+        nodes = {n.name: n for n in pg.gm.graph.nodes}
+        batch = _batch_size(pg)
+        layers, uids, sizes = [], {}, {}
+        for c in pg.contractions.values():
+            lays = pg.members[c.weight]
+            shape = pg.member_shapes[c.weight]
+            out_axis = 1 if c.weight_in_axis == 0 else 0
+            meta = nodes[c.node].meta.get("fxm_value")
+            if meta is None or not hasattr(meta, "shape"):
+                continue
+            out_ch = meta.shape[c.output_axis]
+            positions = int(np.prod(meta.shape)) / max(1, batch * out_ch)
+            taps = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+            out_lay, in_lay = lays[out_axis], lays[c.weight_in_axis]
+            of, inf = linear_form(out_lay), linear_form(in_lay)
+            grouped = c.groups > 1
+            for form, lay in ((of, out_lay), (inf, in_lay)):
+                for uid in form[1]:
+                    uids.setdefault(uid, len(uids))
+            for r in _roots_with_size(out_lay) + _roots_with_size(in_lay):
+                sizes[r[0]] = r[1]
+            layers.append(LayerCost(c.node, positions * taps, shape[out_axis] * (c.groups if c.weight_in_axis == 0 else 1),
+                                    shape[c.weight_in_axis] * (1 if grouped else 1), of, inf, grouped, shape[c.weight_in_axis]))
+        order = sorted(uids, key=uids.get)
+        return cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64))
+
+    def k_full(self) -> np.ndarray:
+        return self.sizes.copy()
+
+    def _K(self, form, k: dict) -> float:
+        const, coef = form
+        return const + sum(c * k[u] for u, c in coef.items())
+
+    def cost(self, k: np.ndarray) -> float:
+        kd = dict(zip(self.uids, k.tolist()))
+        total = 0.0
+        for l in self.layers:
+            ko = self._K(l.out_form, kd)
+            if l.grouped:
+                total += l.scale * l.per_group_in * (2 * l.d_out - ko)
+            else:
+                ki = self._K(l.in_form, kd)
+                total += l.scale * (2 * l.d_out * l.d_in - ko * ki)
+        return total
+
+    def source_cost(self) -> float:
+        return sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
+
+
+def _roots_with_size(lay) -> list:
+    out = []
+
+    def walk(x):
+        if isinstance(x, Dep):
+            return
+        r = find(x)
+        s = r.structure
+        if r.pinned:
+            return
+        if s is None:
+            out.append((r.uid, r.size))
+        elif isinstance(s, Concat):
+            for p in s.parts:
+                walk(p)
+        else:
+            o = find(s.outer)
+            if o.pinned:
+                for i in s.inners:
+                    walk(i)
+            else:
+                out.append((o.uid, o.size))
+
+    walk(lay)
+    return out
+
+
+def _batch_size(pg) -> int:
+    for n in pg.gm.graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta.get("fxm_value")
+            if hasattr(v, "shape") and len(v.shape) > 0:
+                return int(v.shape[0])
+    return 1
+
+
+@dataclass
+class Plan:
+    """Per root: how many pairs merge and which (``masks``), with the cost."""
+
+    k: dict
+    masks: dict
+    target: float
+    achieved: float
+    source_cost: float
+    feasible: tuple  # (min, max) relative cost
+
+    @property
+    def ratio(self) -> float:
+        return self.achieved / self.source_cost if self.source_cost else 1.0
+
+
+def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | None = None, chunks: int = 32) -> Plan:
+    """Choose ``k`` per root so the model costs ``budget`` x model A.
+
+    ``sims[uid]`` holds the similarity of every matched pair (per A unit);
+    ``fixed[uid]`` forces a root's ``k`` (pinned output roots, inner roots).
+    """
+    if not 1.0 <= budget <= 2.0:
+        raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
+    fixed = dict(fixed or {})
+    k = model.k_full()
+    for i, u in enumerate(model.uids):
+        if u in fixed:
+            k[i] = fixed[u]
+    free = [i for i, u in enumerate(model.uids) if u not in fixed]
+    src = model.source_cost()
+    target = budget * src
+    k_max = k.copy()
+    k_max[free] = 0
+    lo, hi = model.cost(k), model.cost(k_max)
+    # order of un-merging inside each root: least similar pairs first
+    order = {}
+    for i in free:
+        u = model.uids[i]
+        s = np.asarray(sims.get(u, np.zeros(model.sizes[i])), dtype=np.float64)
+        order[i] = (np.argsort(s, kind="stable"), s)  # ascending similarity
+    cost = lo
+    if target > cost:
+        while True:
+            best, best_ratio = None, -np.inf
+            for i in free:
+                if k[i] == 0:
+                    continue
+                n = int(model.sizes[i])
+                step = min(int(k[i]), max(1, -(-n // chunks)))
+                idx, s = order[i]
+                removed = n - k[i]
+                gain = float(np.sum(1.0 - s[idx[removed:removed + step]])) + 1e-9 * step
+                k2 = k.copy()
+                k2[i] -= step
+                dc = model.cost(k2) - cost
+                ratio = gain / dc if dc > 0 else np.inf
+                if ratio > best_ratio:
+                    best, best_ratio, best_step, best_cost = i, ratio, step, cost + dc
+            if best is None:
+                break
+            if best_cost >= target:
+                # bisection on the slice size to land on the target
+                lo_s, hi_s = 0, best_step
+                while hi_s - lo_s > 1:
+                    mid = (lo_s + hi_s) // 2
+                    k2 = k.copy()
+                    k2[best] -= mid
+                    if model.cost(k2) >= target:
+                        hi_s = mid
+                    else:
+                        lo_s = mid
+                k_lo, k_hi = k.copy(), k.copy()
+                k_lo[best] -= lo_s
+                k_hi[best] -= hi_s
+                c_lo, c_hi = model.cost(k_lo), model.cost(k_hi)
+                k, cost = (k_lo, c_lo) if abs(c_lo - target) <= abs(c_hi - target) else (k_hi, c_hi)
+                break
+            k[best] -= best_step
+            cost = best_cost
+    kd = {u: int(v) for u, v in zip(model.uids, k)}
+    masks = {}
+    for i, u in enumerate(model.uids):
+        n = int(model.sizes[i])
+        if kd[u] >= n:
+            continue
+        if i in order:
+            idx, _ = order[i]
+            keep = idx[n - kd[u]:]  # the most similar pairs stay merged
+        else:
+            keep = np.arange(kd[u])
+        m = np.zeros(n, dtype=bool)
+        m[keep] = True
+        masks[u] = m
+    return Plan(kd, masks, target, cost, src, (lo / src if src else 1.0, hi / src if src else 1.0))

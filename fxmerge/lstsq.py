@@ -1,0 +1,180 @@
+"""Layer-wise least squares from accumulated Gram matrices.
+
+For every convolution and linear layer of the merged model, fit weights ``W``
+so the layer maps the permuted-ensemble inputs ``X~`` to the permuted-ensemble
+outputs ``Y~`` (``widen_features`` of A's and aligned B's values: teacher
+forcing). Convolutions are unfolded (im2col, any stride, padding, dilation
+and groups) so each output position is a sample; at most ``positions``
+positions per input are kept. Only ``G = X~^T X~`` and ``C = X~^T Y~`` are
+accumulated (float64), so memory does not grow with the data.
+
+Each output row class is its own problem over the input columns it may read
+(A-only rows: A's and merged columns; B-only rows: B's and merged; merged
+rows: all), with a ridge term pulling toward the initial widened weights
+``W0``:
+
+    (G_SS + lam I) W_R^T = C_SR + lam W0_RS^T,   lam = ridge * trace(G_SS) / |S|
+
+The bias is an extra all-ones column that every row may read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rewrite import row_blocks
+from .widening import Widening, widen_features
+
+
+def supports(mod: nn.Module) -> bool:
+    """Layers whose forward is a plain convolution or linear map of their weight."""
+    if isinstance(mod, nn.Linear):
+        return type(mod).forward is nn.Linear.forward or type(mod).__module__.startswith("timm.layers.linear")
+    return type(mod) is nn.Conv2d and mod.padding_mode == "zeros"
+
+
+@dataclass
+class LayerSystem:
+    node: str
+    weight: str
+    bias: str | None
+    groups: int
+    w_in: Widening
+    w_out: Widening
+    gram: torch.Tensor | None = None  # (groups, cols, cols)
+    cross: torch.Tensor | None = None  # (groups, cols, rows per group)
+    yy: torch.Tensor | None = None  # (groups, rows per group): sum of squared targets
+    n: int = 0
+    loss_init: float = field(default=float("nan"))
+    loss_fit: float = field(default=float("nan"))
+
+
+def unfold_samples(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, gen: torch.Generator):
+    """Samples ``(rows, groups, cols)`` of inputs and ``(rows, groups, outs)`` of
+    targets for one layer."""
+    if isinstance(mod, nn.Conv2d):
+        g = mod.groups
+        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+        n, _, L = cols.shape
+        yt = y.reshape(n, y.shape[1], -1)
+        if positions and L > positions:
+            idx = torch.randperm(L, generator=gen)[:positions].to(x.device)
+            cols, yt = cols[:, :, idx], yt[:, :, idx]
+        X = cols.permute(0, 2, 1).reshape(-1, g, cols.shape[1] // g)
+        Y = yt.permute(0, 2, 1).reshape(-1, g, yt.shape[1] // g)
+        return X, Y
+    d_in, d_out = x.shape[-1], y.shape[-1]
+    if x.ndim > 2:
+        n = x.shape[0]
+        xs, ys = x.reshape(n, -1, d_in), y.reshape(n, -1, d_out)
+        L = xs.shape[1]
+        if positions and L > positions:
+            idx = torch.randperm(L, generator=gen)[:positions].to(x.device)
+            xs, ys = xs[:, idx], ys[:, idx]
+        x, y = xs, ys
+    return x.reshape(-1, 1, d_in), y.reshape(-1, 1, d_out)
+
+
+class GramCollector:
+    """The per-node callback of the least-squares pass."""
+
+    def __init__(self, systems: dict, modules: dict, contractions: dict, positions: int, seed: int):
+        self.systems = systems  # node name -> LayerSystem
+        self.modules = modules
+        self.contractions = contractions
+        self.positions = positions
+        self.seed = seed
+        self.batch = 0
+
+    def __call__(self, node, values, env) -> None:
+        sysm = self.systems.get(node.name)
+        if sysm is None:
+            return
+        c = self.contractions[node.name]
+        xa, xb = env(node.args[0])
+        ya, yb = values
+        xt = widen_features(xa, xb, c.input_axis, sysm.w_in)
+        yt = widen_features(ya, yb, c.output_axis, sysm.w_out)
+        mod = self.modules[node.name]
+        if sysm.bias is not None:
+            # targets without the bias: the bias is fitted through the ones column
+            pass
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name))
+        X, Y = unfold_samples(mod, xt, yt, self.positions, gen)
+        X, Y = X.double(), Y.double()
+        if sysm.bias is not None:
+            X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
+        G = torch.einsum("ngi,ngj->gij", X, X)
+        C = torch.einsum("ngi,ngo->gio", X, Y)
+        yy = (Y * Y).sum(0)
+        if sysm.gram is None:
+            sysm.gram, sysm.cross, sysm.yy = G, C, yy
+        else:
+            sysm.gram += G
+            sysm.cross += C
+            sysm.yy += yy
+        sysm.n += X.shape[0]
+
+
+def solve_block(G: torch.Tensor, C: torch.Tensor, W0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin_W ||X W^T - Y||^2 + lam ||W - W0||^2`` from ``G = X^T X`` and
+    ``C = X^T Y`` (``W0``: rows x cols). Returns ``W`` (rows x cols)."""
+    d = G.shape[0]
+    lam = ridge * float(torch.diagonal(G).sum()) / max(d, 1)
+    lam = max(lam, 1e-12)
+    A = G + lam * torch.eye(d, dtype=G.dtype, device=G.device)
+    B = C + lam * W0.T
+    try:
+        L = torch.linalg.cholesky(A)
+        return torch.cholesky_solve(B, L).T
+    except RuntimeError:
+        return torch.linalg.lstsq(A, B).solution.T
+
+
+def layer_loss(G, C, yy, W) -> float:
+    """``||X W^T - Y||^2`` from the statistics (W: rows x cols)."""
+    return float(yy.sum() - 2 * torch.sum(W.T * C) + torch.sum((W @ G) * W))
+
+
+def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | None, ridge: float):
+    """New (weight, bias) of one layer. ``weight`` is the dense widened
+    weight (groups x per-group rows first)."""
+    g = sysm.groups
+    out = weight.shape[0]
+    W0 = weight.detach().double().reshape(g, out // g, -1)  # (groups, rows, cols)
+    if bias is not None:
+        W0 = torch.cat([W0, bias.detach().double().reshape(g, out // g, 1)], dim=-1)
+    W = W0.clone()
+    init_loss = fit_loss = 0.0
+    if g == 1:
+        ncol = W0.shape[-1]
+        k_taps = (ncol - (bias is not None)) // sysm.w_in.size
+        for cols, rows in row_blocks(sysm.w_out, sysm.w_in):
+            full = (cols[:, None] * k_taps + np.arange(k_taps)[None, :]).reshape(-1)
+            if bias is not None:
+                full = np.concatenate([full, [ncol - 1]])
+            S = torch.as_tensor(full)
+            R = torch.as_tensor(rows)
+            Gs = sysm.gram[0][S][:, S]
+            Cs = sysm.cross[0][S][:, R]
+            W0s = W0[0][R][:, S]
+            Ws = solve_block(Gs, Cs, W0s, ridge)
+            W[0][R.unsqueeze(1), S.unsqueeze(0)] = Ws
+            init_loss += layer_loss(Gs, Cs, sysm.yy[0][R], W0s)
+            fit_loss += layer_loss(Gs, Cs, sysm.yy[0][R], Ws)
+    else:
+        for j in range(g):
+            W[j] = solve_block(sysm.gram[j], sysm.cross[j], W0[j], ridge)
+            init_loss += layer_loss(sysm.gram[j], sysm.cross[j], sysm.yy[j], W0[j])
+            fit_loss += layer_loss(sysm.gram[j], sysm.cross[j], sysm.yy[j], W[j])
+    sysm.loss_init, sysm.loss_fit = init_loss, fit_loss
+    if bias is not None:
+        new_bias = W[..., -1].reshape(out).to(bias.dtype)
+        W = W[..., :-1]
+    else:
+        new_bias = None
+    return W.reshape(weight.shape).to(weight.dtype), new_bias

@@ -1,0 +1,376 @@
+"""Matching: which feature of model B corresponds to which feature of model A.
+
+The unit of matching is a root dim of the IR: an atom (a plain channel group)
+or the outer of a product (heads, convolution groups). Products are matched on
+two levels: within every pair of blocks (Hungarian on the inner features),
+then blocks as units on their summed within-block similarity.
+
+*Activation matching* accumulates, over all calibration batches, the
+cross-correlation of A's and B's features at every site where a root appears
+(inputs and outputs of the contraction layers). *Weight matching* (Git
+Re-Basin's iterative scheme) needs no data: each root's similarity is the
+inner product of A's weights with B's along that axis, under the current
+permutations of every other axis.
+
+The result is a ``Matching``: one ``new -> old`` permutation of B per root
+(product inners included) and, per atom or block, the similarity of the pair
+it matched. ``MatchSampler`` turns it into index arrays for ``permute_state``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .ir import Concat, Dep, Dim, PermutationSampler, Product, find
+from .models import InputError
+from .rules.registry import tensors_in
+
+
+class MatchSampler(PermutationSampler):
+    """A sampler whose permutations are fixed: ``perms[root uid]``."""
+
+    def __init__(self, perms: dict):
+        super().__init__(np.random.default_rng(0))
+        self.perms = perms
+
+    def atom(self, r: Dim) -> np.ndarray:
+        p = self.perms.get(r.uid)
+        return np.arange(r.size) if p is None or r.pinned else p
+
+
+@dataclass
+class Matching:
+    perms: dict = field(default_factory=dict)  # root uid -> B index per A index
+    sims: dict = field(default_factory=dict)  # atom/outer uid -> similarity per A unit
+    sizes: dict = field(default_factory=dict)
+
+    def sampler(self) -> MatchSampler:
+        return MatchSampler(self.perms)
+
+
+# ----------------------------------------------------------------------------
+# where roots occur
+
+
+def occurrences(lay) -> list:
+    """``(key, positions)`` for every matchable root inside a layout:
+    ``key`` is the atom root, or the product root for an unpinned product
+    (whose positions span all of its blocks)."""
+    out = []
+
+    def walk(x, off):
+        if isinstance(x, Dep):
+            return
+        r = find(x)
+        if r.pinned:
+            return
+        s = r.structure
+        if s is None:
+            if r.size > 1:
+                out.append((r, np.arange(off, off + r.size)))
+        elif isinstance(s, Concat):
+            o = off
+            for p in s.parts:
+                walk(p, o)
+                o += p.size
+        else:
+            if not find(s.outer).pinned:
+                out.append((r, np.arange(off, off + r.size)))
+            else:
+                n = s.inner_size
+                for i, inner in enumerate(s.inners):
+                    walk(inner, off + i * n)
+
+    walk(lay, 0)
+    return out
+
+
+def site_nodes(pg) -> list:
+    """Nodes whose values matching reads: the inputs and outputs of every
+    contraction layer (what the next layer consumes and what a layer makes)."""
+    names = []
+    nodes = {n.name: n for n in pg.gm.graph.nodes}
+    for c in pg.contractions.values():
+        node = nodes[c.node]
+        src = node.args[0] if node.args else None
+        if src is not None and hasattr(src, "name"):
+            names.append(src.name)
+        names.append(node.name)
+    seen, out = set(), []
+    for n in names:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def rows(x: torch.Tensor, axis: int, positions: int, gen: torch.Generator) -> torch.Tensor:
+    """Samples of ``x`` along ``axis``: axis 0 is the batch, the others are
+    positions, of which at most ``positions`` per input are kept."""
+    x = x.movedim(axis, -1)
+    if x.ndim == 1:
+        return x[None]
+    n, d = x.shape[0], x.shape[-1]
+    x = x.reshape(n, -1, d)
+    L = x.shape[1]
+    if positions and L > positions:
+        idx = torch.randperm(L, generator=gen)[:positions].to(x.device)
+        x = x[:, idx]
+    return x.reshape(-1, d)
+
+
+class CorrelationStats:
+    """Streaming float64 sums for the cross-correlation of A's and B's features
+    at one site: memory is independent of the number of samples."""
+
+    __slots__ = ("n", "sa", "sb", "saa", "sbb", "sab")
+
+    def __init__(self, d: int, device):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.n = 0
+        self.sa, self.sb, self.saa, self.sbb = z(d), z(d), z(d), z(d)
+        self.sab = z(d, d)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.double(), b.double()
+        self.n += a.shape[0]
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+        self.sab += a.T @ b
+
+    def correlation(self) -> np.ndarray:
+        n = max(self.n, 1)
+        ma, mb = self.sa / n, self.sb / n
+        cov = self.sab / n - ma[:, None] * mb[None, :]
+        va = (self.saa / n - ma * ma).clamp_min(0)
+        vb = (self.sbb / n - mb * mb).clamp_min(0)
+        return (cov / (va.sqrt()[:, None] * vb.sqrt()[None, :] + 1e-8)).cpu().numpy()
+
+
+class ActivationCollector:
+    """The per-node callback of the matching pass."""
+
+    def __init__(self, pg, positions: int, seed: int, device):
+        self.pg = pg
+        self.positions = positions
+        self.seed = seed
+        self.device = device
+        self.sites = set(site_nodes(pg))
+        self.stats: dict = {}  # (node, axis, root uid) -> CorrelationStats
+        self.keys: dict = {}  # root uid -> root Dim
+        self.batch = 0
+        self._plan = {}
+        for name in self.sites:
+            node = next(n for n in pg.gm.graph.nodes if n.name == name)
+            tls = tensors_in(pg.layouts.get(node))
+            if len(tls) != 1:
+                continue
+            occ = []
+            for axis, lay in enumerate(tls[0].lays):
+                if axis == 0 and len(tls[0].lays) > 1:
+                    continue  # the batch axis
+                for root, pos in occurrences(lay):
+                    occ.append((axis, root, pos))
+            if occ:
+                self._plan[name] = occ
+
+    def __call__(self, node, values, env=None) -> None:
+        occ = self._plan.get(node.name)
+        if occ is None:
+            return
+        a, b = values
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise InputError(f"non-finite activations at node '{node.name}': check the models' weights and the calibration data")
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch * 9973 + hash(node.name) % 997)
+        by_axis = defaultdict(list)
+        for axis, root, pos in occ:
+            by_axis[axis].append((root, pos))
+        for axis, items in by_axis.items():
+            state = gen.get_state()
+            ra = rows(a, axis, self.positions, gen)
+            gen.set_state(state)
+            rb = rows(b, axis, self.positions, gen)
+            for root, pos in items:
+                key = (node.name, axis, root.uid, int(pos[0]))
+                st = self.stats.get(key)
+                if st is None:
+                    st = self.stats[key] = CorrelationStats(len(pos), self.device)
+                    self.keys[root.uid] = root
+                p = torch.as_tensor(pos, device=ra.device)
+                st.add(ra.index_select(1, p), rb.index_select(1, p))
+
+    def similarities(self) -> dict:
+        """Mean correlation matrix per root over all of its sites."""
+        acc: dict = {}
+        count: dict = defaultdict(int)
+        for (_, _, uid, _), st in self.stats.items():
+            c = st.correlation()
+            acc[uid] = c if uid not in acc else acc[uid] + c
+            count[uid] += 1
+        return {uid: acc[uid] / count[uid] for uid in acc}
+
+
+# ----------------------------------------------------------------------------
+# solving
+
+
+def _lsa(sim: np.ndarray):
+    rows_, cols = linear_sum_assignment(sim, maximize=True)
+    perm = np.empty(sim.shape[0], dtype=np.int64)
+    perm[rows_] = cols
+    return perm, sim[np.arange(sim.shape[0]), perm]
+
+
+def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Matching:
+    """Assignments from per-root similarity matrices (A rows, B columns).
+
+    Atoms: one Hungarian problem. Products: group every product root by its
+    outer; score each block pair by the Hungarian optimum of its inner
+    similarity (summed over the products that share the outer), assign blocks,
+    and keep the inner assignments of the chosen pairs.
+    """
+    m = Matching()
+    by_outer: dict = defaultdict(list)
+    for uid, sim in sims_by_root.items():
+        r = roots[uid]
+        if uid in exclude:
+            continue
+        s = r.structure
+        if s is None:
+            perm, val = _lsa(sim)
+            m.perms[uid], m.sims[uid], m.sizes[uid] = perm, val, r.size
+        elif isinstance(s, Product):
+            by_outer[find(s.outer).uid].append((r, sim))
+    for ouid, items in by_outer.items():
+        if ouid in exclude:
+            continue
+        outer = find(items[0][0].structure.outer)
+        g = outer.size
+        # products sharing their inner roots (q and k heads) sum their evidence
+        families: dict = defaultdict(lambda: None)
+        for r, sim in items:
+            s = r.structure
+            fam = tuple(find(i).uid for i in s.inners)
+            families[fam] = sim if families[fam] is None else families[fam] + sim
+        score = np.zeros((g, g))
+        inner: dict = {}
+        for fam, sim in families.items():
+            n = sim.shape[0] // g
+            blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
+            free = len(set(fam)) == g  # one inner root per block: free within-block permutations
+            for a in range(g):
+                for b in range(g):
+                    if free and n > 1:
+                        perm, val = _lsa(blocks[a, b])
+                    else:
+                        perm, val = np.arange(n), np.diagonal(blocks[a, b]).copy()
+                    score[a, b] += val.sum()
+                    inner[(fam, a, b)] = perm
+        perm, val = _lsa(score)
+        m.perms[ouid], m.sizes[ouid] = perm, g
+        n_total = sum(sim.shape[0] // g for sim in families.values())
+        m.sims[ouid] = val / max(n_total, 1)
+        for fam, sim in families.items():
+            if len(set(fam)) != g:
+                continue
+            for a in range(g):
+                b = perm[a]
+                m.perms[fam[b]] = inner[(fam, a, b)]
+    return m
+
+
+# ----------------------------------------------------------------------------
+# weight matching
+
+
+def _matchable_roots(pg) -> dict:
+    """Atom roots and product roots that carry parameter axes."""
+    roots = {}
+    for name, lays in pg.members.items():
+        if not pg.member_is_param.get(name, False):
+            continue
+        for lay in lays:
+            for r, _ in occurrences(lay):
+                roots[r.uid] = r
+    return roots
+
+
+def weight_matching(pg, state_a: dict, state_b: dict, *, iters: int = 30, seed: int = 0, exclude: Iterable = ()) -> Matching:
+    """Git Re-Basin weight matching: coordinate ascent over roots, each step a
+    Hungarian problem on ``sum_members <W_A, P(W_B)>`` along that root's axis."""
+    roots = {u: r for u, r in _matchable_roots(pg).items() if u not in set(exclude)}
+    members_of: dict = defaultdict(list)
+    for name, lays in pg.members.items():
+        if not pg.member_is_param.get(name, False) or name not in state_a:
+            continue
+        for axis, lay in enumerate(lays):
+            for r, pos in occurrences(lay):
+                members_of[r.uid].append((name, axis, pos))
+    rng = np.random.default_rng(seed)
+    perms: dict = {}
+    m = Matching()
+    order = sorted(roots)
+    for _ in range(iters):
+        changed = False
+        for uid in rng.permutation(order):
+            r = roots[uid]
+            sim = np.zeros((r.size, r.size))
+            saved = _without(perms, r)
+            sampler = MatchSampler(saved)
+            for name, axis, pos in members_of[uid]:
+                lays = pg.members[name]
+                from .analysis import permute_tensor
+
+                wb = permute_tensor(state_b[name].detach().double(), lays, sampler)
+                wa = state_a[name].detach().double()
+                p = torch.as_tensor(pos)
+                fa = wa.index_select(axis, p).movedim(axis, 0).reshape(len(pos), -1)
+                fb = wb.index_select(axis, p).movedim(axis, 0).reshape(len(pos), -1)
+                sim += (fa @ fb.T).numpy()
+            sub = solve({uid: sim}, {uid: r})
+            new = dict(saved)
+            new.update(sub.perms)
+            if any(not np.array_equal(new.get(k, np.arange(len(v))), perms.get(k, np.arange(len(v)))) for k, v in new.items()):
+                changed = True
+            perms = new
+            m.sims.update(sub.sims)
+            m.sizes.update(sub.sizes)
+        if not changed:
+            break
+    m.perms = perms
+    # similarities for the planner: normalised inner products of matched rows
+    for uid, r in roots.items():
+        if uid in m.sims:
+            v = m.sims[uid]
+            scale = np.abs(v).max() or 1.0
+            m.sims[uid] = v / scale
+    return m
+
+
+def _without(perms: dict, r: Dim) -> dict:
+    """Current permutations with root ``r`` (and its inner roots) reset."""
+    out = dict(perms)
+    out.pop(r.uid, None)
+    s = r.structure
+    if isinstance(s, Product):
+        out.pop(find(s.outer).uid, None)
+        for i in s.inners:
+            out.pop(find(i).uid, None)
+    return out
+
+
+def activation_matching(collector: ActivationCollector, exclude: Iterable = ()) -> Matching:
+    return solve(collector.similarities(), collector.keys, exclude=set(exclude))
+
+
+def check_finite_state(state: dict, which: str) -> None:
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"model {which} has non-finite values in '{name}': repair or retrain the checkpoint")

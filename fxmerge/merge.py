@@ -1,0 +1,364 @@
+"""One entry point for every merging method.
+
+``merge`` is a pipeline of the passes:
+
+    analyze (trace + ChannelAnalysis)        -> PermutationGroups
+    matching pass (A, B in lockstep)         -> Matching (activation or weight)
+    align B (permute_state)                  -> B's weights opposite A's
+    plan_budget (CostModel)                  -> Plan: merged pairs per root
+    WidenGraph                               -> widened GraphModule, W0
+    least-squares pass (A, aligned B)        -> per-layer Gram systems, new W
+    split_contractions                       -> row-block layers, no zero blocks
+    reset_batch_norm                         -> BatchNorm statistics of the merged model
+
+Methods: ``pleas`` (activation matching, partial merging at the budget, least
+squares, BatchNorm reset), ``perm`` (the same without least squares),
+``rebasin`` (Git Re-Basin: weight matching, full merge at 1x, BatchNorm
+reset), ``avg`` (no permutation, full merge at 1x, BatchNorm reset) and
+``ensemble`` (no merging: both models side by side at 2x, outputs averaged or
+concatenated: the reference point).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .analysis import PermutationGroups, analyze
+from .budget import CostModel, Plan, plan_budget
+from .lstsq import GramCollector, LayerSystem, solve_layer, supports
+from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
+from .models import InputError
+from .rewrite import WidenGraph, _set_tensor, check_shapes, split_contractions
+from .runner import LockstepRunner, input_batches
+from .widening import LayoutWidener
+
+METHODS = ("pleas", "perm", "rebasin", "avg", "ensemble")
+LABELS = ("shared", "disjoint")
+
+
+@dataclass
+class MergePlan:
+    """What was merged: per group, its width in each model, merged pairs and
+    the merged model's width; the B permutation per group."""
+
+    method: str
+    budget: float
+    labels: str
+    groups: list  # dicts: id, kind, size, merged, width
+    permutations: dict = field(default_factory=dict)  # group id -> B index per A index
+    masks: dict = field(default_factory=dict)  # group id -> merged mask (A index order)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "labels": self.labels,
+            "groups": self.groups,
+            "permutations": {str(k): v.tolist() for k, v in self.permutations.items()},
+            "masks": {str(k): v.astype(int).tolist() for k, v in self.masks.items()},
+        }
+
+
+@dataclass
+class MergeResult:
+    model: fx.GraphModule
+    plan: MergePlan
+    report: dict
+    groups: Optional[PermutationGroups] = field(default=None, repr=False)
+
+
+def _as_reiterable(data) -> Iterable:
+    if data is None:
+        raise InputError("no calibration data: pass a DataLoader, a list of tensors or (inputs, targets) pairs")
+    if iter(data) is data:  # a one-shot iterator: keep its items for the later passes
+        data = list(data)
+    return data
+
+
+def _example_from(data, device) -> tuple:
+    for x in input_batches(data, device):
+        if x.shape[0] < 1:
+            continue
+        return (x[:2],)
+    raise InputError("the calibration data is empty: give at least two inputs")
+
+
+def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    for name, t in sa.items():
+        if name not in sb:
+            raise InputError(f"the models differ: model B has no parameter '{name}' (model A: {tuple(t.shape)})")
+        if tuple(t.shape) != tuple(sb[name].shape):
+            raise InputError(
+                f"the models differ at '{name}': model A {tuple(t.shape)}, model B {tuple(sb[name].shape)}"
+            )
+    for name in sb:
+        if name not in sa:
+            raise InputError(f"the models differ: model A has no parameter '{name}'")
+
+
+def _count_images(data, device) -> int:
+    return sum(int(x.shape[0]) for x in input_batches(data, device))
+
+
+def _progress(it, enabled: bool, desc: str, total=None):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, leave=False)
+
+
+def _group_of_root(pg: PermutationGroups) -> dict:
+    return {r.uid: g for g in pg.all_groups for r in g.roots}
+
+
+def measure_macs(model: nn.Module, example_inputs: tuple) -> float:
+    """Multiply-accumulates of one forward pass per example, counted on the
+    real ops (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*example_inputs)
+    return counter.get_total_flops() / 2 / max(1, int(example_inputs[0].shape[0]))
+
+
+@torch.no_grad()
+def reset_batch_norm(model: nn.Module, data, device, progress: bool = False) -> int:
+    """Recompute every BatchNorm's running statistics on ``data`` (cumulative
+    average over all batches; the rest of the model stays in eval mode)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for x in _progress(input_batches(data, device), progress, "batchnorm reset"):
+            model(x)
+    finally:
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+            m.train(tr)
+    return len(bns)
+
+
+def merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable,
+    *,
+    budget: float = 1.0,
+    method: str = "pleas",
+    labels: str = "shared",
+    example_inputs: Any = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    matching: Optional[str] = None,
+    ridge: float = 1e-3,
+    positions: int = 64,
+    reset_bn: bool = True,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge two models of one architecture into one of ``budget`` x the cost
+    of model A (multiply-accumulates).
+
+    ``data`` yields input tensors or ``(inputs, targets)`` pairs (a DataLoader
+    works); it is read once for matching, once for least squares and once for
+    the BatchNorm reset. ``labels="disjoint"`` keeps both classifiers: the
+    merged model outputs ``cat([logits_A, logits_B], -1)``. ``matching`` is
+    ``"activation"`` or ``"weight"`` (default: activation for pleas and perm,
+    weight for rebasin). The source models are never modified.
+    """
+    t_start = time.perf_counter()
+    timings: dict = {}
+    if method not in METHODS:
+        raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    if labels not in LABELS:
+        raise InputError(f"labels must be 'shared' or 'disjoint', got '{labels}'")
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        raise InputError(f"budget must be a number between 1 and 2, got {budget!r}") from None
+    if not 1.0 <= budget <= 2.0 or not np.isfinite(budget):
+        raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
+    if method in ("rebasin", "avg") and budget != 1.0:
+        raise InputError(f"method '{method}' merges everything (budget 1); use 'perm' or 'pleas' for budget {budget}")
+    if method == "ensemble":
+        budget = 2.0
+    matching = matching or ("weight" if method == "rebasin" else "activation")
+    if matching not in ("activation", "weight"):
+        raise InputError(f"matching must be 'activation' or 'weight', got '{matching}'")
+    device = torch.device(device)
+    check_same_architecture(model_a, model_b)
+    check_finite_state(model_a.state_dict(), "A")
+    check_finite_state(model_b.state_dict(), "B")
+    data = _as_reiterable(data)
+    n_images = _count_images(data, device)
+    if n_images < 2:
+        raise InputError(f"the calibration data has {n_images} input(s): give at least two (a few hundred for least squares)")
+    if example_inputs is None:
+        example_inputs = _example_from(data, device)
+    elif not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(x.to(device) for x in example_inputs)
+
+    # -- analysis ------------------------------------------------------------
+    t = time.perf_counter()
+    a = copy.deepcopy(model_a).to(device).eval()
+    b = copy.deepcopy(model_b).to(device).eval()
+    pg = analyze(a, example_inputs, per_model_output=(labels == "disjoint"))
+    gm_a = pg.gm
+    gm_b = copy.deepcopy(gm_a)
+    state_b_full = b.state_dict()
+    gm_b.load_state_dict({k: state_b_full[k] for k in gm_b.state_dict()}, strict=True)
+    state_a = {k: v for k, v in gm_a.state_dict().items()}
+    timings["analysis"] = time.perf_counter() - t
+    group_of = _group_of_root(pg)
+    output_roots = {r.uid for g in pg.all_groups if g.kind == "output" for r in g.roots}
+
+    # -- matching ------------------------------------------------------------
+    t = time.perf_counter()
+    if method in ("avg", "ensemble"):
+        match = Matching()
+    elif matching == "weight":
+        match = weight_matching(pg, state_a, gm_b.state_dict(), seed=seed, exclude=output_roots)
+    else:
+        collector = ActivationCollector(pg, positions, seed, device)
+        runner = LockstepRunner([gm_a, gm_b])
+        for i, x in enumerate(_progress(input_batches(data, device), progress, "matching")):
+            collector.batch = i
+            runner.run((x,), collector)
+        match = activation_matching(collector, exclude=output_roots)
+    timings["matching"] = time.perf_counter() - t
+
+    # -- align B -------------------------------------------------------------
+    from .analysis import permute_tensor
+
+    sampler = match.sampler()
+    state_b = {}
+    for k, v in gm_b.state_dict().items():
+        lays = pg.members.get(k)
+        state_b[k] = permute_tensor(v, lays, sampler) if lays is not None else v
+    gm_b_aligned = copy.deepcopy(gm_a)
+    gm_b_aligned.load_state_dict(state_b)
+
+    # -- plan ----------------------------------------------------------------
+    t = time.perf_counter()
+    cost_model = CostModel.from_groups(pg)
+    fixed = {u: 0 for u in output_roots if u in cost_model.uids}
+    if method in ("rebasin", "avg"):
+        fixed.update({u: int(s) for u, s in zip(cost_model.uids, cost_model.sizes) if u not in fixed})
+    plan = plan_budget(cost_model, match.sims, budget, fixed=fixed)
+    timings["plan"] = time.perf_counter() - t
+
+    # -- widen ---------------------------------------------------------------
+    t = time.perf_counter()
+    widener = LayoutWidener(plan.masks)
+    merged = WidenGraph(pg, widener).run(state_a, state_b)
+    check_shapes(merged, pg, widener, example_inputs)
+    timings["widen"] = time.perf_counter() - t
+
+    # -- least squares -------------------------------------------------------
+    ls_report = {}
+    if method == "pleas":
+        t = time.perf_counter()
+        ls_report = _least_squares(pg, merged, gm_a, gm_b_aligned, widener, data, device, positions, seed, ridge, progress)
+        timings["least_squares"] = time.perf_counter() - t
+
+    n_split = split_contractions(merged, pg, widener)
+    if reset_bn and method != "ensemble":
+        t = time.perf_counter()
+        reset_batch_norm(merged, data, device, progress)
+        timings["batchnorm_reset"] = time.perf_counter() - t
+    merged.eval()
+    timings["total"] = time.perf_counter() - t_start
+
+    macs_a = measure_macs(gm_a, example_inputs)
+    macs_m = measure_macs(merged, example_inputs)
+    n_params_a = sum(p.numel() for p in gm_a.parameters())
+    n_params_m = sum(p.numel() for p in merged.parameters())
+    report = {
+        "method": method,
+        "budget": budget,
+        "labels": labels,
+        "matching": matching if method not in ("avg", "ensemble") else "identity",
+        "cost_planned": plan.ratio,
+        "cost_measured": macs_m / macs_a if macs_a else float("nan"),
+        "cost_feasible": list(plan.feasible),
+        "macs_source": macs_a,
+        "macs_merged": macs_m,
+        "params_source": n_params_a,
+        "params_merged": n_params_m,
+        "calibration_inputs": n_images,
+        "row_block_layers": n_split,
+        "timings": timings,
+        "least_squares": ls_report,
+        "pinned_ops": [p.kind for p in pg.pinned],
+    }
+    merge_plan = _describe_plan(pg, plan, match, group_of, method, budget, labels)
+    return MergeResult(merged, merge_plan, report, pg)
+
+
+def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, seed, ridge, progress) -> dict:
+    nodes = {n.name: n for n in merged.graph.nodes}
+    systems, modules = {}, {}
+    for name, c in pg.contractions.items():
+        node = nodes[name]
+        if node.op != "call_module":
+            continue
+        mod = merged.get_submodule(node.target)
+        if not supports(mod):
+            continue
+        lays = pg.members[c.weight]
+        bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
+        systems[name] = LayerSystem(name, c.weight, bias_name, getattr(mod, "groups", 1),
+                                    widener.widen(lays[1]), widener.widen(lays[0]))
+        modules[name] = mod
+    if not systems:
+        return {"layers": 0}
+    collector = GramCollector(systems, modules, pg.contractions, positions, seed)
+    runner = LockstepRunner([gm_a, gm_b])
+    for i, x in enumerate(_progress(input_batches(data, device), progress, "least squares")):
+        collector.batch = i
+        runner.run((x,), collector)
+    per_layer = {}
+    for name, sysm in systems.items():
+        mod = modules[name]
+        w, bias = solve_layer(sysm, mod.weight, getattr(mod, "bias", None), ridge)
+        if not torch.isfinite(w).all():
+            raise InputError(f"least squares for '{name}' produced non-finite weights: give more calibration data or a larger ridge")
+        node = nodes[name]
+        _set_tensor(merged, f"{node.target}.weight", w)
+        if bias is not None:
+            _set_tensor(merged, f"{node.target}.bias", bias)
+        per_layer[name] = {"samples": sysm.n, "loss_init": sysm.loss_init, "loss_fit": sysm.loss_fit}
+        sysm.gram = sysm.cross = None  # free
+    return {"layers": len(systems), "ridge": ridge, "per_layer": per_layer}
+
+
+def _describe_plan(pg, plan: Plan, match: Matching, group_of, method, budget, labels) -> MergePlan:
+    groups, perms, masks = [], {}, {}
+    for g in pg.groups:
+        if g.parent is not None:
+            groups.append({"id": g.id, "kind": g.kind, "size": g.size, "blocks": g.blocks, "merged": g.size, "width": g.size})
+            continue
+        uid = g.roots[0].uid
+        k = plan.k.get(uid, g.size)
+        groups.append({"id": g.id, "kind": g.kind, "size": g.size, "merged": int(k), "width": int(2 * g.size - k)})
+        if uid in match.perms:
+            perms[g.id] = np.asarray(match.perms[uid])
+        if uid in plan.masks:
+            masks[g.id] = plan.masks[uid]
+    return MergePlan(method, budget, labels, groups, perms, masks)
+

@@ -1,0 +1,241 @@
+"""The widening rewrite: model A's graph in, the merged GraphModule out.
+
+``WidenGraph`` copies A's GraphModule and, under a ``LayoutWidener``:
+
+1. replaces every parameter and buffer with its merged value
+   (``widen_tensor`` from A and aligned B),
+2. makes module attributes agree with the new shapes (the ``RESIZE`` rules:
+   ``in_channels``, ``out_channels``, ``groups``, ``num_features``,
+   ``normalized_shape``, ...),
+3. rewrites the shape constants in the graph (``reshape``/``view``/
+   ``expand`` targets, ``split`` sizes, ``narrow`` lengths) from the widened
+   layouts of the node's outputs,
+4. checks the new graph by running it and comparing every node's shape with
+   the planned one.
+
+``split_contractions`` then turns every widened convolution and linear layer
+into row blocks (``PartialConv2d``, ``PartialLinear``) so that structural
+zeros are neither stored nor computed.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .layers import PartialConv2d, PartialLinear
+from .rules.registry import RESIZE, tensors_in
+from .tracing import TensorInfo, ValueProp
+from .widening import ROLE_A, ROLE_B, LayoutWidener, widen_tensor
+
+
+class RewriteError(RuntimeError):
+    """The widened graph cannot be emitted (an op whose constants fxmerge
+    cannot rewrite)."""
+
+
+def _split_name(name: str):
+    mod, _, leaf = name.rpartition(".")
+    return mod, leaf
+
+
+def _set_tensor(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, leaf = _split_name(name)
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    old = getattr(mod, leaf)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif leaf in getattr(mod, "_buffers", {}):
+        mod._buffers[leaf] = value
+    else:
+        setattr(mod, leaf, value)
+
+
+def in_axes_of(pg) -> dict:
+    """Member name -> contracted axes (weights of convolutions and linears)."""
+    out: dict = {}
+    for c in pg.contractions.values():
+        out.setdefault(c.weight, set()).add(c.weight_in_axis)
+    return out
+
+
+class WidenGraph:
+    def __init__(self, pg, widener: LayoutWidener):
+        self.pg = pg
+        self.widener = widener
+
+    def new_shape(self, node: fx.Node) -> Optional[list]:
+        tls = tensors_in(self.pg.layouts.get(node))
+        if len(tls) != 1:
+            return None
+        return [self.widener.size(l) for l in tls[0].lays]
+
+    def run(self, state_a: dict, state_b: dict) -> fx.GraphModule:
+        pg = self.pg
+        gm = copy.deepcopy(pg.gm)
+        contracted = in_axes_of(pg)
+        old_shapes: dict = {}
+        for name, lays in pg.members.items():
+            if name not in state_a:
+                continue
+            new = widen_tensor(state_a[name], state_b[name], lays, contracted.get(name, set()), self.widener)
+            mod_name, leaf = _split_name(name)
+            old_shapes.setdefault(mod_name, {})[leaf] = tuple(state_a[name].shape)
+            _set_tensor(gm, name, new)
+        for mod_name, shapes in old_shapes.items():
+            mod = gm.get_submodule(mod_name) if mod_name else gm
+            if all(tuple(getattr(mod, k).shape) == v for k, v in shapes.items()):
+                continue
+            rule = RESIZE.for_module(mod)
+            if rule is not None:
+                rule(mod, shapes)
+        self._rewrite_constants(gm)
+        gm.recompile()
+        return gm
+
+    # -- shape constants ---------------------------------------------------
+    def _rewrite_constants(self, gm: fx.GraphModule) -> None:
+        old_nodes = {n.name: n for n in self.pg.gm.graph.nodes}
+        for node in gm.graph.nodes:
+            old = old_nodes[node.name]
+            if node.op == "call_method" and node.target in ("reshape", "view", "expand"):
+                self._rewrite_shape_args(node, old, start=1)
+            elif node.op == "call_function" and node.target in (torch.reshape,):
+                self._rewrite_shape_args(node, old, start=1)
+            elif (node.op == "call_method" and node.target in ("split", "split_with_sizes")) or (
+                node.op == "call_function" and node.target in (torch.split,)
+            ):
+                self._rewrite_split(node, old)
+            elif (node.op == "call_method" and node.target == "narrow") or (node.op == "call_function" and node.target is torch.narrow):
+                self._rewrite_narrow(node, old)
+
+    def _rewrite_shape_args(self, node, old, start):
+        new_shape = self.new_shape(old)
+        meta = old.meta.get("fxm_value")
+        if new_shape is None or not isinstance(meta, TensorInfo):
+            return
+        old_shape = list(meta.shape)
+        if new_shape == old_shape:
+            return
+        args = list(node.args)
+        sizes = args[start:]
+        packed = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
+        if packed:
+            sizes = list(sizes[0])
+        kw = node.kwargs.get("shape") or node.kwargs.get("size")
+        if not sizes and kw is not None:
+            sizes = list(kw)
+        if len(sizes) != len(old_shape):
+            raise RewriteError(f"cannot rewrite the shape of '{node.name}' ({node.target}): {len(sizes)} sizes for {len(old_shape)} axes")
+        for i, (s, o, n) in enumerate(zip(sizes, old_shape, new_shape)):
+            if n == o:
+                continue
+            if isinstance(s, int) and s == o:
+                sizes[i] = n
+            elif isinstance(s, int) and s == -1:
+                continue
+            else:
+                raise RewriteError(f"cannot rewrite axis {i} of '{node.name}' ({node.target}): its size is computed in the graph")
+        if kw is not None and len(args) <= start:
+            kwargs = dict(node.kwargs)
+            kwargs["shape" if "shape" in kwargs else "size"] = tuple(sizes)
+            node.kwargs = kwargs
+        else:
+            node.args = tuple(args[:start]) + ((tuple(sizes),) if packed else tuple(sizes))
+
+    def _rewrite_split(self, node, old):
+        outs = tensors_in(self.pg.layouts.get(old))
+        metas = old.meta.get("fxm_value")
+        if not outs or not isinstance(metas, (list, tuple)):
+            return
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        x_meta = old.args[0].meta.get("fxm_value")
+        dim = dim % len(x_meta.shape)
+        new_sizes = [self.widener.size(tl.lays[dim]) for tl in outs]
+        old_sizes = [m.shape[dim] for m in metas]
+        if new_sizes == old_sizes:
+            return
+        args = list(node.args)
+        args[1] = new_sizes
+        node.args = tuple(args)
+        kwargs = dict(node.kwargs)
+        kwargs.pop("split_size_or_sections", None)
+        kwargs.pop("split_size", None)
+        node.kwargs = kwargs
+
+    def _rewrite_narrow(self, node, old):
+        x_tl = tensors_in(self.pg.layouts.get(old.args[0]))
+        out = tensors_in(self.pg.layouts.get(old))
+        if not x_tl or not out:
+            return
+        dim = node.args[1] % len(out[0].lays)
+        if self.widener.size(x_tl[0].lays[dim]) == x_tl[0].shape[dim]:
+            return
+        raise RewriteError(f"cannot rewrite '{node.name}': narrow over a widened axis")
+
+
+def check_shapes(gm: fx.GraphModule, pg, widener: LayoutWidener, example_inputs) -> None:
+    """Run the widened graph and compare every node's shape with the plan."""
+    planned = {}
+    for node in pg.gm.graph.nodes:
+        tls = tensors_in(pg.layouts.get(node))
+        if len(tls) == 1 and isinstance(node.meta.get("fxm_value"), TensorInfo):
+            planned[node.name] = [widener.size(l) for l in tls[0].lays]
+    prop = ValueProp(gm)
+    try:
+        with torch.no_grad():
+            prop.run(*example_inputs)
+    except Exception as e:
+        raise RewriteError(f"the widened graph does not run: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    for node in gm.graph.nodes:
+        v = node.meta.get("fxm_value")
+        want = planned.get(node.name)
+        if want is not None and isinstance(v, TensorInfo) and list(v.shape) != want:
+            raise RewriteError(f"node '{node.name}' has shape {list(v.shape)} after widening, planned {want}")
+
+
+def row_blocks(w_out, w_in):
+    """Row classes of a dense contraction: ``(in_index, out_index)`` pairs."""
+    blocks = []
+    for bit in (ROLE_A, None, ROLE_B):
+        if bit is None:
+            rows = np.flatnonzero(w_out.role == 3)
+            cols = np.arange(w_in.size)
+        else:
+            rows = np.flatnonzero(w_out.role == bit)
+            cols = np.flatnonzero(w_in.reads(bit))
+        if len(rows):
+            blocks.append((cols, rows))
+    return blocks
+
+
+def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
+    """Replace widened dense convolutions and linears with row-block modules
+    wherever their weight has structural zeros. Returns how many."""
+    count = 0
+    for c in pg.contractions.values():
+        if c.groups != 1 or c.weight_in_axis != 1:
+            continue
+        node = next(n for n in gm.graph.nodes if n.name == c.node)
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) not in (nn.Conv2d, nn.Linear) and not (isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward):
+            continue
+        lays = pg.members[c.weight]
+        w_out, w_in = widener.widen(lays[0]), widener.widen(lays[1])
+        blocks = row_blocks(w_out, w_in)
+        if all(len(cols) == w_in.size for cols, _ in blocks):
+            continue  # every row reads every column: nothing to skip
+        in_index = [b[0] for b in blocks]
+        out_index = [b[1] for b in blocks]
+        new = PartialConv2d(mod, in_index, out_index) if isinstance(mod, nn.Conv2d) else PartialLinear(mod, in_index, out_index)
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+        count += 1
+    gm.recompile()
+    return count
