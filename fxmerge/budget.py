@@ -53,6 +53,13 @@ def linear_form(lay) -> tuple:
             if o.pinned:
                 for i in s.inners:
                     walk(i)
+            elif o.structure is not None:
+                # blocks indexed by a structured dim (a concat): each part's
+                # merged count, times the block width
+                c2, coef2 = linear_form(o)
+                const += c2 * s.inner_size
+                for u, c in coef2.items():
+                    coef[u] = coef.get(u, 0) + c * s.inner_size
             else:
                 coef[o.uid] = coef.get(o.uid, 0) + s.inner_size
 
@@ -150,11 +157,67 @@ def _roots_with_size(lay) -> list:
             if o.pinned:
                 for i in s.inners:
                     walk(i)
+            elif o.structure is not None:
+                walk(o)
             else:
                 out.append((o.uid, o.size))
 
     walk(lay)
     return out
+
+
+def frozen_roots(pg) -> set:
+    """Roots that must stay fully merged: everything inside the blocks of a
+    product whose blocks cannot move (a grouped convolution or GroupNorm over
+    a concatenation). Widening them independently would give blocks of
+    different widths, which no grouped op can compute."""
+    frozen: set = set()
+
+    def under(x):
+        if isinstance(x, Dep):
+            for t in x.table:
+                under(t)
+            return
+        r = find(x)
+        frozen.add(r.uid)
+        s = r.structure
+        if isinstance(s, Concat):
+            for p in s.parts:
+                under(p)
+        elif isinstance(s, Product):
+            under(s.outer)
+            for i in s.inners:
+                under(i)
+
+    def walk(x):
+        if isinstance(x, Dep):
+            return
+        r = find(x)
+        s = r.structure
+        if isinstance(s, Concat):
+            for p in s.parts:
+                walk(p)
+        elif isinstance(s, Product):
+            if find(s.outer).pinned:
+                for i in s.inners:
+                    under(i)
+            else:
+                walk(s.outer)
+
+    for lays in pg.members.values():
+        for lay in lays:
+            walk(lay)
+    # grouped contractions over channels that are not a product of movable
+    # blocks (groups cut through a concatenation)
+    for c in pg.contractions.values():
+        if c.groups > 1:
+            lays = pg.members[c.weight]
+            out = find(lays[0]) if not isinstance(lays[0], Dep) else None
+            movable = out is not None and isinstance(out.structure, Product) and not find(out.structure.outer).pinned
+            if not movable and out is not None and out.size != c.groups:
+                for lay in lays[:2]:
+                    under(lay)
+    return frozen
 
 
 def _batch_size(pg) -> int:
@@ -176,6 +239,7 @@ class Plan:
     achieved: float
     source_cost: float
     feasible: tuple  # (min, max) relative cost
+    resolution: float = 0.0  # relative cost of the smallest step next to the target
 
     @property
     def ratio(self) -> float:
@@ -208,7 +272,10 @@ def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | No
         s = np.asarray(sims.get(u, np.zeros(model.sizes[i])), dtype=np.float64)
         order[i] = (np.argsort(s, kind="stable"), s)  # ascending similarity
     cost = lo
-    if target > cost:
+    resolution = 0.0
+    if target >= hi * (1 - 1e-9):
+        k, cost = k_max, hi  # nothing merges: the ensemble
+    elif target > cost:
         while True:
             best, best_ratio = None, -np.inf
             for i in free:
@@ -243,6 +310,7 @@ def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | No
                 k_hi[best] -= hi_s
                 c_lo, c_hi = model.cost(k_lo), model.cost(k_hi)
                 k, cost = (k_lo, c_lo) if abs(c_lo - target) <= abs(c_hi - target) else (k_hi, c_hi)
+                resolution = (c_hi - c_lo) / src if src else 0.0
                 break
             k[best] -= best_step
             cost = best_cost
@@ -260,4 +328,4 @@ def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | No
         m = np.zeros(n, dtype=bool)
         m[keep] = True
         masks[u] = m
-    return Plan(kd, masks, target, cost, src, (lo / src if src else 1.0, hi / src if src else 1.0))
+    return Plan(kd, masks, target, cost, src, (lo / src if src else 1.0, hi / src if src else 1.0), resolution)

@@ -97,6 +97,83 @@ def to_dot(groups) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibration(args, size):
+    from . import data as fxdata
+
+    if args.data == "digits":
+        x = fxdata.digits(size[-1], train=True).subset(args.calib, seed=args.seed).x
+        if size[0] != 3:
+            x = x[:, :1].repeat(1, size[0], 1, 1)
+    elif args.data == "generic":
+        x = fxdata.generic(args.calib, size[-1], seed=args.seed, channels=size[0])
+    else:
+        x = fxdata.image_folder(args.data, size[-1], limit=args.calib)
+    return [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+
+
+def _check_writable(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise CLIError(f"cannot write '{path}': directory '{directory}' does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CLIError(f"cannot write '{path}': directory '{directory}' is not writable")
+    if os.path.isdir(path):
+        raise CLIError(f"cannot write '{path}': it is a directory")
+
+
+def cmd_merge(args) -> int:
+    import json
+
+    from . import models
+    from .io import save
+    from .engine import merge
+
+    _check_writable(args.output)
+    a = models.load(args.arch, args.a)
+    b = models.load(args.arch, args.b)
+    size = models.parse_input_size(args.input_size) if args.input_size else models.default_input_size(a)
+    batches = _calibration(args, size)
+    result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
+                   device=args.device, seed=args.seed, progress=not args.quiet)
+    result.report["arch"] = args.arch
+    save(result, args.output, arch=args.arch)
+    r = result.report
+    if args.json:
+        print(json.dumps(r, indent=1, default=float))
+    else:
+        print(f"{args.method} merge of {args.arch} at budget {r['budget']:.2f}x: "
+              f"cost {r['cost_measured']:.3f}x (planned {r['cost_planned']:.3f}x), "
+              f"{r['params_merged'] / 1e6:.2f}M parameters, {r['timings']['total']:.1f}s -> {args.output}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from .demo import default_runs, format_table, run_demo
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    budgets = _parse_budgets(args.budgets)
+    print(f"fxmerge demo: {args.arch} on digits, model A = digits 0-4 (seed 0), model B = digits 5-9 (seed 1); "
+          f"calibration: {args.calib} {args.data} images")
+    rows = run_demo(args.arch, budgets=budgets, device=args.device, calib=args.calib, data=args.data,
+                    runs=default_runs(budgets), log=print, progress=False)
+    print()
+    print(format_table(rows))
+    return EXIT_OK
+
+
+def _parse_budgets(text: str) -> list:
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CLIError(f"--budgets must be comma-separated numbers, got '{text}'") from None
+    bad = [v for v in vals if not 1.0 <= v <= 2.0]
+    if not vals or bad:
+        raise CLIError(f"budgets must lie in [1, 2], got '{text}'")
+    return vals
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxmerge", description="Graph-IR model merging over torch.fx (PLeaS).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,17 +187,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dot", metavar="FILE", help="also write the groups as a Graphviz file")
     g.add_argument("--verify", action="store_true", help="check every group by permuting it (exit 1 if unsound)")
     g.set_defaults(func=cmd_groups)
+
+    m = sub.add_parser("merge", help="merge two checkpoints of one architecture")
+    m.add_argument("--arch", required=True, help="architecture (timm name or torchvision:NAME)")
+    m.add_argument("--a", required=True, metavar="CKPT", help="model A's state dict")
+    m.add_argument("--b", required=True, metavar="CKPT", help="model B's state dict")
+    m.add_argument("--data", default="digits", help="calibration data: digits, generic or a folder of images (default digits)")
+    m.add_argument("--calib", type=int, default=512, help="number of calibration images (default 512)")
+    m.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
+    m.add_argument("--budget", type=float, default=1.0, help="cost of the merged model, x one source model, in [1, 2]")
+    m.add_argument("--method", default="pleas", help="pleas, perm, rebasin, avg or ensemble (default pleas)")
+    m.add_argument("--labels", default="shared", choices=("shared", "disjoint"), help="shared head or both heads")
+    m.add_argument("--input-size", help="C,H,W (default: the model's own)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", action="store_true", help="print the report as JSON")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("-o", "--output", required=True, help="where to write the merged model (.pt)")
+    m.set_defaults(func=cmd_merge)
+
+    d = sub.add_parser("demo", help="train two small models on digits and compare every merging method")
+    d.add_argument("--arch", default="resnet", choices=("resnet", "vit"))
+    d.add_argument("--budgets", default="1,1.2,1.5,2", help="comma-separated budgets (default 1,1.2,1.5,2)")
+    d.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
+    d.add_argument("--data", default="digits", choices=("digits", "generic"), help="calibration source")
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .models import InputError
+    from .rewrite import RewriteError
     from .tracing import TraceError
 
     try:
         return args.func(args)
-    except (InputError, CLIError, TraceError) as e:
+    except (InputError, CLIError, TraceError, RewriteError) as e:
         # one line: torch.fx appends the failing node and a traceback to errors
         print(f"fxmerge: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -43,8 +43,10 @@ class LayerSystem:
     weight: str
     bias: str | None
     groups: int
-    w_in: Widening
-    w_out: Widening
+    w_in: Widening  # weight's input axis (per group)
+    w_out: Widening  # weight's output axis
+    w_x: Widening  # the input tensor's channel axis
+    w_y: Widening  # the output tensor's channel axis
     gram: torch.Tensor | None = None  # (groups, cols, cols)
     cross: torch.Tensor | None = None  # (groups, cols, rows per group)
     yy: torch.Tensor | None = None  # (groups, rows per group): sum of squared targets
@@ -97,12 +99,9 @@ class GramCollector:
         c = self.contractions[node.name]
         xa, xb = env(node.args[0])
         ya, yb = values
-        xt = widen_features(xa, xb, c.input_axis, sysm.w_in)
-        yt = widen_features(ya, yb, c.output_axis, sysm.w_out)
+        xt = widen_features(xa, xb, c.input_axis, sysm.w_x)
+        yt = widen_features(ya, yb, c.output_axis, sysm.w_y)
         mod = self.modules[node.name]
-        if sysm.bias is not None:
-            # targets without the bias: the bias is fitted through the ones column
-            pass
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name))
         X, Y = unfold_samples(mod, xt, yt, self.positions, gen)
         X, Y = X.double(), Y.double()

@@ -79,8 +79,11 @@ def occurrences(lay) -> list:
                 walk(p, o)
                 o += p.size
         else:
-            if not find(s.outer).pinned:
+            o = find(s.outer)
+            if not o.pinned and o.structure is None:
                 out.append((r, np.arange(off, off + r.size)))
+            elif not o.pinned:
+                pass  # blocks follow a structured dim whose parts are matched where they occur
             else:
                 n = s.inner_size
                 for i, inner in enumerate(s.inners):

@@ -110,6 +110,10 @@ class WidenGraph:
                 node.op == "call_function" and node.target in (torch.split,)
             ):
                 self._rewrite_split(node, old)
+            elif (node.op == "call_method" and node.target == "chunk") or (
+                node.op == "call_function" and node.target is torch.chunk
+            ):
+                self._rewrite_chunk(node, old)
             elif (node.op == "call_method" and node.target == "narrow") or (node.op == "call_function" and node.target is torch.narrow):
                 self._rewrite_narrow(node, old)
 
@@ -148,9 +152,9 @@ class WidenGraph:
             node.args = tuple(args[:start]) + ((tuple(sizes),) if packed else tuple(sizes))
 
     def _rewrite_split(self, node, old):
-        outs = tensors_in(self.pg.layouts.get(old))
+        outs = self.pg.layouts.get(old)
         metas = old.meta.get("fxm_value")
-        if not outs or not isinstance(metas, (list, tuple)):
+        if not isinstance(outs, (list, tuple)) or not isinstance(metas, (list, tuple)):
             return
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         x_meta = old.args[0].meta.get("fxm_value")
@@ -166,6 +170,22 @@ class WidenGraph:
         kwargs.pop("split_size_or_sections", None)
         kwargs.pop("split_size", None)
         node.kwargs = kwargs
+
+    def _rewrite_chunk(self, node, old):
+        # Equal chunks of a widened axis need not stay equal: emit a split
+        # with the planned sizes.
+        outs = self.pg.layouts.get(old)
+        metas = old.meta.get("fxm_value")
+        if not isinstance(outs, (list, tuple)) or not isinstance(metas, (list, tuple)):
+            return
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        dim = dim % len(old.args[0].meta.get("fxm_value").shape)
+        new_sizes = [self.widener.size(tl.lays[dim]) for tl in outs]
+        if new_sizes == [m.shape[dim] for m in metas]:
+            return
+        node.op, node.target = "call_method", "split"
+        node.args = (node.args[0], new_sizes, dim)
+        node.kwargs = {}
 
     def _rewrite_narrow(self, node, old):
         x_tl = tensors_in(self.pg.layouts.get(old.args[0]))

@@ -78,3 +78,61 @@ def test_untraceable_input_size_is_one_line_with_user_source(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "patch_embed" in err and "patch_embed.py" in err and "/torch/fx/" not in err
+
+
+def _ckpts(tmp_path, arch="resnet18"):
+    import timm
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        p = tmp_path / f"{arch}-{seed}.pt"
+        torch.save(timm.create_model(arch, num_classes=4).state_dict(), p)
+        paths.append(str(p))
+    return paths
+
+
+def test_merge_command_writes_a_loadable_model(tmp_path, capsys):
+    import fxmerge
+
+    a, b = _ckpts(tmp_path)
+    out = tmp_path / "merged.pt"
+    rc = main(["merge", "--arch", "resnet18", "--a", a, "--b", b, "--data", "generic", "--calib", "16",
+               "--input-size", "3,32,32", "--budget", "1.2", "--method", "perm", "--quiet", "-o", str(out)])
+    assert rc == 0 and out.exists()
+    gm, plan, report = fxmerge.load(str(out))
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    assert abs(report["cost_measured"] - 1.2) < 0.012
+
+
+@pytest.mark.parametrize("problem", ["budget", "arch", "checkpoint", "output", "nan", "method"])
+def test_merge_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, problem):
+    a, b = _ckpts(tmp_path)
+    out = tmp_path / "merged.pt"
+    args = {"--arch": "resnet18", "--a": a, "--b": b, "--budget": "1.0", "--method": "perm", "-o": str(out)}
+    if problem == "budget":
+        args["--budget"] = "2.5"
+    elif problem == "arch":
+        state = torch.load(b, weights_only=True)
+        state["layer1.0.conv1.weight"] = torch.zeros(32, 64, 3, 3)
+        torch.save(state, b)
+    elif problem == "checkpoint":
+        with open(b, "w") as f:
+            f.write("not a checkpoint")
+    elif problem == "output":
+        args["-o"] = str(tmp_path / "missing" / "merged.pt")
+    elif problem == "nan":
+        state = torch.load(b, weights_only=True)
+        state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+        torch.save(state, b)
+    elif problem == "method":
+        args["--method"] = "magic"
+    argv = ["merge", "--data", "generic", "--calib", "8", "--input-size", "3,32,32", "--quiet"]
+    for k, v in args.items():
+        argv += [k, v]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("fxmerge: error:") and "\n" not in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".fxmerge-*"))

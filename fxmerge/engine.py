@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .analysis import PermutationGroups, analyze
-from .budget import CostModel, Plan, plan_budget
+from .budget import CostModel, Plan, frozen_roots, plan_budget
 from .lstsq import GramCollector, LayerSystem, solve_layer, supports
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .models import InputError
@@ -105,7 +105,12 @@ def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
 
 
 def _count_images(data, device) -> int:
-    return sum(int(x.shape[0]) for x in input_batches(data, device))
+    n = 0
+    for i, x in enumerate(input_batches(data, device)):
+        if not torch.isfinite(x).all():
+            raise InputError(f"the calibration data has non-finite values (batch {i}): clean or re-normalise it")
+        n += int(x.shape[0])
+    return n
 
 
 def _progress(it, enabled: bool, desc: str, total=None):
@@ -199,7 +204,12 @@ def merge(
     matching = matching or ("weight" if method == "rebasin" else "activation")
     if matching not in ("activation", "weight"):
         raise InputError(f"matching must be 'activation' or 'weight', got '{matching}'")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
     check_same_architecture(model_a, model_b)
     check_finite_state(model_a.state_dict(), "A")
     check_finite_state(model_b.state_dict(), "B")
@@ -257,6 +267,8 @@ def merge(
     t = time.perf_counter()
     cost_model = CostModel.from_groups(pg)
     fixed = {u: 0 for u in output_roots if u in cost_model.uids}
+    frozen = frozen_roots(pg)
+    fixed.update({u: int(n) for u, n in zip(cost_model.uids, cost_model.sizes) if u in frozen})
     if method in ("rebasin", "avg"):
         fixed.update({u: int(s) for u, s in zip(cost_model.uids, cost_model.sizes) if u not in fixed})
     plan = plan_budget(cost_model, match.sims, budget, fixed=fixed)
@@ -296,11 +308,13 @@ def merge(
         "cost_planned": plan.ratio,
         "cost_measured": macs_m / macs_a if macs_a else float("nan"),
         "cost_feasible": list(plan.feasible),
+        "cost_resolution": plan.resolution,
         "macs_source": macs_a,
         "macs_merged": macs_m,
         "params_source": n_params_a,
         "params_merged": n_params_m,
         "calibration_inputs": n_images,
+        "source_num_classes": int(_output_width(pg)),
         "row_block_layers": n_split,
         "timings": timings,
         "least_squares": ls_report,
@@ -310,8 +324,19 @@ def merge(
     return MergeResult(merged, merge_plan, report, pg)
 
 
+def _output_width(pg) -> int:
+    for n in pg.gm.graph.nodes:
+        if n.op == "output":
+            v = n.args[0]
+            v = v[0] if isinstance(v, (list, tuple)) else v
+            meta = getattr(v, "meta", {}).get("fxm_value")
+            return int(meta.shape[-1]) if hasattr(meta, "shape") else 0
+    return 0
+
+
 def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, seed, ridge, progress) -> dict:
     nodes = {n.name: n for n in merged.graph.nodes}
+    pg_nodes = {n.name: n for n in pg.gm.graph.nodes}
     systems, modules = {}, {}
     for name, c in pg.contractions.items():
         node = nodes[name]
@@ -322,8 +347,11 @@ def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, see
             continue
         lays = pg.members[c.weight]
         bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
+        x_lay = pg.layouts[pg_nodes[name].args[0]].lays[c.input_axis]
+        y_lay = pg.layouts[pg_nodes[name]].lays[c.output_axis]
         systems[name] = LayerSystem(name, c.weight, bias_name, getattr(mod, "groups", 1),
-                                    widener.widen(lays[1]), widener.widen(lays[0]))
+                                    widener.widen(lays[1]), widener.widen(lays[0]),
+                                    widener.widen(x_lay), widener.widen(y_lay))
         modules[name] = mod
     if not systems:
         return {"layers": 0}

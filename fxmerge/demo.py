@@ -1,0 +1,173 @@
+"""The demo: two models trained from different seeds on different digits,
+merged with every method at several budgets.
+
+Model A learns digits 0-4, model B digits 5-9 (each its own 5-way head, from
+its own random initialisation). Merging keeps both heads
+(``labels="disjoint"``): the merged model outputs 10 logits. Reported per
+row: joint accuracy (argmax over all 10 classes on the whole test set), task
+accuracy (argmax over each model's own 5 logits on its own classes), cost
+(multiply-accumulates relative to one source model), parameters and merge
+time. Trained models are cached under ``.cache/fxmerge-demo``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import Split, augment, digit_task, digits, generic
+
+TASK_A, TASK_B = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+DEFAULT_BUDGETS = (1.0, 1.2, 1.5, 2.0)
+TRAIN = {"epochs": 20, "lr": 0.05, "batch": 64, "weight_decay": 5e-4}
+
+
+def demo_model(arch: str = "resnet", num_classes: int = 5) -> nn.Module:
+    """The demo architectures: a ResNet-18 layout at half width, and a small
+    ViT (depth 6, width 192, 3 heads, patch 4) for 32x32 inputs."""
+    if arch == "resnet":
+        from timm.models.resnet import BasicBlock, ResNet
+
+        return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, channels=(32, 64, 128, 256), stem_width=32)
+    if arch == "vit":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=num_classes)
+    raise ValueError(f"unknown demo architecture '{arch}': choose 'resnet' or 'vit'")
+
+
+def train(model: nn.Module, split: Split, *, seed: int, epochs: int, lr: float, batch: int, weight_decay: float,
+          device="cpu", log: Optional[Callable] = None) -> nn.Module:
+    torch.manual_seed(seed)
+    model.to(device).train()
+    vit = not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if vit:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    steps = epochs * ((len(split) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        total = 0.0
+        for x, y in split.batches(batch, shuffle=True, seed=seed * 1000 + epoch):
+            x = augment(x, gen).to(device)
+            loss = F.cross_entropy(model(x), y.to(device), label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(y)
+        if log:
+            log(f"  epoch {epoch + 1}/{epochs}: loss {total / len(split):.3f}")
+    return model.eval()
+
+
+def cached_pair(arch: str = "resnet", *, cache_dir: str = ".cache/fxmerge-demo", device="cpu", log=print):
+    """Models A (digits 0-4, seed 0) and B (digits 5-9, seed 1), trained once."""
+    cfg = {"arch": arch, "train": TRAIN, "tasks": [TASK_A, TASK_B], "version": 1}
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    os.makedirs(cache_dir, exist_ok=True)
+    train_split = digits(train=True)
+    models = []
+    for name, classes, seed in (("a", TASK_A, 0), ("b", TASK_B, 1)):
+        path = os.path.join(cache_dir, f"{arch}-{name}-{key}.pt")
+        model = demo_model(arch, len(classes))
+        if os.path.exists(path):
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            if log:
+                log(f"training model {name.upper()} ({arch}, digits {classes[0]}-{classes[-1]}, seed {seed}) ...")
+            train(model, digit_task(train_split, classes), seed=seed, device=device, **TRAIN)
+            model.cpu()
+            tmp = path + ".tmp"
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+        models.append(model.eval())
+    return models[0], models[1]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test: Split, *, device="cpu", which: Optional[str] = None) -> dict:
+    """Joint and per-task accuracy (percent). ``which='a'``/``'b'``: a source
+    model with only its own 5 logits (joint: its argmax mapped to its classes)."""
+    model = model.to(device).eval()
+    logits = torch.cat([model(x.to(device)).cpu() for x, _ in test.batches(256)])
+    y = test.y
+    in_a = torch.isin(y, torch.tensor(TASK_A))
+    if which is None:
+        joint = (logits.argmax(1) == y).float().mean()
+        ta = (logits[in_a, :5].argmax(1) == y[in_a]).float().mean()
+        tb = (logits[~in_a, 5:].argmax(1) == y[~in_a] - 5).float().mean()
+        return {"joint": 100 * float(joint), "task_a": 100 * float(ta), "task_b": 100 * float(tb)}
+    offset = 0 if which == "a" else 5
+    pred = logits.argmax(1) + offset
+    own = in_a if which == "a" else ~in_a
+    out = {"joint": 100 * float((pred == y).float().mean()), "task_a": float("nan"), "task_b": float("nan")}
+    out["task_" + which] = 100 * float((pred[own] == y[own]).float().mean())
+    return out
+
+
+def calibration(source: str = "digits", n: int = 512, seed: int = 0) -> list:
+    """Calibration batches: task data (both tasks' training images) or the
+    generic source (PLeaS-free)."""
+    if source == "digits":
+        return digits(train=True).subset(n, seed=seed).batches(64, with_targets=False)
+    if source == "generic":
+        x = generic(n, 32, seed=seed)
+        return [x[i:i + 64] for i in range(0, n, 64)]
+    raise ValueError(f"unknown calibration source '{source}'")
+
+
+def default_runs(budgets: Sequence[float]) -> list:
+    runs = [("pleas", b) for b in budgets] + [("perm", b) for b in budgets]
+    runs += [("rebasin", 1.0), ("avg", 1.0), ("ensemble", 2.0)]
+    return runs
+
+
+def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS, device="cpu", calib: int = 512,
+             data: str = "digits", runs: Optional[list] = None, log=print, progress: bool = False) -> list:
+    from .engine import merge
+
+    a, b = cached_pair(arch, device=device, log=log)
+    test = digits(train=False)
+    batches = calibration(data, calib)
+    rows = []
+    for name, model, which in (("model A (0-4)", a, "a"), ("model B (5-9)", b, "b")):
+        r = evaluate(model, test, device=device, which=which)
+        rows.append({"method": name, "budget": None, **r, "cost": 1.0,
+                     "params": sum(p.numel() for p in model.parameters()), "seconds": None})
+    for method, budget in runs or default_runs(budgets):
+        t = time.perf_counter()
+        res = merge(a, b, batches, budget=budget, method=method, labels="disjoint", device=device, progress=progress)
+        seconds = time.perf_counter() - t
+        r = evaluate(res.model, test, device=device)
+        rows.append({"method": method, "budget": budget, **r, "cost": res.report["cost_measured"],
+                     "params": res.report["params_merged"], "seconds": seconds})
+        if log:
+            log(format_row(rows[-1]))
+    return rows
+
+
+HEADER = f"{'method':<14} {'budget':>6} {'joint':>6} {'task A':>7} {'task B':>7} {'cost':>6} {'params':>8} {'time s':>7}"
+
+
+def format_row(r: dict) -> str:
+    def pct(v):
+        return "   -" if v != v else f"{v:5.1f}"
+
+    budget = "-" if r["budget"] is None else f"{r['budget']:.1f}x"
+    secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+    return (f"{r['method']:<14} {budget:>6} {pct(r['joint']):>6} {pct(r['task_a']):>7} {pct(r['task_b']):>7} "
+            f"{r['cost']:5.2f}x {r['params'] / 1e6:7.2f}M {secs:>7}")
+
+
+def format_table(rows: list) -> str:
+    lines = [HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows]
+    return "\n".join(lines)
