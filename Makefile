@@ -24,12 +24,14 @@ test: $(STAMP)
 groups: $(STAMP)
 	.venv/bin/fxmerge groups resnet50 --verify
 
-demo: groups
+demo: $(STAMP)
+	.venv/bin/fxmerge demo
 
 coverage: $(STAMP)
 	$(PY) benchmarks/coverage.py
 
 bench: coverage
+	$(PY) benchmarks/performance.py
 
 clean:
 	rm -rf .venv build *.egg-info
