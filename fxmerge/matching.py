@@ -18,6 +18,7 @@ it matched. ``MatchSampler`` turns it into index arrays for ``permute_state``.
 """
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -191,7 +192,9 @@ class ActivationCollector:
         a, b = values
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise InputError(f"non-finite activations at node '{node.name}': check the models' weights and the calibration data")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch * 9973 + hash(node.name) % 997)
+        # crc32, not hash(): str hashes change between processes, and equal
+        # seeds must give bit-identical merges in any process
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch * 9973 + zlib.crc32(node.name.encode()) % 997)
         by_axis = defaultdict(list)
         for axis, root, pos in occ:
             by_axis[axis].append((root, pos))
