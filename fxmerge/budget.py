@@ -22,7 +22,7 @@ target to within one pair.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,9 +30,11 @@ from .ir import Concat, Dep, Product, find
 from .models import InputError
 
 
-def linear_form(lay) -> tuple:
-    """``K(lay) = const + sum coef[uid] * k[uid]``: merged channels of a layout."""
+def linear_form(lay, sizes: dict | None = None) -> tuple:
+    """``K(lay) = const + sum coef[uid] * k[uid]``: merged channels of a layout.
+    ``sizes``, when given, receives each variable root's size (k's upper bound)."""
     const, coef = 0, {}
+    sizes = {} if sizes is None else sizes
 
     def walk(x):
         nonlocal const
@@ -45,6 +47,7 @@ def linear_form(lay) -> tuple:
             const += r.size
         elif s is None:
             coef[r.uid] = coef.get(r.uid, 0) + 1
+            sizes[r.uid] = r.size
         elif isinstance(s, Concat):
             for p in s.parts:
                 walk(p)
@@ -56,12 +59,13 @@ def linear_form(lay) -> tuple:
             elif o.structure is not None:
                 # blocks indexed by a structured dim (a concat): each part's
                 # merged count, times the block width
-                c2, coef2 = linear_form(o)
+                c2, coef2 = linear_form(o, sizes)
                 const += c2 * s.inner_size
                 for u, c in coef2.items():
                     coef[u] = coef.get(u, 0) + c * s.inner_size
             else:
                 coef[o.uid] = coef.get(o.uid, 0) + s.inner_size
+                sizes[o.uid] = o.size
 
     walk(lay)
     return const, coef
@@ -84,7 +88,6 @@ class CostModel:
     layers: list
     uids: list  # column order of k
     sizes: np.ndarray
-    units: dict = field(default_factory=dict)  # root uid -> root size in units (k upper bound)
 
     @classmethod
     def from_groups(cls, pg) -> "CostModel":
@@ -102,15 +105,13 @@ class CostModel:
             positions = int(np.prod(meta.shape)) / max(1, batch * out_ch)
             taps = int(np.prod(shape[2:])) if len(shape) > 2 else 1
             out_lay, in_lay = lays[out_axis], lays[c.weight_in_axis]
-            of, inf = linear_form(out_lay), linear_form(in_lay)
-            grouped = c.groups > 1
-            for form, lay in ((of, out_lay), (inf, in_lay)):
+            of, inf = linear_form(out_lay, sizes), linear_form(in_lay, sizes)
+            for form in (of, inf):
                 for uid in form[1]:
                     uids.setdefault(uid, len(uids))
-            for r in _roots_with_size(out_lay) + _roots_with_size(in_lay):
-                sizes[r[0]] = r[1]
-            layers.append(LayerCost(c.node, positions * taps, shape[out_axis] * (c.groups if c.weight_in_axis == 0 else 1),
-                                    shape[c.weight_in_axis] * (1 if grouped else 1), of, inf, grouped, shape[c.weight_in_axis]))
+            d_out = shape[out_axis] * (c.groups if c.weight_in_axis == 0 else 1)
+            layers.append(LayerCost(c.node, positions * taps, d_out, shape[c.weight_in_axis], of, inf,
+                                    c.groups > 1, shape[c.weight_in_axis]))
         order = sorted(uids, key=uids.get)
         return cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64))
 
@@ -135,35 +136,6 @@ class CostModel:
 
     def source_cost(self) -> float:
         return sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
-
-
-def _roots_with_size(lay) -> list:
-    out = []
-
-    def walk(x):
-        if isinstance(x, Dep):
-            return
-        r = find(x)
-        s = r.structure
-        if r.pinned:
-            return
-        if s is None:
-            out.append((r.uid, r.size))
-        elif isinstance(s, Concat):
-            for p in s.parts:
-                walk(p)
-        else:
-            o = find(s.outer)
-            if o.pinned:
-                for i in s.inners:
-                    walk(i)
-            elif o.structure is not None:
-                walk(o)
-            else:
-                out.append((o.uid, o.size))
-
-    walk(lay)
-    return out
 
 
 def frozen_roots(pg) -> set:

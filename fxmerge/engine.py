@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import PermutationGroups, analyze
+from .analysis import PermutationGroups, analyze, permute_tensor
 from .budget import CostModel, Plan, frozen_roots, plan_budget
 from .lstsq import GramCollector, LayerSystem, solve_layer, supports
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
@@ -253,8 +253,6 @@ def merge(
     timings["matching"] = time.perf_counter() - t
 
     # -- align B -------------------------------------------------------------
-    from .analysis import permute_tensor
-
     sampler = match.sampler()
     state_b = {}
     for k, v in gm_b.state_dict().items():

@@ -23,6 +23,17 @@ def _as_slice(idx: np.ndarray) -> Optional[tuple]:
     return None
 
 
+def _copy_rows(part: nn.Module, dense: nn.Module, in_idx, out_idx) -> nn.Module:
+    """Fill ``part`` with the rows ``out_idx`` and input columns ``in_idx`` of
+    ``dense``'s weight (and those rows of its bias)."""
+    ii, oi = torch.as_tensor(np.asarray(in_idx)), torch.as_tensor(np.asarray(out_idx))
+    with torch.no_grad():
+        part.weight.copy_(dense.weight[oi][:, ii])
+        if dense.bias is not None:
+            part.bias.copy_(dense.bias[oi])
+    return part
+
+
 class _RowBlocks(nn.Module):
     channel_axis = 1
 
@@ -65,17 +76,12 @@ class PartialConv2d(_RowBlocks):
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding, self.dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        parts = []
-        for ii, oi in zip(in_index, out_index):
-            ii_t, oi_t = torch.as_tensor(np.asarray(ii)), torch.as_tensor(np.asarray(oi))
-            p = nn.Conv2d(len(ii), len(oi), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                          bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                          device=conv.weight.device, dtype=conv.weight.dtype)
-            with torch.no_grad():
-                p.weight.copy_(conv.weight[oi_t][:, ii_t])
-                if conv.bias is not None:
-                    p.bias.copy_(conv.bias[oi_t])
-            parts.append(p)
+        parts = [
+            _copy_rows(nn.Conv2d(len(ii), len(oi), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                 bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                                 device=conv.weight.device, dtype=conv.weight.dtype), conv, ii, oi)
+            for ii, oi in zip(in_index, out_index)
+        ]
         self._setup(parts, in_index, out_index, conv.in_channels)
 
 
@@ -87,22 +93,9 @@ class PartialLinear(_RowBlocks):
     def __init__(self, linear: nn.Linear, in_index, out_index):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        parts = []
-        for ii, oi in zip(in_index, out_index):
-            ii_t, oi_t = torch.as_tensor(np.asarray(ii)), torch.as_tensor(np.asarray(oi))
-            p = nn.Linear(len(ii), len(oi), bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
-            with torch.no_grad():
-                p.weight.copy_(linear.weight[oi_t][:, ii_t])
-                if linear.bias is not None:
-                    p.bias.copy_(linear.bias[oi_t])
-            parts.append(p)
+        parts = [
+            _copy_rows(nn.Linear(len(ii), len(oi), bias=linear.bias is not None,
+                                 device=linear.weight.device, dtype=linear.weight.dtype), linear, ii, oi)
+            for ii, oi in zip(in_index, out_index)
+        ]
         self._setup(parts, in_index, out_index, linear.in_features)
-
-    def dense_weight(self) -> torch.Tensor:
-        w = torch.zeros(self.out_features, self.in_features, dtype=self.parts[0].weight.dtype)
-        off = 0
-        for i, p in enumerate(self.parts):
-            oi = self.out_order.argsort()[off:off + p.out_features] if self.reorder else torch.arange(off, off + p.out_features)
-            w[oi[:, None], getattr(self, f"in_index_{i}")[None, :]] = p.weight.detach()
-            off += p.out_features
-        return w

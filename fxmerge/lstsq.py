@@ -26,7 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .matching import positions_view, rows
 from .rewrite import row_blocks
+from .runner import sample_positions
 from .widening import Widening, widen_features
 
 
@@ -61,24 +63,14 @@ def unfold_samples(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: 
     if isinstance(mod, nn.Conv2d):
         g = mod.groups
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-        n, _, L = cols.shape
-        yt = y.reshape(n, y.shape[1], -1)
-        if positions and L > positions:
-            idx = torch.randperm(L, generator=gen)[:positions].to(x.device)
-            cols, yt = cols[:, :, idx], yt[:, :, idx]
-        X = cols.permute(0, 2, 1).reshape(-1, g, cols.shape[1] // g)
-        Y = yt.permute(0, 2, 1).reshape(-1, g, yt.shape[1] // g)
-        return X, Y
-    d_in, d_out = x.shape[-1], y.shape[-1]
-    if x.ndim > 2:
-        n = x.shape[0]
-        xs, ys = x.reshape(n, -1, d_in), y.reshape(n, -1, d_out)
-        L = xs.shape[1]
-        if positions and L > positions:
-            idx = torch.randperm(L, generator=gen)[:positions].to(x.device)
-            xs, ys = xs[:, idx], ys[:, idx]
-        x, y = xs, ys
-    return x.reshape(-1, 1, d_in), y.reshape(-1, 1, d_out)
+        xs = cols.permute(0, 2, 1)  # (batch, positions, in x taps)
+        ys = positions_view(y, 1)
+    else:
+        xs, ys = positions_view(x, x.ndim - 1), positions_view(y, y.ndim - 1)
+        g = 1
+    idx = sample_positions(xs.shape[1], positions, gen, x.device)
+    X, Y = rows(xs, idx), rows(ys, idx)
+    return X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1)
 
 
 class GramCollector:

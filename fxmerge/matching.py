@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .analysis import permute_tensor
 from .ir import Concat, Dep, Dim, PermutationSampler, Product, find
 from .models import InputError
 from .rules.registry import tensors_in
+from .runner import sample_positions
 
 
 class MatchSampler(PermutationSampler):
@@ -48,7 +50,6 @@ class MatchSampler(PermutationSampler):
 class Matching:
     perms: dict = field(default_factory=dict)  # root uid -> B index per A index
     sims: dict = field(default_factory=dict)  # atom/outer uid -> similarity per A unit
-    sizes: dict = field(default_factory=dict)
 
     def sampler(self) -> MatchSampler:
         return MatchSampler(self.perms)
@@ -113,19 +114,20 @@ def site_nodes(pg) -> list:
     return out
 
 
-def rows(x: torch.Tensor, axis: int, positions: int, gen: torch.Generator) -> torch.Tensor:
-    """Samples of ``x`` along ``axis``: axis 0 is the batch, the others are
-    positions, of which at most ``positions`` per input are kept."""
+def positions_view(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x`` as ``(batch, positions, features)`` with ``axis`` as features
+    (axis 0 is the batch, every other axis a position)."""
     x = x.movedim(axis, -1)
     if x.ndim == 1:
-        return x[None]
-    n, d = x.shape[0], x.shape[-1]
-    x = x.reshape(n, -1, d)
-    L = x.shape[1]
-    if positions and L > positions:
-        idx = torch.randperm(L, generator=gen)[:positions].to(x.device)
+        return x[None, None]
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def rows(x: torch.Tensor, idx) -> torch.Tensor:
+    """Samples of a ``positions_view`` at the positions ``idx`` (all if None)."""
+    if idx is not None:
         x = x[:, idx]
-    return x.reshape(-1, d)
+    return x.reshape(-1, x.shape[-1])
 
 
 class CorrelationStats:
@@ -171,8 +173,10 @@ class ActivationCollector:
         self.keys: dict = {}  # root uid -> root Dim
         self.batch = 0
         self._plan = {}
-        for name in self.sites:
-            node = next(n for n in pg.gm.graph.nodes if n.name == name)
+        for node in pg.gm.graph.nodes:
+            if node.name not in self.sites:
+                continue
+            name = node.name
             tls = tensors_in(pg.layouts.get(node))
             if len(tls) != 1:
                 continue
@@ -199,10 +203,9 @@ class ActivationCollector:
         for axis, root, pos in occ:
             by_axis[axis].append((root, pos))
         for axis, items in by_axis.items():
-            state = gen.get_state()
-            ra = rows(a, axis, self.positions, gen)
-            gen.set_state(state)
-            rb = rows(b, axis, self.positions, gen)
+            va, vb = positions_view(a, axis), positions_view(b, axis)
+            idx = sample_positions(va.shape[1], self.positions, gen, va.device)
+            ra, rb = rows(va, idx), rows(vb, idx)
             for root, pos in items:
                 key = (node.name, axis, root.uid, int(pos[0]))
                 st = self.stats.get(key)
@@ -251,7 +254,7 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
         s = r.structure
         if s is None:
             perm, val = _lsa(sim)
-            m.perms[uid], m.sims[uid], m.sizes[uid] = perm, val, r.size
+            m.perms[uid], m.sims[uid] = perm, val
         elif isinstance(s, Product):
             by_outer[find(s.outer).uid].append((r, sim))
     for ouid, items in by_outer.items():
@@ -280,7 +283,7 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
                     score[a, b] += val.sum()
                     inner[(fam, a, b)] = perm
         perm, val = _lsa(score)
-        m.perms[ouid], m.sizes[ouid] = perm, g
+        m.perms[ouid] = perm
         n_total = sum(sim.shape[0] // g for sim in families.values())
         m.sims[ouid] = val / max(n_total, 1)
         for fam, sim in families.items():
@@ -332,8 +335,6 @@ def weight_matching(pg, state_a: dict, state_b: dict, *, iters: int = 30, seed: 
             sampler = MatchSampler(saved)
             for name, axis, pos in members_of[uid]:
                 lays = pg.members[name]
-                from .analysis import permute_tensor
-
                 wb = permute_tensor(state_b[name].detach().double(), lays, sampler)
                 wa = state_a[name].detach().double()
                 p = torch.as_tensor(pos)
@@ -347,7 +348,6 @@ def weight_matching(pg, state_a: dict, state_b: dict, *, iters: int = 30, seed: 
                 changed = True
             perms = new
             m.sims.update(sub.sims)
-            m.sizes.update(sub.sizes)
         if not changed:
             break
     m.perms = perms

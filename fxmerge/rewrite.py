@@ -106,14 +106,10 @@ class WidenGraph:
                 self._rewrite_shape_args(node, old, start=1)
             elif node.op == "call_function" and node.target in (torch.reshape,):
                 self._rewrite_shape_args(node, old, start=1)
-            elif (node.op == "call_method" and node.target in ("split", "split_with_sizes")) or (
-                node.op == "call_function" and node.target in (torch.split,)
+            elif (node.op == "call_method" and node.target in ("split", "split_with_sizes", "chunk")) or (
+                node.op == "call_function" and node.target in (torch.split, torch.chunk)
             ):
                 self._rewrite_split(node, old)
-            elif (node.op == "call_method" and node.target == "chunk") or (
-                node.op == "call_function" and node.target is torch.chunk
-            ):
-                self._rewrite_chunk(node, old)
             elif (node.op == "call_method" and node.target == "narrow") or (node.op == "call_function" and node.target is torch.narrow):
                 self._rewrite_narrow(node, old)
 
@@ -152,28 +148,9 @@ class WidenGraph:
             node.args = tuple(args[:start]) + ((tuple(sizes),) if packed else tuple(sizes))
 
     def _rewrite_split(self, node, old):
-        outs = self.pg.layouts.get(old)
-        metas = old.meta.get("fxm_value")
-        if not isinstance(outs, (list, tuple)) or not isinstance(metas, (list, tuple)):
-            return
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-        x_meta = old.args[0].meta.get("fxm_value")
-        dim = dim % len(x_meta.shape)
-        new_sizes = [self.widener.size(tl.lays[dim]) for tl in outs]
-        old_sizes = [m.shape[dim] for m in metas]
-        if new_sizes == old_sizes:
-            return
-        args = list(node.args)
-        args[1] = new_sizes
-        node.args = tuple(args)
-        kwargs = dict(node.kwargs)
-        kwargs.pop("split_size_or_sections", None)
-        kwargs.pop("split_size", None)
-        node.kwargs = kwargs
-
-    def _rewrite_chunk(self, node, old):
-        # Equal chunks of a widened axis need not stay equal: emit a split
-        # with the planned sizes.
+        """``split`` and ``chunk``: the parts of a widened axis need not keep
+        their sizes (equal chunks may become unequal), so both become a
+        ``split`` with the planned part sizes."""
         outs = self.pg.layouts.get(old)
         metas = old.meta.get("fxm_value")
         if not isinstance(outs, (list, tuple)) or not isinstance(metas, (list, tuple)):
@@ -237,10 +214,11 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
     """Replace widened dense convolutions and linears with row-block modules
     wherever their weight has structural zeros. Returns how many."""
     count = 0
+    nodes = {n.name: n for n in gm.graph.nodes}
     for c in pg.contractions.values():
         if c.groups != 1 or c.weight_in_axis != 1:
             continue
-        node = next(n for n in gm.graph.nodes if n.name == c.node)
+        node = nodes[c.node]
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)

@@ -34,7 +34,7 @@ class LockstepRunner:
             self.free_after.setdefault(i, []).append(j)
 
     @torch.no_grad()
-    def run(self, inputs: tuple, on_node: Callable, *, stop_after: set | None = None) -> None:
+    def run(self, inputs: tuple, on_node: Callable) -> None:
         """Run every model on ``inputs``; ``on_node(node, values, env)`` sees
         each node's values (one per model); ``env(n)`` gives the values of an
         earlier node that is still live."""
@@ -48,7 +48,6 @@ class LockstepRunner:
             i = index[n]
             return [it.env[nodes[i]] for it, nodes in zip(interps, self.nodes)]
 
-        pending = set(stop_after) if stop_after is not None else None
         for i, node in enumerate(self.nodes[0]):
             if node.op == "output":
                 break
@@ -61,10 +60,14 @@ class LockstepRunner:
             for j in self.free_after.get(i, ()):
                 for it, nodes in zip(interps, self.nodes):
                     it.env.pop(nodes[j], None)
-            if pending is not None:
-                pending.discard(node.name)
-                if not pending:
-                    break
+
+
+def sample_positions(n_positions: int, keep: int, gen: torch.Generator, device):
+    """Indices of at most ``keep`` of ``n_positions`` positions (all of them,
+    ``None``, when there are no more than ``keep``)."""
+    if not keep or n_positions <= keep:
+        return None
+    return torch.randperm(n_positions, generator=gen)[:keep].to(device)
 
 
 def input_batches(data: Iterable, device, dtype=torch.float32):

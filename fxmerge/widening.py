@@ -43,10 +43,6 @@ class Widening:
     def size(self) -> int:
         return len(self.src)
 
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.all(self.role == ROLE_M) and np.array_equal(self.src, np.arange(len(self.src))))
-
     def reads(self, bit: int) -> np.ndarray:
         """Mask of the new indices that carry model ``bit``'s feature."""
         return (self.role & bit) != 0
@@ -123,15 +119,6 @@ class LayoutWidener:
 
     def size(self, lay) -> int:
         return self.widen(lay).size
-
-    def block_widening(self, lay) -> Optional[Widening]:
-        """For a product layout, the widening of its blocks (outer)."""
-        if isinstance(lay, Dep):
-            return None
-        r = find(lay)
-        if isinstance(r.structure, Product) and not find(r.structure.outer).pinned:
-            return self.widen(r.structure.outer)
-        return None
 
 
 def _gather(t: torch.Tensor, axis: int, idx: np.ndarray) -> torch.Tensor:
