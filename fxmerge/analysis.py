@@ -82,6 +82,7 @@ class ChannelAnalysis(fx.Interpreter):
         self.layouts: dict[fx.Node, Any] = {}
         self.outputs: list[TL] = []
         self.contractions: dict = {}
+        self.normalizations: dict = {}
 
     # -- members -----------------------------------------------------------
     def member(self, name: str, tensor: torch.Tensor) -> TL:
@@ -289,6 +290,7 @@ class PermutationGroups:
         # Contractions whose node was not made opaque afterwards.
         opaque_nodes = {n for p in analysis.pinned.values() for n in p.nodes}
         self.contractions = {k: c for k, c in analysis.contractions.items() if k not in opaque_nodes}
+        self.normalizations = {k: n for k, n in analysis.normalizations.items() if k not in opaque_nodes}
         self.all_groups = _build_groups(self)
         # Only groups that own parameter axes are reported as groups.
         self.groups = [g for g in self.all_groups if any(self.member_is_param[m] for m, _ in g.members)]

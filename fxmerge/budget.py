@@ -138,6 +138,45 @@ class CostModel:
         return sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
 
 
+def roots_within(lay, into: set) -> set:
+    """Add the uid of every root dim inside ``lay`` (its parts, product
+    outers and inners, and the keys of dependent axes) to ``into``."""
+    if isinstance(lay, Dep):
+        for t in lay.table:
+            roots_within(t, into)
+        return into
+    r = find(lay)
+    into.add(r.uid)
+    s = r.structure
+    if isinstance(s, Concat):
+        for p in s.parts:
+            roots_within(p, into)
+    elif isinstance(s, Product):
+        roots_within(s.outer, into)
+        for i in s.inners:
+            roots_within(i, into)
+    return into
+
+
+def inners_widen_alike(inners) -> bool:
+    """Whether the blocks of a product with a fixed outer axis (such as the
+    ``3`` of a packed q/k/v projection) keep equal widths under every plan:
+    they are one root, or all products of one movable outer root (heads) with
+    equal inner sizes, which widen block by block."""
+    if any(isinstance(i, Dep) for i in inners):
+        return False
+    roots = [find(i) for i in inners]
+    if len({r.uid for r in roots}) == 1:
+        return True
+    outers = set()
+    for r in roots:
+        s = r.structure
+        if not isinstance(s, Product) or find(s.outer).pinned:
+            return False
+        outers.add((find(s.outer).uid, s.inner_size))
+    return len(outers) == 1
+
+
 def frozen_roots(pg) -> set:
     """Roots that must stay fully merged: everything inside the blocks of a
     product whose blocks cannot move (a grouped convolution or GroupNorm over
@@ -146,20 +185,7 @@ def frozen_roots(pg) -> set:
     frozen: set = set()
 
     def under(x):
-        if isinstance(x, Dep):
-            for t in x.table:
-                under(t)
-            return
-        r = find(x)
-        frozen.add(r.uid)
-        s = r.structure
-        if isinstance(s, Concat):
-            for p in s.parts:
-                under(p)
-        elif isinstance(s, Product):
-            under(s.outer)
-            for i in s.inners:
-                under(i)
+        roots_within(x, frozen)
 
     def walk(x):
         if isinstance(x, Dep):
@@ -170,11 +196,14 @@ def frozen_roots(pg) -> set:
             for p in s.parts:
                 walk(p)
         elif isinstance(s, Product):
-            if find(s.outer).pinned:
+            if not find(s.outer).pinned:
+                walk(s.outer)
+            elif inners_widen_alike(s.inners):
+                for i in s.inners:
+                    walk(i)
+            else:
                 for i in s.inners:
                     under(i)
-            else:
-                walk(s.outer)
 
     for lays in pg.members.values():
         for lay in lays:

@@ -31,16 +31,18 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .analysis import PermutationGroups, analyze, permute_tensor
-from .budget import CostModel, Plan, frozen_roots, plan_budget
+from .budget import CostModel, Plan, frozen_roots, plan_budget, roots_within
 from .lstsq import GramCollector, LayerSystem, solve_layer, supports
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .models import InputError
-from .rewrite import WidenGraph, _set_tensor, check_shapes, split_contractions
+from .rewrite import WidenGraph, _set_tensor, check_shapes, split_contractions, splittable
+from .rules.registry import tensors_in
 from .runner import LockstepRunner, input_batches
 from .widening import LayoutWidener
 
 METHODS = ("pleas", "perm", "rebasin", "avg", "ensemble")
 LABELS = ("shared", "disjoint")
+NORM_POLICIES = ("split", "merged")
 
 
 @dataclass
@@ -173,6 +175,7 @@ def merge(
     ridge: float = 1e-3,
     positions: int = 64,
     reset_bn: bool = True,
+    norm_policy: str = "split",
     progress: bool = False,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` x the cost
@@ -183,7 +186,12 @@ def merge(
     the BatchNorm reset. ``labels="disjoint"`` keeps both classifiers: the
     merged model outputs ``cat([logits_A, logits_B], -1)``. ``matching`` is
     ``"activation"`` or ``"weight"`` (default: activation for pleas and perm,
-    weight for rebasin). The source models are never modified.
+    weight for rebasin). ``norm_policy`` says what happens to features that
+    a LayerNorm normalises (a transformer's residual stream): ``"split"``
+    widens them like any other group and gives each such LayerNorm per-model
+    statistics (exact at 2x); ``"merged"`` keeps them fully merged and spends
+    the budget elsewhere (heads, MLP width). The source models are never
+    modified.
     """
     t_start = time.perf_counter()
     timings: dict = {}
@@ -199,8 +207,11 @@ def merge(
         raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
     if method in ("rebasin", "avg") and budget != 1.0:
         raise InputError(f"method '{method}' merges everything (budget 1); use 'perm' or 'pleas' for budget {budget}")
+    if norm_policy not in NORM_POLICIES:
+        raise InputError(f"norm_policy must be 'split' or 'merged', got '{norm_policy}'")
     if method == "ensemble":
         budget = 2.0
+        norm_policy = "split"
     matching = matching or ("weight" if method == "rebasin" else "activation")
     if matching not in ("activation", "weight"):
         raise InputError(f"matching must be 'activation' or 'weight', got '{matching}'")
@@ -266,6 +277,7 @@ def merge(
     cost_model = CostModel.from_groups(pg)
     fixed = {u: 0 for u in output_roots if u in cost_model.uids}
     frozen = frozen_roots(pg)
+    frozen |= _normalized_roots(pg, norm_policy)
     fixed.update({u: int(n) for u, n in zip(cost_model.uids, cost_model.sizes) if u in frozen})
     if method in ("rebasin", "avg"):
         fixed.update({u: int(s) for u, s in zip(cost_model.uids, cost_model.sizes) if u not in fixed})
@@ -317,9 +329,24 @@ def merge(
         "timings": timings,
         "least_squares": ls_report,
         "pinned_ops": [p.kind for p in pg.pinned],
+        "norm_policy": norm_policy,
     }
     merge_plan = _describe_plan(pg, plan, match, group_of, method, budget, labels)
     return MergeResult(merged, merge_plan, report, pg)
+
+
+def _normalized_roots(pg, policy: str) -> set:
+    """Roots that must stay merged because a normalisation reads them across
+    all features: all of them under the ``merged`` policy, those of
+    normalisations the rewrite cannot split under ``split``."""
+    nodes = {n.name: n for n in pg.gm.graph.nodes}
+    roots: set = set()
+    for name, norm in pg.normalizations.items():
+        node = nodes[name]
+        if policy == "merged" or not splittable(pg.gm, node, norm):
+            for lay in tensors_in(pg.layouts.get(node.args[0]))[0].lays[-norm.axes:]:
+                roots_within(lay, roots)
+    return roots
 
 
 def _output_width(pg) -> int:

@@ -364,9 +364,12 @@ def dep_keys(lay: Layout) -> Iterator[Dim]:
 
 
 def provides_key(lay: Layout, key: Dim) -> bool:
-    """True when indexing this axis determines the index of ``key``."""
-    if not isinstance(lay, Dim):
-        return False
+    """True when indexing this axis determines the index of ``key``. A
+    dependent axis does so when each of its entries does (the heads axis of
+    a packed q/k/v tensor, one head root per projection, provides the key of
+    each projection's per-head dims)."""
+    if isinstance(lay, Dep):
+        return all(provides_key(t, key) for t in lay.table) or any(find(t) is find(key) for t in lay.table if isinstance(t, Dim))
     r, k = find(lay), find(key)
     if r is k:
         return True

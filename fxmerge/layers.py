@@ -99,3 +99,68 @@ class PartialLinear(_RowBlocks):
             for ii, oi in zip(in_index, out_index)
         ]
         self._setup(parts, in_index, out_index, linear.in_features)
+
+
+class SplitLayerNorm(nn.Module):
+    """LayerNorm (or RMSNorm) over a widened feature axis whose statistics are
+    taken per source model.
+
+    Model A's view of the axis is every feature that carries A (A-only and
+    merged), model B's likewise. Each view is normalised on its own, as its
+    model would; a merged feature takes the mean of its two normalised values.
+    With nothing merged this is exactly both models' LayerNorms side by side;
+    with everything merged it is the plain LayerNorm. The affine parameters,
+    if any, are applied to the whole widened axis afterwards (owned here, or
+    passed to ``forward`` when the graph computed them).
+    """
+
+    def __init__(self, role: np.ndarray, eps: Optional[float], rms: bool = False,
+                 weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        role = np.asarray(role)
+        width = len(role)
+        self.normalized_shape = (width,)
+        self.eps = eps
+        self.rms = rms
+        self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        a_index = np.flatnonzero(role & 1)
+        b_index = np.flatnonzero(role & 2)
+        n_a_only = int((role == 1).sum())
+        n_merged = int((role == 3).sum())
+        # The usual layout [A-only | merged | B-only] needs no gather.
+        self.contiguous = bool(
+            np.array_equal(role, np.concatenate([np.full(n_a_only, 1), np.full(n_merged, 3), np.full(width - n_a_only - n_merged, 2)]))
+        )
+        self.n_a_only, self.n_merged = n_a_only, n_merged
+        self.register_buffer("a_index", torch.as_tensor(a_index, dtype=torch.long), persistent=False)
+        self.register_buffer("b_index", torch.as_tensor(b_index, dtype=torch.long), persistent=False)
+        share = np.where(role == 3, 0.5, 1.0)
+        self.register_buffer("a_share", torch.as_tensor(share[a_index], dtype=torch.float32), persistent=False)
+        self.register_buffer("b_share", torch.as_tensor(share[b_index], dtype=torch.float32), persistent=False)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-5 if self.eps is None else self.eps)
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        if self.contiguous:
+            p, k = self.n_a_only, self.n_merged
+            na = self._norm(x[..., : p + k])
+            nb = self._norm(x[..., p:])
+            out = torch.cat([na[..., :p], 0.5 * (na[..., p:] + nb[..., :k]), nb[..., k:]], dim=-1)
+        else:
+            na = self._norm(x.index_select(-1, self.a_index)) * self.a_share.to(x.dtype)
+            nb = self._norm(x.index_select(-1, self.b_index)) * self.b_share.to(x.dtype)
+            out = x.new_zeros(x.shape).index_add_(-1, self.a_index, na).index_add_(-1, self.b_index, nb)
+        if weight is not None:
+            out = out * weight
+        if bias is not None:
+            out = out + bias
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, a_only={self.n_a_only}, merged={self.n_merged}, rms={self.rms}"

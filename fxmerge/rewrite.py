@@ -10,7 +10,9 @@
 3. rewrites the shape constants in the graph (``reshape``/``view``/
    ``expand`` targets, ``split`` sizes, ``narrow`` lengths) from the widened
    layouts of the node's outputs,
-4. checks the new graph by running it and comparing every node's shape with
+4. gives every LayerNorm/RMSNorm whose normalised axis widened per-model
+   statistics (``SplitLayerNorm``),
+5. checks the new graph by running it and comparing every node's shape with
    the planned one.
 
 ``split_contractions`` then turns every widened convolution and linear layer
@@ -27,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .layers import PartialConv2d, PartialLinear
+from .layers import PartialConv2d, PartialLinear, SplitLayerNorm
 from .rules.registry import RESIZE, tensors_in
 from .tracing import TensorInfo, ValueProp
 from .widening import ROLE_A, ROLE_B, LayoutWidener, widen_tensor
@@ -94,8 +96,41 @@ class WidenGraph:
             if rule is not None:
                 rule(mod, shapes)
         self._rewrite_constants(gm)
+        self._split_normalizations(gm)
         gm.recompile()
         return gm
+
+    # -- normalisations ----------------------------------------------------
+    def _split_normalizations(self, gm: fx.GraphModule) -> None:
+        old_nodes = {n.name: n for n in self.pg.gm.graph.nodes}
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, norm in self.pg.normalizations.items():
+            lay = normalized_layout(self.pg, old_nodes[name], norm)
+            w = self.widener.widen(lay)
+            if (w.role == 3).all():
+                continue  # fully merged: the plain op is exact
+            node = nodes[name]
+            if not splittable(gm, node, norm):
+                raise RewriteError(
+                    f"cannot widen the features normalised by '{name}': only single-axis LayerNorm/RMSNorm can be split; "
+                    "merge with norm_policy='merged'"
+                )
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                new = SplitLayerNorm(w.role, mod.eps, norm.rms, getattr(mod, "weight", None), getattr(mod, "bias", None))
+                parent, _, leaf = node.target.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+                continue
+            # F.layer_norm(input, normalized_shape, weight, bias, eps) / F.rms_norm(input, shape, weight, eps)
+            names = ["input", "normalized_shape", "weight"] + ([] if norm.rms else ["bias"]) + ["eps"]
+            bound = dict(zip(names, node.args))
+            bound.update(node.kwargs)
+            eps = bound.get("eps", None if norm.rms else 1e-5)
+            target = f"fxm_split_{name}"
+            gm.add_submodule(target, SplitLayerNorm(w.role, eps, norm.rms))
+            node.op, node.target = "call_module", target
+            node.args = (bound["input"], bound.get("weight"), bound.get("bias"))
+            node.kwargs = {}
 
     # -- shape constants ---------------------------------------------------
     def _rewrite_constants(self, gm: fx.GraphModule) -> None:
@@ -173,6 +208,25 @@ class WidenGraph:
         if self.widener.size(x_tl[0].lays[dim]) == x_tl[0].shape[dim]:
             return
         raise RewriteError(f"cannot rewrite '{node.name}': narrow over a widened axis")
+
+
+def normalized_layout(pg, node: fx.Node, norm):
+    """The layout of the (last) feature axis a normalisation node reads."""
+    return tensors_in(pg.layouts.get(node.args[0]))[0].lays[-1]
+
+
+def splittable(gm: fx.GraphModule, node: fx.Node, norm) -> bool:
+    """Whether the rewrite can give this normalisation per-model statistics:
+    one normalised axis, computed by ``F.layer_norm``/``F.rms_norm`` or by a
+    module whose forward is ``nn.LayerNorm``'s or ``nn.RMSNorm``'s."""
+    if norm.axes != 1:
+        return False
+    if node.op == "call_function":
+        return node.target in (torch.nn.functional.layer_norm, getattr(torch.nn.functional, "rms_norm", None))
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return type(mod).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward)
+    return False
 
 
 def check_shapes(gm: fx.GraphModule, pg, widener: LayoutWidener, example_inputs) -> None:

@@ -86,8 +86,14 @@ class LayoutWidener:
 
     def widen(self, lay) -> Widening:
         if isinstance(lay, Dep):
-            # Dependent axes sit inside merged-whole blocks: their width and
-            # order do not change (rows move with the key axis).
+            # A dependent axis (the heads of a packed q/k/v after reshape) has
+            # one layout per index of its key axis. The planner only lets
+            # them widen when they widen alike; otherwise they sit inside
+            # merged-whole blocks and keep their width and order.
+            ws = [self.widen(t) for t in lay.table]
+            first = ws[0]
+            if all(np.array_equal(w.src, first.src) and np.array_equal(w.role, first.role) for w in ws[1:]):
+                return first
             return Widening.shared(lay.size)
         r = find(lay)
         got = self._cache.get(r.uid)

@@ -36,7 +36,8 @@ def instance_norm_function(ctx, input, running_mean=None, running_var=None, weig
     return _per_channel(ctx, input, 1, running_mean, running_var, weight, bias)
 
 
-def _trailing(ctx, x: TL, k: int, *params) -> TL:
+def _trailing(ctx, x: TL, k: int, *params, rms: bool = False) -> TL:
+    ctx.normalization(k, rms=rms)
     for p in params:
         if p is not None:
             for i in range(1, k + 1):
@@ -48,7 +49,7 @@ def _trailing(ctx, x: TL, k: int, *params) -> TL:
 @RULES.module(nn.LayerNorm, nn.RMSNorm)
 def layer_norm_module(ctx, x, *args, **kwargs):
     k = len(ctx.module.normalized_shape)
-    return _trailing(ctx, x, k, ctx.param("weight"), ctx.param("bias"))
+    return _trailing(ctx, x, k, ctx.param("weight"), ctx.param("bias"), rms=isinstance(ctx.module, nn.RMSNorm))
 
 
 @RULES.function(F.layer_norm)
@@ -58,7 +59,7 @@ def layer_norm_function(ctx, input, normalized_shape, weight=None, bias=None, ep
 
 @RULES.function(getattr(F, "rms_norm", None))
 def rms_norm_function(ctx, input, normalized_shape, weight=None, eps=None):
-    return _trailing(ctx, input, len(normalized_shape), weight)
+    return _trailing(ctx, input, len(normalized_shape), weight, rms=True)
 
 
 def group_norm_layout(ctx, x: TL, groups: int, *params) -> TL:

@@ -51,6 +51,18 @@ class Contraction:
     groups: int = 1
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """A node that normalises its input over trailing feature axes (LayerNorm,
+    RMSNorm): its statistics mix every feature of the normalised axes, so
+    widening those axes changes the function unless the rewrite splits the
+    statistics per source model."""
+
+    node: str
+    axes: int  # how many trailing axes are normalised
+    rms: bool = False
+
+
 class RuleRegistry:
     def __init__(self):
         self.modules: dict[Any, Rule] = {}  # class object or "module.QualName"
@@ -198,6 +210,11 @@ class RuleContext:
             self.analysis.contractions[self.node.name] = Contraction(
                 self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups
             )
+
+    def normalization(self, axes: int, *, rms: bool = False) -> None:
+        """Record that this node normalises its input over its ``axes``
+        trailing axes (mean and variance, or only the RMS)."""
+        self.analysis.normalizations[self.node.name] = Normalization(self.node.name, axes, rms)
 
     # -- constraints -------------------------------------------------------
     @staticmethod

@@ -1,0 +1,124 @@
+"""Merging Vision Transformers: attention heads widen and merge as units, and
+LayerNorms over a widened residual stream keep per-model statistics."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.deit import VisionTransformerDistilled
+
+import fxmerge
+
+X = torch.randn(2, 3, 16, 16)
+
+VARIANTS = {
+    "cls-token": dict(),
+    "avg-pool, no qkv bias": dict(global_pool="avg", class_token=False, qkv_bias=False),
+    "unfused attention": dict(),
+    "distilled": dict(distilled=True),
+}
+
+
+def vit(variant: str, seed: int):
+    torch.manual_seed(seed)
+    kw = dict(VARIANTS[variant])
+    cls = VisionTransformerDistilled if kw.pop("distilled", False) else VisionTransformer
+    m = cls(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2, num_classes=5, **kw)
+    if variant == "unfused attention":
+        for mod in m.modules():
+            if hasattr(mod, "fused_attn"):
+                mod.fused_attn = False
+    # break the symmetry of timm's zero-initialised parts
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def calib(n=2, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+def permuted_copy(model, seed):
+    pg = fxmerge.analyze(model, X)
+    sampler = pg.sampler(np.random.default_rng(seed))
+    state = model.state_dict()
+    state.update(pg.permute_state(state, sampler))
+    other = copy.deepcopy(model)
+    other.load_state_dict(state)
+    return other
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vit_two_x_with_split_layer_norms_is_the_ensemble(variant):
+    a, b = vit(variant, 0), vit(variant, 1)
+    res = fxmerge.merge(a, b, calib(), budget=2.0, method="perm")
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(X), (a(X) + b(X)) / 2, rtol=1e-4, atol=1e-5)
+    assert res.report["cost_measured"] == pytest.approx(2.0, rel=1e-6)
+    heads = [g for g in res.plan.groups if g["kind"] == "heads"]
+    assert heads and all(g["width"] == 2 * g["size"] for g in heads)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vit_self_merge_with_head_and_feature_permuted_copy_is_the_same_function(variant):
+    a = vit(variant, 3)
+    b = permuted_copy(a, 4)
+    with torch.no_grad():
+        assert not torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
+        torch.testing.assert_close(b(X), a(X), rtol=1e-4, atol=1e-5)
+    res = fxmerge.merge(a, b, calib(3), budget=1.0, method="pleas")
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(X), a(X), rtol=1e-3, atol=1e-4)
+
+
+def test_partial_vit_merge_widens_whole_heads_and_hits_the_budget():
+    a, b = vit("cls-token", 5), vit("cls-token", 6)
+    for policy in ("split", "merged"):
+        res = fxmerge.merge(a, b, calib(), budget=1.5, method="perm", norm_policy=policy)
+        r = res.report
+        assert r["cost_measured"] == pytest.approx(r["cost_planned"], rel=1e-3)
+        assert abs(r["cost_measured"] - 1.5) <= max(0.015, r["cost_resolution"] / 2) + 1e-9
+        by_kind = {}
+        for g in res.plan.groups:
+            by_kind.setdefault(g["kind"], []).append(g)
+        if policy == "merged":
+            assert all(g["merged"] == g["size"] for g in by_kind["residual"])
+        for g in by_kind["head_dim_qk"] + by_kind["head_dim_v"]:
+            assert g["merged"] == g["size"]  # heads merge or split whole
+        attn = res.model.get_submodule("blocks.0.attn")
+        with torch.no_grad():
+            assert res.model(X).shape == (2, 5)
+        qkv = attn.qkv
+        width = qkv.out_features if hasattr(qkv, "out_features") else None
+        assert width is not None and width % (3 * 8) == 0
+
+
+def test_merged_norm_policy_keeps_the_residual_stream_merged_at_two_x():
+    a, b = vit("cls-token", 7), vit("cls-token", 8)
+    res = fxmerge.merge(a, b, calib(), budget=2.0, method="perm", norm_policy="merged")
+    lo, hi = res.report["cost_feasible"]
+    assert hi < 2.0 and res.report["cost_measured"] == pytest.approx(hi, rel=1e-6)
+    assert not any(type(m).__name__ == "SplitLayerNorm" for m in res.model.modules())
+
+
+def test_split_layer_norm_interpolates_between_the_plain_and_the_per_model_norm():
+    from fxmerge.layers import SplitLayerNorm
+
+    x = torch.randn(4, 7, 10)
+    # everything merged: the plain LayerNorm
+    full = SplitLayerNorm(np.full(10, 3), 1e-5)
+    torch.testing.assert_close(full(x), torch.nn.functional.layer_norm(x, (10,)))
+    # nothing merged: each half on its own
+    apart = SplitLayerNorm(np.array([1] * 5 + [2] * 5), 1e-5)
+    want = torch.cat([torch.nn.functional.layer_norm(x[..., :5], (5,)), torch.nn.functional.layer_norm(x[..., 5:], (5,))], -1)
+    torch.testing.assert_close(apart(x), want)
+    # a scattered layout computes the same as the contiguous one, reordered
+    role = np.array([1, 1, 3, 3, 2, 2, 3, 1, 2, 2])
+    order = np.array([0, 1, 7, 2, 3, 6, 4, 5, 8, 9])  # A | merged | B
+    scattered = SplitLayerNorm(role, 1e-5)
+    contiguous = SplitLayerNorm(role[order], 1e-5)
+    assert contiguous.contiguous and not scattered.contiguous
+    torch.testing.assert_close(scattered(x)[..., order], contiguous(x[..., order]))
