@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -31,18 +32,21 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .analysis import PermutationGroups, analyze, permute_tensor
+from .ir import Product, find
 from .budget import CostModel, Plan, frozen_roots, plan_budget, roots_within
-from .lstsq import GramCollector, LayerSystem, solve_layer, supports
+from .lstsq import GramCollector, LayerSystem, regmean_layer, solve_layer, supports
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .models import InputError
-from .rewrite import WidenGraph, _set_tensor, check_shapes, split_contractions, splittable
+from .rewrite import WidenGraph, _set_tensor, check_shapes, in_axes_of, split_contractions, splittable
 from .rules.registry import tensors_in
 from .runner import LockstepRunner, input_batches
 from .widening import LayoutWidener
+from .zipit import JointCollector, ZipProjector, merge_matrices, root_order, zip_cut, zip_pairs
 
-METHODS = ("pleas", "perm", "rebasin", "avg", "ensemble")
+METHODS = ("pleas", "perm", "rebasin", "avg", "regmean", "zipit", "ensemble")
 LABELS = ("shared", "disjoint")
 NORM_POLICIES = ("split", "merged")
+REGMEAN_ALPHA = 0.9  # off-diagonal scaling of RegMean's Gram matrices (its authors' default)
 
 
 @dataclass
@@ -176,6 +180,7 @@ def merge(
     positions: int = 64,
     reset_bn: bool = True,
     norm_policy: str = "split",
+    ls_inputs: str = "ensemble",
     progress: bool = False,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` x the cost
@@ -190,8 +195,10 @@ def merge(
     a LayerNorm normalises (a transformer's residual stream): ``"split"``
     widens them like any other group and gives each such LayerNorm per-model
     statistics (exact at 2x); ``"merged"`` keeps them fully merged and spends
-    the budget elsewhere (heads, MLP width). The source models are never
-    modified.
+    the budget elsewhere (heads, MLP width). ``ls_inputs`` picks the inputs
+    least squares fits on: the permuted ensemble's (``"ensemble"``, one pass)
+    or the merged model's own (``"merged"``, one pass per wave of layers).
+    The source models are never modified.
     """
     t_start = time.perf_counter()
     timings: dict = {}
@@ -205,10 +212,12 @@ def merge(
         raise InputError(f"budget must be a number between 1 and 2, got {budget!r}") from None
     if not 1.0 <= budget <= 2.0 or not np.isfinite(budget):
         raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
-    if method in ("rebasin", "avg") and budget != 1.0:
+    if method in ("rebasin", "avg", "regmean") and budget != 1.0:
         raise InputError(f"method '{method}' merges everything (budget 1); use 'perm' or 'pleas' for budget {budget}")
     if norm_policy not in NORM_POLICIES:
         raise InputError(f"norm_policy must be 'split' or 'merged', got '{norm_policy}'")
+    if ls_inputs not in ("ensemble", "merged"):
+        raise InputError(f"ls_inputs must be 'ensemble' or 'merged', got '{ls_inputs}'")
     if method == "ensemble":
         budget = 2.0
         norm_policy = "split"
@@ -250,8 +259,16 @@ def merge(
 
     # -- matching ------------------------------------------------------------
     t = time.perf_counter()
-    if method in ("avg", "ensemble"):
+    if method in ("avg", "regmean", "ensemble"):
         match = Matching()
+    elif method == "zipit":
+        match = Matching()
+        collector = JointCollector(pg, positions, seed, device)
+        runner = LockstepRunner([gm_a, gm_b])
+        for i, x in enumerate(_progress(input_batches(data, device), progress, "matching")):
+            collector.batch = i
+            runner.run((x,), collector)
+        zip_sims = {u: c for u, c in collector.similarities().items() if u not in output_roots}
     elif matching == "weight":
         match = weight_matching(pg, state_a, gm_b.state_dict(), seed=seed, exclude=output_roots)
     else:
@@ -279,15 +296,23 @@ def merge(
     frozen = frozen_roots(pg)
     frozen |= _normalized_roots(pg, norm_policy)
     fixed.update({u: int(n) for u, n in zip(cost_model.uids, cost_model.sizes) if u in frozen})
-    if method in ("rebasin", "avg"):
+    if method in ("rebasin", "avg", "regmean"):
         fixed.update({u: int(s) for u, s in zip(cost_model.uids, cost_model.sizes) if u not in fixed})
-    plan = plan_budget(cost_model, match.sims, budget, fixed=fixed)
+    if method == "zipit":
+        plan, projector = _plan_zip(pg, cost_model, collector.keys, zip_sims, budget, fixed)
+    else:
+        plan = plan_budget(cost_model, match.sims, budget, fixed=fixed)
     timings["plan"] = time.perf_counter() - t
 
     # -- widen ---------------------------------------------------------------
     t = time.perf_counter()
     widener = LayoutWidener(plan.masks)
     merged = WidenGraph(pg, widener).run(state_a, state_b)
+    if method == "zipit":
+        contracted = in_axes_of(pg)
+        for name, lays in pg.members.items():
+            if name in state_a:
+                _set_tensor(merged, name, projector.merge_tensor(state_a[name], state_b[name], lays, contracted.get(name, set())))
     check_shapes(merged, pg, widener, example_inputs)
     timings["widen"] = time.perf_counter() - t
 
@@ -295,7 +320,13 @@ def merge(
     ls_report = {}
     if method == "pleas":
         t = time.perf_counter()
-        ls_report = _least_squares(pg, merged, gm_a, gm_b_aligned, widener, data, device, positions, seed, ridge, progress)
+        ls_report = _least_squares(pg, merged, gm_a, gm_b_aligned, widener, data, device, positions, seed, ridge, progress,
+                                   ls_inputs)
+        timings["least_squares"] = time.perf_counter() - t
+    elif method == "regmean":
+        t = time.perf_counter()
+        ls_report = _least_squares(pg, merged, gm_a, gm_b_aligned, widener, data, device, positions, seed, ridge, progress,
+                                   "stacked")
         timings["least_squares"] = time.perf_counter() - t
 
     n_split = split_contractions(merged, pg, widener)
@@ -314,7 +345,7 @@ def merge(
         "method": method,
         "budget": budget,
         "labels": labels,
-        "matching": matching if method not in ("avg", "ensemble") else "identity",
+        "matching": matching if method not in ("avg", "regmean", "ensemble") else "identity",
         "cost_planned": plan.ratio,
         "cost_measured": macs_m / macs_a if macs_a else float("nan"),
         "cost_feasible": list(plan.feasible),
@@ -333,6 +364,31 @@ def merge(
     }
     merge_plan = _describe_plan(pg, plan, match, group_of, method, budget, labels)
     return MergeResult(merged, merge_plan, report, pg)
+
+
+def _plan_zip(pg, cost_model, keys, sims, budget, fixed):
+    """ZipIt!'s plan: the cut of the root order nearest the budget; zipped
+    roots get merge/unmerge matrices, the others stay separate."""
+    order = [r.uid for r in root_order(pg)]
+    k, ratio, feasible = zip_cut(cost_model, order, budget, fixed)
+    sizes = dict(zip(cost_model.uids, cost_model.sizes.tolist()))
+    zipped = {}
+    for uid, corr in sims.items():
+        r = keys[uid]
+        s = r.structure
+        if s is None:
+            unit = r
+        elif isinstance(s, Product) and s.inner_size == 1:
+            unit = find(s.outer)  # one channel per block (depthwise): zip the blocks
+        else:
+            continue  # heads: ZipIt! has no notion of them; they are averaged
+        if k.get(unit.uid, unit.size) == unit.size and corr.shape[0] == 2 * r.size:
+            zipped[uid] = merge_matrices(zip_pairs(corr), r.size)
+    separate = {u for u, kk in k.items() if kk == 0}
+    masks = {u: np.full(sizes[u], kk == sizes[u]) for u, kk in k.items()}
+    src = cost_model.source_cost()
+    plan = Plan(k, masks, budget, ratio * src, src, feasible, 0.0)
+    return plan, ZipProjector(zipped, separate)
 
 
 def _normalized_roots(pg, policy: str) -> set:
@@ -359,7 +415,7 @@ def _output_width(pg) -> int:
     return 0
 
 
-def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, seed, ridge, progress) -> dict:
+def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, seed, ridge, progress, inputs) -> dict:
     nodes = {n.name: n for n in merged.graph.nodes}
     pg_nodes = {n.name: n for n in pg.gm.graph.nodes}
     systems, modules = {}, {}
@@ -380,24 +436,53 @@ def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, see
         modules[name] = mod
     if not systems:
         return {"layers": 0}
-    collector = GramCollector(systems, modules, pg.contractions, positions, seed)
-    runner = LockstepRunner([gm_a, gm_b])
-    for i, x in enumerate(_progress(input_batches(data, device), progress, "least squares")):
-        collector.batch = i
-        runner.run((x,), collector)
+    if inputs in ("ensemble", "stacked"):
+        waves = [list(systems)]
+        models = [gm_a, gm_b]
+    else:
+        waves = _waves(merged, set(systems))
+        models = [gm_a, gm_b, merged]
     per_layer = {}
-    for name, sysm in systems.items():
-        mod = modules[name]
-        w, bias = solve_layer(sysm, mod.weight, getattr(mod, "bias", None), ridge)
-        if not torch.isfinite(w).all():
-            raise InputError(f"least squares for '{name}' produced non-finite weights: give more calibration data or a larger ridge")
-        node = nodes[name]
-        _set_tensor(merged, f"{node.target}.weight", w)
-        if bias is not None:
-            _set_tensor(merged, f"{node.target}.bias", bias)
-        per_layer[name] = {"samples": sysm.n, "loss_init": sysm.loss_init, "loss_fit": sysm.loss_fit}
-        sysm.gram = sysm.cross = None  # free
-    return {"layers": len(systems), "ridge": ridge, "per_layer": per_layer}
+    runner = LockstepRunner(models)
+    for w, wave in enumerate(waves):
+        collector = GramCollector({n: systems[n] for n in wave}, modules, pg.contractions, positions, seed)
+        collector.stacked = inputs == "stacked"
+        desc = "least squares" if len(waves) == 1 else f"least squares {w + 1}/{len(waves)}"
+        for i, x in enumerate(_progress(input_batches(data, device), progress, desc)):
+            collector.batch = i
+            runner.run((x,), collector)
+        for name in wave:
+            sysm, mod = systems[name], modules[name]
+            if inputs == "stacked":
+                src = [gm.get_submodule(nodes[name].target) for gm in (gm_a, gm_b)]
+                w_new, bias = regmean_layer(sysm, [m.weight for m in src], [getattr(m, "bias", None) for m in src],
+                                            REGMEAN_ALPHA, ridge)
+            else:
+                w_new, bias = solve_layer(sysm, mod.weight, getattr(mod, "bias", None), ridge)
+            if not torch.isfinite(w_new).all():
+                raise InputError(f"least squares for '{name}' produced non-finite weights: give more calibration data or a larger ridge")
+            node = nodes[name]
+            _set_tensor(merged, f"{node.target}.weight", w_new)
+            if bias is not None:
+                _set_tensor(merged, f"{node.target}.bias", bias)
+            modules[name] = merged.get_submodule(node.target)
+            per_layer[name] = {"samples": sysm.n, "loss_init": sysm.loss_init, "loss_fit": sysm.loss_fit}
+            sysm.gram = sysm.cross = None  # free
+    return {"layers": len(systems), "ridge": ridge, "inputs": inputs, "passes": len(waves), "per_layer": per_layer}
+
+
+def _waves(gm: fx.GraphModule, fitted: set) -> list:
+    """The fitted layers in waves: a layer joins the first wave after every
+    fitted layer upstream of it."""
+    level: dict = {}
+    waves: dict = defaultdict(list)
+    for node in gm.graph.nodes:
+        up = max((level[a] for a in node.all_input_nodes), default=0)
+        if node.name in fitted:
+            waves[up].append(node.name)
+            up += 1
+        level[node] = up
+    return [waves[k] for k in sorted(waves)]
 
 
 def _describe_plan(pg, plan: Plan, match: Matching, group_of, method, budget, labels) -> MergePlan:

@@ -16,6 +16,12 @@ rows: all), with a ridge term pulling toward the initial widened weights
     (G_SS + lam I) W_R^T = C_SR + lam W0_RS^T,   lam = ridge * trace(G_SS) / |S|
 
 The bias is an extra all-ones column that every row may read.
+
+Two choices of inputs (``inputs=``): ``"ensemble"`` takes ``X~`` from the
+permuted ensemble (teacher forcing: one pass over the data fits every layer),
+``"merged"`` takes the merged model's own inputs to the layer, so each layer
+also corrects the error of the layers before it (one pass per wave of layers
+whose upstream layers are already fitted).
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ class LayerSystem:
     cross: torch.Tensor | None = None  # (groups, cols, rows per group)
     yy: torch.Tensor | None = None  # (groups, rows per group): sum of squared targets
     n: int = 0
+    diag: list | None = None  # RegMean: per model, the diagonal of its own Gram
     loss_init: float = field(default=float("nan"))
     loss_fit: float = field(default=float("nan"))
 
@@ -85,17 +92,30 @@ class GramCollector:
         self.batch = 0
 
     def __call__(self, node, values, env) -> None:
+        """``values``: the node's values in A and aligned B, and, when a
+        third model runs alongside (the merged model, for ``inputs="merged"``),
+        its input is taken from that model instead of the ensemble."""
         sysm = self.systems.get(node.name)
         if sysm is None:
             return
         c = self.contractions[node.name]
-        xa, xb = env(node.args[0])
-        ya, yb = values
-        xt = widen_features(xa, xb, c.input_axis, sysm.w_x)
-        yt = widen_features(ya, yb, c.output_axis, sysm.w_y)
+        xs = env(node.args[0])
         mod = self.modules[node.name]
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name))
-        X, Y = unfold_samples(mod, xt, yt, self.positions, gen)
+        if self.stacked:
+            # RegMean: each model's own inputs and outputs, stacked as samples
+            for m, (x, y) in enumerate(zip(xs, values)):
+                self._accumulate(node, sysm, mod, x, y, model=m)
+            return
+        ya, yb = values[:2]
+        xt = xs[2] if len(xs) > 2 else widen_features(xs[0], xs[1], c.input_axis, sysm.w_x)
+        yt = widen_features(ya, yb, c.output_axis, sysm.w_y)
+        self._accumulate(node, sysm, mod, xt, yt)
+
+    stacked = False
+
+    def _accumulate(self, node, sysm: LayerSystem, mod, x, y, model: int = 0) -> None:
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name) + 31 * model)
+        X, Y = unfold_samples(mod, x, y, self.positions, gen)
         X, Y = X.double(), Y.double()
         if sysm.bias is not None:
             X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
@@ -108,6 +128,10 @@ class GramCollector:
             sysm.gram += G
             sysm.cross += C
             sysm.yy += yy
+        if self.stacked:
+            if sysm.diag is None:
+                sysm.diag = [torch.zeros_like(G.diagonal(dim1=1, dim2=2)) for _ in range(2)]
+            sysm.diag[model] += G.diagonal(dim1=1, dim2=2)
         sysm.n += X.shape[0]
 
 
@@ -169,3 +193,30 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         new_bias = None
     return W.reshape(weight.shape).to(weight.dtype), new_bias
+
+
+def regmean_layer(sysm: LayerSystem, weights: list, biases: list, alpha: float, ridge: float):
+    """RegMean: ``W = (sum_i G~_i)^-1 sum_i G~_i W_i`` over the two models'
+    own input Gram matrices ``G_i``, whose off-diagonal entries are scaled by
+    ``alpha`` (``G~ = alpha G + (1 - alpha) diag(G)``). ``sum_i G_i W_i^T``
+    is the accumulated ``X^T Y`` of the stacked samples, since each model's
+    layer output is exactly ``X_i W_i^T``. Returns (weight, bias)."""
+    g = sysm.groups
+    out = weights[0].shape[0]
+    Ws = []
+    for w, b in zip(weights, biases):
+        W = w.detach().double().reshape(g, out // g, -1)
+        if b is not None:
+            W = torch.cat([W, b.detach().double().reshape(g, out // g, 1)], dim=-1)
+        Ws.append(W)
+    W_new = torch.empty_like(Ws[0])
+    for j in range(g):
+        d = sysm.diag[0][j] + sysm.diag[1][j]
+        G = alpha * sysm.gram[j] + (1 - alpha) * torch.diag(d)
+        C = alpha * sysm.cross[j] + (1 - alpha) * sum(dm[j][:, None] * Wm[j].T for dm, Wm in zip(sysm.diag, Ws))
+        W_new[j] = solve_block(G, C, 0.5 * (Ws[0][j] + Ws[1][j]), ridge)
+    bias = None
+    if biases[0] is not None:
+        bias = W_new[..., -1].reshape(out).to(biases[0].dtype)
+        W_new = W_new[..., :-1]
+    return W_new.reshape(weights[0].shape).to(weights[0].dtype), bias

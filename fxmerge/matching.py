@@ -163,6 +163,8 @@ class CorrelationStats:
 class ActivationCollector:
     """The per-node callback of the matching pass."""
 
+    stats_class = CorrelationStats
+
     def __init__(self, pg, positions: int, seed: int, device):
         self.pg = pg
         self.positions = positions
@@ -210,7 +212,7 @@ class ActivationCollector:
                 key = (node.name, axis, root.uid, int(pos[0]))
                 st = self.stats.get(key)
                 if st is None:
-                    st = self.stats[key] = CorrelationStats(len(pos), self.device)
+                    st = self.stats[key] = self.stats_class(len(pos), self.device)
                     self.keys[root.uid] = root
                 p = torch.as_tensor(pos, device=ra.device)
                 st.add(ra.index_select(1, p), rb.index_select(1, p))
