@@ -134,7 +134,8 @@ def cmd_merge(args) -> int:
     size = models.parse_input_size(args.input_size) if args.input_size else models.default_input_size(a)
     batches = _calibration(args, size)
     result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
-                   device=args.device, seed=args.seed, progress=not args.quiet)
+                   device=args.device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
+                   ridge=args.ridge, progress=not args.quiet)
     result.report["arch"] = args.arch
     save(result, args.output, arch=args.arch)
     r = result.report
@@ -196,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--calib", type=int, default=512, help="number of calibration images (default 512)")
     m.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
     m.add_argument("--budget", type=float, default=1.0, help="cost of the merged model, x one source model, in [1, 2]")
-    m.add_argument("--method", default="pleas", help="pleas, perm, rebasin, avg or ensemble (default pleas)")
+    m.add_argument("--method", default="pleas", help="pleas, perm, rebasin, avg, regmean, zipit or ensemble (default pleas)")
+    m.add_argument("--norm-policy", default="split", help="features a LayerNorm normalises: split (widen them, per-model "
+                   "statistics) or merged (keep them merged) (default split)")
+    m.add_argument("--ls-inputs", default="merged", help="least-squares inputs: ensemble (teacher forcing, one pass) or "
+                   "merged (the merged model's own, one pass per wave of layers) (default merged)")
+    m.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge toward the permuted weights (default 1e-3)")
     m.add_argument("--labels", default="shared", choices=("shared", "disjoint"), help="shared head or both heads")
     m.add_argument("--input-size", help="C,H,W (default: the model's own)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

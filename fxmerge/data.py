@@ -154,3 +154,34 @@ def image_folder(path: str, size: int, *, limit: Optional[int] = None) -> torch.
         img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
         out.append((img - mean) / std)
     return torch.stack(out)
+
+
+STYLES = ("clean", "inverted", "edges", "noisy", "rotated")
+
+
+def styled(split: Split, style: str, seed: int = 0) -> Split:
+    """A domain-shifted copy of a split (the same digits, drawn differently):
+    ``inverted`` (dark strokes on light), ``edges`` (Sobel gradient
+    magnitude), ``noisy`` (Gaussian noise, fixed per image), ``rotated``
+    (90 degrees)."""
+    x = split.x
+    if style == "clean":
+        pass
+    elif style == "inverted":
+        x = -x
+    elif style == "edges":
+        k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+        g = x[:, :1]
+        gx = F.conv2d(g, k[None, None], padding=1)
+        gy = F.conv2d(g, k.T[None, None], padding=1)
+        mag = torch.sqrt(gx ** 2 + gy ** 2)
+        mag = (mag - mag.mean()) / (mag.std() + 1e-6)
+        x = mag.repeat(1, x.shape[1], 1, 1)
+    elif style == "noisy":
+        gen = torch.Generator().manual_seed(seed)
+        x = x + 0.6 * torch.randn(x.shape, generator=gen)
+    elif style == "rotated":
+        x = torch.rot90(x, 1, dims=(2, 3))
+    else:
+        raise InputError(f"unknown style '{style}': choose one of {', '.join(STYLES)}")
+    return Split(x.contiguous(), split.y)

@@ -180,7 +180,7 @@ def merge(
     positions: int = 64,
     reset_bn: bool = True,
     norm_policy: str = "split",
-    ls_inputs: str = "ensemble",
+    ls_inputs: str = "merged",
     progress: bool = False,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` x the cost
