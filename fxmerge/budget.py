@@ -99,6 +99,8 @@ class CostModel:
             shape = pg.member_shapes[c.weight]
             out_axis = 1 if c.weight_in_axis == 0 else 0
             meta = nodes[c.node].meta.get("fxm_value")
+            if isinstance(meta, (list, tuple)) and meta:
+                meta = meta[0]  # (output, attention weights)
             if meta is None or not hasattr(meta, "shape"):
                 continue
             out_ch = meta.shape[c.output_axis]

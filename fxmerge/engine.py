@@ -137,8 +137,16 @@ def measure_macs(model: nn.Module, example_inputs: tuple) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*example_inputs)
+    # nn.MultiheadAttention's fused eval-mode kernel is invisible to the
+    # counter: take the plain path while counting
+    mha = torch.backends.mha
+    fast = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), counter:
+            model(*example_inputs)
+    finally:
+        mha.set_fastpath_enabled(fast)
     return counter.get_total_flops() / 2 / max(1, int(example_inputs[0].shape[0]))
 
 
@@ -419,9 +427,10 @@ def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, see
     nodes = {n.name: n for n in merged.graph.nodes}
     pg_nodes = {n.name: n for n in pg.gm.graph.nodes}
     systems, modules = {}, {}
-    for name, c in pg.contractions.items():
+    for c in pg.contractions.values():
+        name = c.node
         node = nodes[name]
-        if node.op != "call_module":
+        if node.op != "call_module" or name in systems:
             continue
         mod = merged.get_submodule(node.target)
         if not supports(mod):
@@ -448,9 +457,10 @@ def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, see
         collector = GramCollector({n: systems[n] for n in wave}, modules, pg.contractions, positions, seed)
         collector.stacked = inputs == "stacked"
         desc = "least squares" if len(waves) == 1 else f"least squares {w + 1}/{len(waves)}"
+        last = wave[-1]  # waves are in graph order: nothing after this node is needed
         for i, x in enumerate(_progress(input_batches(data, device), progress, desc)):
             collector.batch = i
-            runner.run((x,), collector)
+            runner.run((x,), collector, until=last if len(waves) > 1 else None)
         for name in wave:
             sysm, mod = systems[name], modules[name]
             if inputs == "stacked":

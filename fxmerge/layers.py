@@ -164,3 +164,34 @@ class SplitLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, a_only={self.n_a_only}, merged={self.n_merged}, rms={self.rms}"
+
+
+class WidenedMultiheadAttention(nn.Module):
+    """Self-attention with packed q/k/v projections whose input width, number
+    of heads and output width are independent (``nn.MultiheadAttention``
+    requires the input width to equal heads x head_dim, which a widened
+    residual stream with partially merged heads breaks). Same parameter names
+    as ``nn.MultiheadAttention``; attention masks are not supported."""
+
+    def __init__(self, mha: nn.MultiheadAttention, head_dim: int):
+        super().__init__()
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+        self.head_dim = head_dim
+        self.num_heads = mha.in_proj_weight.shape[0] // (3 * head_dim)
+        self.embed_dim = self.num_heads * head_dim
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise NotImplementedError("widened attention supports self-attention without masks")
+        x = query if self.batch_first else query.transpose(0, 1)
+        b, n, _ = x.shape
+        q, k, v = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        o = self.out_proj(o.transpose(1, 2).reshape(b, n, self.embed_dim))
+        return (o if self.batch_first else o.transpose(0, 1)), None

@@ -196,6 +196,8 @@ class ActivationCollector:
         if occ is None:
             return
         a, b = values
+        if isinstance(a, (tuple, list)):  # (output, attention weights)
+            a, b = a[0], b[0]
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise InputError(f"non-finite activations at node '{node.name}': check the models' weights and the calibration data")
         # crc32, not hash(): str hashes change between processes, and equal

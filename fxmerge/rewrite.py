@@ -94,7 +94,10 @@ class WidenGraph:
                 continue
             rule = RESIZE.for_module(mod)
             if rule is not None:
-                rule(mod, shapes)
+                new = rule(mod, shapes)
+                if isinstance(new, nn.Module) and new is not mod:  # the rule replaces the module
+                    parent, _, leaf = mod_name.rpartition(".")
+                    setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
         self._rewrite_constants(gm)
         self._split_normalizations(gm)
         gm.recompile()

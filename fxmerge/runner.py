@@ -8,7 +8,7 @@ pass per model.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -34,10 +34,10 @@ class LockstepRunner:
             self.free_after.setdefault(i, []).append(j)
 
     @torch.no_grad()
-    def run(self, inputs: tuple, on_node: Callable) -> None:
+    def run(self, inputs: tuple, on_node: Callable, until: Optional[str] = None) -> None:
         """Run every model on ``inputs``; ``on_node(node, values, env)`` sees
         each node's values (one per model); ``env(n)`` gives the values of an
-        earlier node that is still live."""
+        earlier node that is still live. ``until``: stop after that node."""
         interps = [fx.Interpreter(gm, garbage_collect_values=False) for gm in self.gms]
         for it in interps:
             it.env = {}
@@ -57,6 +57,8 @@ class LockstepRunner:
                 it.env[n] = it.run_node(n)
                 values.append(it.env[n])
             on_node(node, values, env)
+            if until is not None and node.name == until:
+                break
             for j in self.free_after.get(i, ()):
                 for it, nodes in zip(interps, self.nodes):
                     it.env.pop(nodes[j], None)

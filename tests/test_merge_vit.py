@@ -122,3 +122,25 @@ def test_split_layer_norm_interpolates_between_the_plain_and_the_per_model_norm(
     contiguous = SplitLayerNorm(role[order], 1e-5)
     assert contiguous.contiguous and not scattered.contiguous
     torch.testing.assert_close(scattered(x)[..., order], contiguous(x[..., order]))
+
+
+def test_torchvision_vit_with_packed_multihead_attention_is_the_ensemble_at_two_x():
+    from torchvision.models.vision_transformer import VisionTransformer as TVViT
+
+    def tv(seed):
+        torch.manual_seed(seed)
+        m = TVViT(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return m.eval()
+
+    a, b = tv(0), tv(1)
+    res = fxmerge.merge(a, b, calib(), budget=2.0, method="perm")
+    attn = res.model.get_submodule("encoder.layers.encoder_layer_0.self_attention")
+    assert attn.num_heads == 4 and attn.in_proj_weight.shape == (3 * 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(X), (a(X) + b(X)) / 2, rtol=1e-4, atol=1e-5)
+    res = fxmerge.merge(a, b, calib(), budget=1.0, method="pleas")
+    with torch.no_grad():
+        assert torch.isfinite(res.model(X)).all()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..ir import Dim, as_product, split_dim
 from .elementwise import broadcast_layouts
-from .registry import RULES, TL, Opaque
+from .registry import RESIZE, RULES, TL, Opaque
 
 
 def _is_activation(t: TL) -> bool:
@@ -143,6 +143,9 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     for i in range(key.ndim - 1):
         ctx.unify(key.lays[i], value.lays[i])
     out = ctx.tl(query.lays[:-1] + (w_out.lays[0],), ctx.out_shapes()[0])
+    # for the cost model: the packed input and the output projection
+    ctx.contraction(w_in, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="in_proj")
+    ctx.contraction(w_out, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="out_proj")
     weights_shape = ctx.out_shapes()[1]
     if weights_shape is None:
         return (out, None)
@@ -152,3 +155,15 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     if len(weights_shape) == query.ndim + 1:
         lays[-3] = pq.outer
     return (out, ctx.tl(lays, weights_shape))
+
+
+@RESIZE.register(nn.MultiheadAttention)
+def resize_multihead_attention(m, old_shapes):
+    """A widened packed attention cannot stay an ``nn.MultiheadAttention``
+    (its input width must equal heads x head_dim): it becomes a
+    ``WidenedMultiheadAttention`` with the same parameters."""
+    from ..layers import WidenedMultiheadAttention
+
+    head_dim = old_shapes["in_proj_weight"][0] // 3 // m.num_heads
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+    return WidenedMultiheadAttention(m, head_dim)

@@ -201,13 +201,16 @@ class RuleContext:
             return
         unify(x.lays[axis], lay)
 
-    def contraction(self, weight: TL, *, weight_in_axis: int, input_axis: int, output_axis: int, groups: int = 1) -> None:
+    def contraction(self, weight: TL, *, weight_in_axis: int, input_axis: int, output_axis: int, groups: int = 1,
+                    part: str = "") -> None:
         """Record that this node contracts its input's ``input_axis`` with
         ``weight``'s ``weight_in_axis`` (a convolution or linear layer): the
-        merge engine widens such weights block by block and fits them by least
-        squares."""
+        merge engine widens such weights block by block, counts their cost and
+        fits them by least squares. A node with several weights (packed
+        attention) names each ``part``."""
         if weight.member is not None:
-            self.analysis.contractions[self.node.name] = Contraction(
+            key = f"{self.node.name}#{part}" if part else self.node.name
+            self.analysis.contractions[key] = Contraction(
                 self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups
             )
 
