@@ -31,7 +31,11 @@ coverage: $(STAMP)
 	$(PY) benchmarks/coverage.py
 
 bench: coverage
+	$(PY) benchmarks/suite.py
 	$(PY) benchmarks/performance.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/suite.py --quick
 
 clean:
 	rm -rf .venv build *.egg-info
