@@ -435,6 +435,8 @@ def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, see
         mod = merged.get_submodule(node.target)
         if not supports(mod):
             continue
+        if inputs == "stacked" and tuple(mod.weight.shape) != tuple(gm_a.get_submodule(node.target).weight.shape):
+            continue  # RegMean merges same-shape layers; a widened one (both heads kept) stays as widened
         lays = pg.members[c.weight]
         bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
         x_lay = pg.layouts[pg_nodes[name].args[0]].lays[c.input_axis]

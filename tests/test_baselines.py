@@ -100,3 +100,12 @@ def test_least_squares_on_merged_inputs_fits_each_layer_and_keeps_the_self_merge
     assert ls["inputs"] == "merged" and ls["passes"] > 1
     for name, v in ls["per_layer"].items():
         assert v["loss_fit"] <= v["loss_init"] * (1 + 1e-6) + 1e-9, name
+
+
+def test_regmean_and_zipit_keep_both_heads_with_disjoint_labels():
+    spec = [("residual", 1)]
+    a, b = net(spec, 3), net(spec, 4)
+    for method in ("regmean", "zipit"):
+        res = fxmerge.merge(a, b, calib(2), method=method, labels="disjoint")
+        with torch.no_grad():
+            assert res.model(X).shape == (2, 10), method
