@@ -37,8 +37,7 @@ from .budget import CostModel, Plan, frozen_roots, plan_budget, roots_within
 from .lstsq import GramCollector, LayerSystem, regmean_layer, solve_layer, supports
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .models import InputError
-from .rewrite import WidenGraph, _set_tensor, check_shapes, in_axes_of, split_contractions, splittable
-from .rules.registry import tensors_in
+from .rewrite import WidenGraph, _set_tensor, check_shapes, in_axes_of, normalized_layouts, split_contractions, splittable
 from .runner import LockstepRunner, input_batches
 from .widening import LayoutWidener
 from .zipit import JointCollector, ZipProjector, merge_matrices, root_order, zip_cut, zip_pairs
@@ -125,6 +124,13 @@ def _progress(it, enabled: bool, desc: str, total=None):
     from tqdm.auto import tqdm
 
     return tqdm(it, desc=desc, total=total, leave=False)
+
+
+def _lockstep_pass(runner: LockstepRunner, collector, data, device, progress: bool, desc: str, until=None) -> None:
+    """One pass over the calibration data, the collector seeing every node."""
+    for i, x in enumerate(_progress(input_batches(data, device), progress, desc)):
+        collector.batch = i
+        runner.run((x,), collector, until=until)
 
 
 def _group_of_root(pg: PermutationGroups) -> dict:
@@ -272,19 +278,13 @@ def merge(
     elif method == "zipit":
         match = Matching()
         collector = JointCollector(pg, positions, seed, device)
-        runner = LockstepRunner([gm_a, gm_b])
-        for i, x in enumerate(_progress(input_batches(data, device), progress, "matching")):
-            collector.batch = i
-            runner.run((x,), collector)
+        _lockstep_pass(LockstepRunner([gm_a, gm_b]), collector, data, device, progress, "matching")
         zip_sims = {u: c for u, c in collector.similarities().items() if u not in output_roots}
     elif matching == "weight":
         match = weight_matching(pg, state_a, gm_b.state_dict(), seed=seed, exclude=output_roots)
     else:
         collector = ActivationCollector(pg, positions, seed, device)
-        runner = LockstepRunner([gm_a, gm_b])
-        for i, x in enumerate(_progress(input_batches(data, device), progress, "matching")):
-            collector.batch = i
-            runner.run((x,), collector)
+        _lockstep_pass(LockstepRunner([gm_a, gm_b]), collector, data, device, progress, "matching")
         match = activation_matching(collector, exclude=output_roots)
     timings["matching"] = time.perf_counter() - t
 
@@ -408,7 +408,7 @@ def _normalized_roots(pg, policy: str) -> set:
     for name, norm in pg.normalizations.items():
         node = nodes[name]
         if policy == "merged" or not splittable(pg.gm, node, norm):
-            for lay in tensors_in(pg.layouts.get(node.args[0]))[0].lays[-norm.axes:]:
+            for lay in normalized_layouts(pg, node, norm):
                 roots_within(lay, roots)
     return roots
 
@@ -456,13 +456,11 @@ def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, see
     per_layer = {}
     runner = LockstepRunner(models)
     for w, wave in enumerate(waves):
-        collector = GramCollector({n: systems[n] for n in wave}, modules, pg.contractions, positions, seed)
-        collector.stacked = inputs == "stacked"
+        collector = GramCollector({n: systems[n] for n in wave}, modules, pg.contractions, positions, seed,
+                                  stacked=inputs == "stacked")
         desc = "least squares" if len(waves) == 1 else f"least squares {w + 1}/{len(waves)}"
-        last = wave[-1]  # waves are in graph order: nothing after this node is needed
-        for i, x in enumerate(_progress(input_batches(data, device), progress, desc)):
-            collector.batch = i
-            runner.run((x,), collector, until=last if len(waves) > 1 else None)
+        # waves are in graph order: nothing after a wave's last layer is needed
+        _lockstep_pass(runner, collector, data, device, progress, desc, until=wave[-1] if len(waves) > 1 else None)
         for name in wave:
             sysm, mod = systems[name], modules[name]
             if inputs == "stacked":

@@ -83,12 +83,14 @@ def unfold_samples(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: 
 class GramCollector:
     """The per-node callback of the least-squares pass."""
 
-    def __init__(self, systems: dict, modules: dict, contractions: dict, positions: int, seed: int):
+    def __init__(self, systems: dict, modules: dict, contractions: dict, positions: int, seed: int,
+                 stacked: bool = False):
         self.systems = systems  # node name -> LayerSystem
         self.modules = modules
         self.contractions = contractions
         self.positions = positions
         self.seed = seed
+        self.stacked = stacked  # RegMean: each model's own samples, stacked
         self.batch = 0
 
     def __call__(self, node, values, env) -> None:
@@ -110,8 +112,6 @@ class GramCollector:
         xt = xs[2] if len(xs) > 2 else widen_features(xs[0], xs[1], c.input_axis, sysm.w_x)
         yt = widen_features(ya, yb, c.output_axis, sysm.w_y)
         self._accumulate(node, sysm, mod, xt, yt)
-
-    stacked = False
 
     def _accumulate(self, node, sysm: LayerSystem, mod, x, y, model: int = 0) -> None:
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name) + 31 * model)

@@ -108,10 +108,10 @@ class WidenGraph:
         old_nodes = {n.name: n for n in self.pg.gm.graph.nodes}
         nodes = {n.name: n for n in gm.graph.nodes}
         for name, norm in self.pg.normalizations.items():
-            lay = normalized_layout(self.pg, old_nodes[name], norm)
-            w = self.widener.widen(lay)
-            if (w.role == 3).all():
+            ws = [self.widener.widen(lay) for lay in normalized_layouts(self.pg, old_nodes[name], norm)]
+            if all((w.role == 3).all() for w in ws):
                 continue  # fully merged: the plain op is exact
+            w = ws[-1]  # splittable norms normalise one axis
             node = nodes[name]
             if not splittable(gm, node, norm):
                 raise RewriteError(
@@ -213,9 +213,9 @@ class WidenGraph:
         raise RewriteError(f"cannot rewrite '{node.name}': narrow over a widened axis")
 
 
-def normalized_layout(pg, node: fx.Node, norm):
-    """The layout of the (last) feature axis a normalisation node reads."""
-    return tensors_in(pg.layouts.get(node.args[0]))[0].lays[-1]
+def normalized_layouts(pg, node: fx.Node, norm) -> tuple:
+    """The layouts of the trailing feature axes a normalisation node reads."""
+    return tensors_in(pg.layouts.get(node.args[0]))[0].lays[-norm.axes:]
 
 
 def splittable(gm: fx.GraphModule, node: fx.Node, norm) -> bool:

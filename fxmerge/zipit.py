@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.linalg import block_diag
 
 from .ir import Concat, Dep, Product, find
 from .matching import ActivationCollector, occurrences
@@ -102,11 +103,11 @@ class ZipProjector:
 
     def matrices(self, lay, contracted: bool) -> tuple:
         if isinstance(lay, Dep):
-            return self._shared(lay.size, contracted)
+            return self._shared(lay.size)
         r = find(lay)
         s = r.structure
         if r.pinned:
-            return self._shared(r.size, contracted)
+            return self._shared(r.size)
         if r.uid in self.zipped:
             M, U = self.zipped[r.uid]
             d = r.size
@@ -116,22 +117,22 @@ class ZipProjector:
         if s is None:
             if r.uid in self.separate:
                 return self._apart(r.size)
-            return self._shared(r.size, contracted)
+            return self._shared(r.size)
         if isinstance(s, Concat):
             parts = [self.matrices(p, contracted) for p in s.parts]
-            return tuple(_block_diag([p[m] for p in parts]) for m in (0, 1))
+            return tuple(block_diag(*[p[m] for p in parts]) for m in (0, 1))
         outer = find(s.outer)
         n = s.inner_size
         if outer.pinned:
             inners = [self.matrices(i, contracted) for i in s.inners]
-            return tuple(_block_diag([p[m] for p in inners]) for m in (0, 1))
+            return tuple(block_diag(*[p[m] for p in inners]) for m in (0, 1))
         # blocks (heads, conv groups) move or stay whole: inner axes shared
         pa, pb = self.matrices(s.outer, contracted)
         eye = np.eye(n)
         return np.kron(pa, eye), np.kron(pb, eye)
 
     @staticmethod
-    def _shared(d: int, contracted: bool) -> tuple:
+    def _shared(d: int) -> tuple:
         return np.eye(d), np.eye(d)
 
     @staticmethod
@@ -150,37 +151,29 @@ class ZipProjector:
             return a.clone()
         if a.ndim == 0 or not lays:
             return 0.5 * (a + b)
+        # per axis: both models' matrices, and None where they are the identity
+        per_axis = []
+        for axis, lay in enumerate(lays):
+            pair = self.matrices(lay, axis in in_axes)
+            per_axis.append(tuple(None if P.shape[0] == P.shape[1] and np.array_equal(P, np.eye(P.shape[0])) else
+                                  torch.as_tensor(P, dtype=torch.float64, device=a.device) for P in pair))
         out = share = None
         for m, t in enumerate((a, b)):
             t = t.double()
             w = torch.ones((1,) * t.ndim, dtype=torch.float64, device=t.device)
-            for axis, lay in enumerate(lays):
-                contracted = axis in in_axes
-                P = torch.as_tensor(self.matrices(lay, contracted)[m], dtype=torch.float64, device=t.device)
-                if not contracted:
+            for axis, pair in enumerate(per_axis):
+                P = pair[m]
+                if axis not in in_axes and P is not None:  # identity rows give each model a share of 1
                     shape = [1] * t.ndim
                     shape[axis] = P.shape[0]
                     w = w * P.sum(1).reshape(shape)
-                if P.shape[0] == P.shape[1] and torch.equal(P, torch.eye(P.shape[0], dtype=P.dtype, device=P.device)):
-                    continue
-                t = torch.movedim(torch.tensordot(P, t, dims=([1], [axis])), 0, axis)
+                if P is not None:
+                    t = torch.movedim(torch.tensordot(P, t, dims=([1], [axis])), 0, axis)
             out = t if out is None else out + t
             share = w if share is None else share + w
         share = share.expand_as(out)
         out = torch.where(share > 0, out / share.clamp_min(1e-12), torch.zeros_like(out))
         return out.to(a.dtype)
-
-
-def _block_diag(mats: list) -> np.ndarray:
-    rows = sum(m.shape[0] for m in mats)
-    cols = sum(m.shape[1] for m in mats)
-    out = np.zeros((rows, cols))
-    r = c = 0
-    for m in mats:
-        out[r:r + m.shape[0], c:c + m.shape[1]] = m
-        r += m.shape[0]
-        c += m.shape[1]
-    return out
 
 
 def root_order(pg) -> list:

@@ -29,9 +29,9 @@ def net(spec, seed, stem=8):
     return build(stem, spec).eval()
 
 
-def permuted_copy(model, seed):
+def permuted_copy(model, seed, example=X):
     """A function-equal copy of ``model`` with every group permuted."""
-    pg = fxmerge.analyze(model, X)
+    pg = fxmerge.analyze(model, example)
     sampler = pg.sampler(np.random.default_rng(seed))
     state = model.state_dict()
     state.update(pg.permute_state(state, sampler))

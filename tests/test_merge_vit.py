@@ -1,7 +1,5 @@
 """Merging Vision Transformers: attention heads widen and merge as units, and
 LayerNorms over a widened residual stream keep per-model statistics."""
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -9,6 +7,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.deit import VisionTransformerDistilled
 
 import fxmerge
+from test_merge import permuted_copy
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -41,16 +40,6 @@ def calib(n=2, batch=8, seed=0):
     return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(n)]
 
 
-def permuted_copy(model, seed):
-    pg = fxmerge.analyze(model, X)
-    sampler = pg.sampler(np.random.default_rng(seed))
-    state = model.state_dict()
-    state.update(pg.permute_state(state, sampler))
-    other = copy.deepcopy(model)
-    other.load_state_dict(state)
-    return other
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_vit_two_x_with_split_layer_norms_is_the_ensemble(variant):
     a, b = vit(variant, 0), vit(variant, 1)
@@ -65,7 +54,7 @@ def test_vit_two_x_with_split_layer_norms_is_the_ensemble(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_vit_self_merge_with_head_and_feature_permuted_copy_is_the_same_function(variant):
     a = vit(variant, 3)
-    b = permuted_copy(a, 4)
+    b = permuted_copy(a, 4, example=X)
     with torch.no_grad():
         assert not torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
         torch.testing.assert_close(b(X), a(X), rtol=1e-4, atol=1e-5)
