@@ -157,8 +157,14 @@ def cmd_demo(args) -> int:
     budgets = _parse_budgets(args.budgets)
     print(f"fxmerge demo: {args.arch} on digits, model A = digits 0-4 (seed 0), model B = digits 5-9 (seed 1); "
           f"calibration: {args.calib} {args.data} images")
+    try:
+        runs = default_runs(budgets, [m.strip() for m in args.methods.split(",") if m.strip()])
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.norm_policy not in ("split", "merged"):
+        raise CLIError(f"--norm-policy must be split or merged, got '{args.norm_policy}'")
     rows = run_demo(args.arch, budgets=budgets, device=args.device, calib=args.calib, data=args.data,
-                    runs=default_runs(budgets), log=print, progress=False)
+                    runs=runs, norm_policy=args.norm_policy, log=print, progress=False)
     print()
     print(format_table(rows))
     return EXIT_OK
@@ -217,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budgets", default="1,1.2,1.5,2", help="comma-separated budgets (default 1,1.2,1.5,2)")
     d.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
     d.add_argument("--data", default="digits", choices=("digits", "generic"), help="calibration source")
+    d.add_argument("--methods", default="pleas,perm,zipit,rebasin,regmean,avg,ensemble",
+                   help="comma-separated methods (default: all)")
+    d.add_argument("--norm-policy", default="split", help="LayerNorm policy for ViTs: split or merged (default split)")
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
     return p

@@ -130,14 +130,23 @@ def calibration(source: str = "digits", n: int = 512, seed: int = 0) -> list:
     raise ValueError(f"unknown calibration source '{source}'")
 
 
-def default_runs(budgets: Sequence[float]) -> list:
-    runs = [(m, b) for m in ("pleas", "perm", "zipit") for b in budgets]
-    runs += [("rebasin", 1.0), ("regmean", 1.0), ("avg", 1.0), ("ensemble", 2.0)]
-    return runs
+BUDGETED = ("pleas", "perm", "zipit")  # methods whose cost follows the budget
+FIXED = {"rebasin": 1.0, "regmean": 1.0, "avg": 1.0, "ensemble": 2.0}
+
+
+def default_runs(budgets: Sequence[float], methods: Sequence[str] = BUDGETED + tuple(FIXED)) -> list:
+    """(method, budget) rows: budgeted methods at every budget, the others at
+    their only cost."""
+    unknown = [m for m in methods if m not in BUDGETED and m not in FIXED]
+    if unknown:
+        raise ValueError(f"unknown method '{unknown[0]}': choose from {', '.join(BUDGETED + tuple(FIXED))}")
+    runs = [(m, b) for m in methods if m in BUDGETED for b in budgets]
+    return runs + [(m, FIXED[m]) for m in methods if m in FIXED]
 
 
 def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS, device="cpu", calib: int = 512,
-             data: str = "digits", runs: Optional[list] = None, log=print, progress: bool = False) -> list:
+             data: str = "digits", runs: Optional[list] = None, norm_policy: str = "split", log=print,
+             progress: bool = False) -> list:
     from .engine import merge
 
     a, b = cached_pair(arch, device=device, log=log)
@@ -150,7 +159,8 @@ def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS
                      "params": sum(p.numel() for p in model.parameters()), "seconds": None})
     for method, budget in runs or default_runs(budgets):
         t = time.perf_counter()
-        res = merge(a, b, batches, budget=budget, method=method, labels="disjoint", device=device, progress=progress)
+        res = merge(a, b, batches, budget=budget, method=method, labels="disjoint", device=device,
+                    norm_policy=norm_policy, progress=progress)
         seconds = time.perf_counter() - t
         r = evaluate(res.model, test, device=device)
         rows.append({"method": method, "budget": budget, **r, "cost": res.report["cost_measured"],

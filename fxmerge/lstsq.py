@@ -6,7 +6,8 @@ outputs ``Y~`` (``widen_features`` of A's and aligned B's values: teacher
 forcing). Convolutions are unfolded (im2col, any stride, padding, dilation
 and groups) so each output position is a sample; at most ``positions``
 positions per input are kept. Only ``G = X~^T X~`` and ``C = X~^T Y~`` are
-accumulated (float64), so memory does not grow with the data.
+accumulated (each batch's products in the activations' precision, their sum
+over batches in float64), so memory does not grow with the data.
 
 Each output row class is its own problem over the input columns it may read
 (A-only rows: A's and merged columns; B-only rows: B's and merged; merged
@@ -28,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg.blas as blas
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,20 +66,31 @@ class LayerSystem:
     loss_fit: float = field(default=float("nan"))
 
 
-def unfold_samples(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, gen: torch.Generator):
-    """Samples ``(rows, groups, cols)`` of inputs and ``(rows, groups, outs)`` of
-    targets for one layer."""
+def sample_rows(mod: nn.Module, x: torch.Tensor, idx) -> torch.Tensor:
+    """One layer's sampled input rows ``(rows, channels, taps)``: for a
+    convolution the im2col patch of every kept output position (any stride,
+    padding, dilation), for a linear layer the features (one tap)."""
     if isinstance(mod, nn.Conv2d):
-        g = mod.groups
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-        xs = cols.permute(0, 2, 1)  # (batch, positions, in x taps)
-        ys = positions_view(y, 1)
-    else:
-        xs, ys = positions_view(x, x.ndim - 1), positions_view(y, y.ndim - 1)
-        g = 1
-    idx = sample_positions(xs.shape[1], positions, gen, x.device)
-    X, Y = rows(xs, idx), rows(ys, idx)
-    return X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1)
+        X = rows(cols.permute(0, 2, 1), idx)  # (rows, in x taps)
+        return X.reshape(X.shape[0], x.shape[1], -1)
+    return rows(positions_view(x, x.ndim - 1), idx).unsqueeze(-1)
+
+
+def output_view(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A layer's output as ``(batch, positions, channels)``."""
+    return positions_view(y, 1 if isinstance(mod, nn.Conv2d) else y.ndim - 1)
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` in float64 for ``X`` (samples, d). One batch's product runs
+    in X's precision, as a symmetric rank-k update on the CPU (half the work
+    of a general product); the caller accumulates batches in float64."""
+    if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64) and X.shape[0] > 0:
+        syrk = blas.ssyrk if X.dtype == torch.float32 else blas.dsyrk
+        upper = torch.from_numpy(syrk(1.0, X.contiguous().numpy(), trans=1, lower=0)).double()
+        return upper + torch.triu(upper, 1).T
+    return (X.T @ X).double()
 
 
 class GramCollector:
@@ -96,32 +109,42 @@ class GramCollector:
     def __call__(self, node, values, env) -> None:
         """``values``: the node's values in A and aligned B, and, when a
         third model runs alongside (the merged model, for ``inputs="merged"``),
-        its input is taken from that model instead of the ensemble."""
+        its input is taken from that model instead of the ensemble.
+
+        Positions are sampled before the ensemble's features are widened, so
+        the widening touches only the kept rows."""
         sysm = self.systems.get(node.name)
         if sysm is None:
             return
-        c = self.contractions[node.name]
         xs = env(node.args[0])
         mod = self.modules[node.name]
-        if self.stacked:
-            # RegMean: each model's own inputs and outputs, stacked as samples
-            for m, (x, y) in enumerate(zip(xs, values)):
-                self._accumulate(node, sysm, mod, x, y, model=m)
-            return
-        ya, yb = values[:2]
-        xt = xs[2] if len(xs) > 2 else widen_features(xs[0], xs[1], c.input_axis, sysm.w_x)
-        yt = widen_features(ya, yb, c.output_axis, sysm.w_y)
-        self._accumulate(node, sysm, mod, xt, yt)
+        for m in range(2 if self.stacked else 1):
+            gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name) + 31 * m)
+            ys = [output_view(mod, y) for y in values[:2]]
+            idx = sample_positions(ys[0].shape[1], self.positions, gen, ys[0].device)
+            if self.stacked:
+                # RegMean: each model's own inputs and outputs, stacked as samples
+                X, Y = sample_rows(mod, xs[m], idx), rows(ys[m], idx)
+            else:
+                if len(xs) > 2:
+                    X = sample_rows(mod, xs[2], idx)
+                else:
+                    X = widen_features(sample_rows(mod, xs[0], idx), sample_rows(mod, xs[1], idx), 1, sysm.w_x)
+                Y = widen_features(rows(ys[0], idx), rows(ys[1], idx), 1, sysm.w_y)
+            g = sysm.groups
+            self._accumulate(sysm, X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1), m)
 
-    def _accumulate(self, node, sysm: LayerSystem, mod, x, y, model: int = 0) -> None:
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name) + 31 * model)
-        X, Y = unfold_samples(mod, x, y, self.positions, gen)
-        X, Y = X.double(), Y.double()
+    def _accumulate(self, sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: int = 0) -> None:
+        """Add one batch's ``(rows, groups, cols)`` inputs and ``(rows, groups,
+        outs)`` targets to the layer's float64 sums."""
         if sysm.bias is not None:
             X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
-        G = torch.einsum("ngi,ngj->gij", X, X)
-        C = torch.einsum("ngi,ngo->gio", X, Y)
-        yy = (Y * Y).sum(0)
+        if sysm.groups == 1:
+            G = gram(X[:, 0])[None]
+        else:
+            G = torch.einsum("ngi,ngj->gij", X, X).double()
+        C = torch.einsum("ngi,ngo->gio", X, Y).double()
+        yy = (Y.double() ** 2).sum(0)
         if sysm.gram is None:
             sysm.gram, sysm.cross, sysm.yy = G, C, yy
         else:

@@ -59,10 +59,12 @@ class Matching:
 # where roots occur
 
 
-def occurrences(lay) -> list:
+def occurrences(lay, structured_outers: bool = False) -> list:
     """``(key, positions)`` for every matchable root inside a layout:
     ``key`` is the atom root, or the product root for an unpinned product
-    (whose positions span all of its blocks)."""
+    (whose positions span all of its blocks). ``structured_outers``: also
+    products whose blocks follow a structured dim (a depthwise multiplier
+    after a concatenation), whose inner dims are matched once the parts are."""
     out = []
 
     def walk(x, off):
@@ -85,7 +87,9 @@ def occurrences(lay) -> list:
             if not o.pinned and o.structure is None:
                 out.append((r, np.arange(off, off + r.size)))
             elif not o.pinned:
-                pass  # blocks follow a structured dim whose parts are matched where they occur
+                # blocks follow a structured dim whose parts are matched where they occur
+                if structured_outers and s.inner_size > 1:
+                    out.append((r, np.arange(off, off + r.size)))
             else:
                 n = s.inner_size
                 for i, inner in enumerate(s.inners):
@@ -143,13 +147,15 @@ class CorrelationStats:
         self.sab = z(d, d)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = a.double(), b.double()
+        # the cross-product of one batch in the activations' precision (the
+        # costly part), every sum over batches in float64
         self.n += a.shape[0]
+        self.sab += (a.T @ b).double()
+        a, b = a.double(), b.double()
         self.sa += a.sum(0)
         self.sb += b.sum(0)
         self.saa += (a * a).sum(0)
         self.sbb += (b * b).sum(0)
-        self.sab += a.T @ b
 
     def correlation(self) -> np.ndarray:
         n = max(self.n, 1)
@@ -164,6 +170,7 @@ class ActivationCollector:
     """The per-node callback of the matching pass."""
 
     stats_class = CorrelationStats
+    structured_outers = True  # collect the inner dims of products over structured dims
 
     def __init__(self, pg, positions: int, seed: int, device):
         self.pg = pg
@@ -186,7 +193,7 @@ class ActivationCollector:
             for axis, lay in enumerate(tls[0].lays):
                 if axis == 0 and len(tls[0].lays) > 1:
                     continue  # the batch axis
-                for root, pos in occurrences(lay):
+                for root, pos in occurrences(lay, self.structured_outers):
                     occ.append((axis, root, pos))
             if occ:
                 self._plan[name] = occ
@@ -198,8 +205,6 @@ class ActivationCollector:
         a, b = values
         if isinstance(a, (tuple, list)):  # (output, attention weights)
             a, b = a[0], b[0]
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise InputError(f"non-finite activations at node '{node.name}': check the models' weights and the calibration data")
         # crc32, not hash(): str hashes change between processes, and equal
         # seeds must give bit-identical merges in any process
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch * 9973 + zlib.crc32(node.name.encode()) % 997)
@@ -210,6 +215,11 @@ class ActivationCollector:
             va, vb = positions_view(a, axis), positions_view(b, axis)
             idx = sample_positions(va.shape[1], self.positions, gen, va.device)
             ra, rb = rows(va, idx), rows(vb, idx)
+            # checked on the kept rows only: a full-tensor check costs a third
+            # of the forward pass, and a non-finite value spreads downstream
+            if not (torch.isfinite(ra).all() and torch.isfinite(rb).all()):
+                raise InputError(f"non-finite activations at node '{node.name}': check the models' weights and the "
+                                 "calibration data")
             for root, pos in items:
                 key = (node.name, axis, root.uid, int(pos[0]))
                 st = self.stats.get(key)
@@ -251,6 +261,7 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
     """
     m = Matching()
     by_outer: dict = defaultdict(list)
+    structured: dict = defaultdict(list)  # products whose outer is a structured dim
     for uid, sim in sims_by_root.items():
         r = roots[uid]
         if uid in exclude:
@@ -260,7 +271,8 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
             perm, val = _lsa(sim)
             m.perms[uid], m.sims[uid] = perm, val
         elif isinstance(s, Product):
-            by_outer[find(s.outer).uid].append((r, sim))
+            o = find(s.outer)
+            (by_outer if o.structure is None else structured)[o.uid].append((r, sim))
     for ouid, items in by_outer.items():
         if ouid in exclude:
             continue
@@ -296,7 +308,37 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
             for a in range(g):
                 b = perm[a]
                 m.perms[fam[b]] = inner[(fam, a, b)]
+    _match_inners_of_structured(m, structured, exclude)
     return m
+
+
+def _match_inners_of_structured(m: Matching, structured: dict, exclude: set) -> None:
+    """Inner dims of products over a structured outer: the block pairing is
+    fixed by the outer's parts (already matched), so only the inner dims of
+    each pair are assigned; a shared inner dim gets one assignment over all pairs."""
+    if not structured:
+        return
+    index = MatchSampler(dict(m.perms)).index
+    for ouid, items in structured.items():
+        if ouid in exclude:
+            continue
+        outer = find(items[0][0].structure.outer)
+        pair = index(outer)  # B block per A block
+        g = outer.size
+        families: dict = defaultdict(lambda: None)
+        for r, sim in items:
+            fam = tuple(find(i).uid for i in r.structure.inners)
+            families[fam] = sim if families[fam] is None else families[fam] + sim
+        for fam, sim in families.items():
+            n = sim.shape[0] // g
+            if n < 2:
+                continue
+            blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
+            if len(set(fam)) == g:
+                for a in range(g):
+                    m.perms[fam[pair[a]]] = _lsa(blocks[a, pair[a]])[0]
+            elif len(set(fam)) == 1 and fam[0] not in m.perms:
+                m.perms[fam[0]] = _lsa(sum(blocks[a, pair[a]] for a in range(g)))[0]
 
 
 # ----------------------------------------------------------------------------

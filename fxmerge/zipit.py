@@ -27,6 +27,7 @@ import torch
 from scipy.linalg import block_diag
 
 from .ir import Concat, Dep, Product, find
+from .lstsq import gram
 from .matching import ActivationCollector, occurrences
 
 
@@ -42,10 +43,10 @@ class JointStats:
         self.ss = torch.zeros(2 * d, 2 * d, dtype=torch.float64, device=device)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        x = torch.cat([a, b], dim=1).double()
+        x = torch.cat([a, b], dim=1)
         self.n += x.shape[0]
-        self.s += x.sum(0)
-        self.ss += x.T @ x
+        self.ss += gram(x)
+        self.s += x.double().sum(0)
 
     def correlation(self) -> np.ndarray:
         n = max(self.n, 1)
@@ -59,6 +60,7 @@ class JointCollector(ActivationCollector):
     """The matching pass's collector with pooled ``2d x 2d`` statistics."""
 
     stats_class = JointStats
+    structured_outers = False  # ZipIt! zips channels, never within-block orders
 
 
 def zip_pairs(corr: np.ndarray) -> list:
