@@ -461,6 +461,7 @@ def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, see
         desc = "least squares" if len(waves) == 1 else f"least squares {w + 1}/{len(waves)}"
         # waves are in graph order: nothing after a wave's last layer is needed
         _lockstep_pass(runner, collector, data, device, progress, desc, until=wave[-1] if len(waves) > 1 else None)
+        collector.finish()
         for name in wave:
             sysm, mod = systems[name], modules[name]
             if inputs == "stacked":

@@ -82,15 +82,21 @@ def output_view(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return positions_view(y, 1 if isinstance(mod, nn.Conv2d) else y.ndim - 1)
 
 
-def gram(X: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` in float64 for ``X`` (samples, d). One batch's product runs
-    in X's precision, as a symmetric rank-k update on the CPU (half the work
-    of a general product); the caller accumulates batches in float64."""
+def gram_upper(X: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of ``X^T X`` (float64; the strict lower triangle is
+    zero or, off the CPU, the full product) for ``X`` (samples, d). One
+    batch's product runs in X's precision, on the CPU as a symmetric rank-k
+    update (half the work of a general product); callers sum batches in
+    float64 and mirror the triangle once, with ``symmetric``."""
     if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64) and X.shape[0] > 0:
         syrk = blas.ssyrk if X.dtype == torch.float32 else blas.dsyrk
-        upper = torch.from_numpy(syrk(1.0, X.contiguous().numpy(), trans=1, lower=0)).double()
-        return upper + torch.triu(upper, 1).T
-    return (X.T @ X).double()
+        return torch.from_numpy(syrk(1.0, X.contiguous().numpy(), trans=1, lower=0)).double()
+    return torch.triu(X.T @ X).double()
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``upper``'s."""
+    return torch.triu(upper) + torch.triu(upper, 1).transpose(-1, -2)
 
 
 class GramCollector:
@@ -140,7 +146,7 @@ class GramCollector:
         if sysm.bias is not None:
             X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
         if sysm.groups == 1:
-            G = gram(X[:, 0])[None]
+            G = gram_upper(X[:, 0])[None]  # mirrored once, in ``finish``
         else:
             G = torch.einsum("ngi,ngj->gij", X, X).double()
         C = torch.einsum("ngi,ngo->gio", X, Y).double()
@@ -157,13 +163,23 @@ class GramCollector:
             sysm.diag[model] += G.diagonal(dim1=1, dim2=2)
         sysm.n += X.shape[0]
 
+    def finish(self) -> None:
+        """Complete the accumulated Gram matrices after the last batch."""
+        for sysm in self.systems.values():
+            if sysm.gram is not None and sysm.groups == 1:
+                sysm.gram = symmetric(sysm.gram)
+
+
+def ridge_lambda(G: torch.Tensor, ridge: float) -> float:
+    """The ridge weight: ``ridge`` times the mean diagonal of ``G``."""
+    return max(ridge * float(torch.diagonal(G).sum()) / max(G.shape[0], 1), 1e-12)
+
 
 def solve_block(G: torch.Tensor, C: torch.Tensor, W0: torch.Tensor, ridge: float) -> torch.Tensor:
     """``argmin_W ||X W^T - Y||^2 + lam ||W - W0||^2`` from ``G = X^T X`` and
     ``C = X^T Y`` (``W0``: rows x cols). Returns ``W`` (rows x cols)."""
     d = G.shape[0]
-    lam = ridge * float(torch.diagonal(G).sum()) / max(d, 1)
-    lam = max(lam, 1e-12)
+    lam = ridge_lambda(G, ridge)
     A = G + lam * torch.eye(d, dtype=G.dtype, device=G.device)
     B = C + lam * W0.T
     try:
@@ -176,6 +192,13 @@ def solve_block(G: torch.Tensor, C: torch.Tensor, W0: torch.Tensor, ridge: float
 def layer_loss(G, C, yy, W) -> float:
     """``||X W^T - Y||^2`` from the statistics (W: rows x cols)."""
     return float(yy.sum() - 2 * torch.sum(W.T * C) + torch.sum((W @ G) * W))
+
+
+def solved_loss(G, C, yy, W0, W, ridge: float) -> float:
+    """``layer_loss`` of a ``solve_block`` solution without the ``W G W^T``
+    product: the normal equations give ``G W^T = C + lam (W0 - W)^T``."""
+    lam = ridge_lambda(G, ridge)
+    return float(yy.sum() - torch.sum(W.T * C) + lam * torch.sum(W * (W0 - W)))
 
 
 def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | None, ridge: float):
@@ -203,7 +226,7 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
             Ws = solve_block(Gs, Cs, W0s, ridge)
             W[0][R.unsqueeze(1), S.unsqueeze(0)] = Ws
             init_loss += layer_loss(Gs, Cs, sysm.yy[0][R], W0s)
-            fit_loss += layer_loss(Gs, Cs, sysm.yy[0][R], Ws)
+            fit_loss += solved_loss(Gs, Cs, sysm.yy[0][R], W0s, Ws, ridge)
     else:
         for j in range(g):
             W[j] = solve_block(sysm.gram[j], sysm.cross[j], W0[j], ridge)

@@ -27,7 +27,7 @@ import torch
 from scipy.linalg import block_diag
 
 from .ir import Concat, Dep, Product, find
-from .lstsq import gram
+from .lstsq import gram_upper, symmetric
 from .matching import ActivationCollector, occurrences
 
 
@@ -45,13 +45,13 @@ class JointStats:
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         x = torch.cat([a, b], dim=1)
         self.n += x.shape[0]
-        self.ss += gram(x)
+        self.ss += gram_upper(x)  # mirrored in correlation()
         self.s += x.double().sum(0)
 
     def correlation(self) -> np.ndarray:
         n = max(self.n, 1)
         m = self.s / n
-        cov = self.ss / n - m[:, None] * m[None, :]
+        cov = symmetric(self.ss) / n - m[:, None] * m[None, :]
         sd = torch.diagonal(cov).clamp_min(0).sqrt()
         return (cov / (sd[:, None] * sd[None, :] + 1e-8)).cpu().numpy()
 
