@@ -14,6 +14,11 @@ linear in the per-root merge counts ``k``, so the whole model's cost is a
 bilinear function of ``k``: exact, cheap to evaluate, and equal to what the
 emitted graph computes.
 
+Products of two activations (attention scores and the weighted sum of
+values) have no weight but cost the product of the widths of the axes they
+span, ``prod_i (2 D_i - K_i)``; with heads as the only widening axis this is
+linear in ``k`` too.
+
 Planning. Start fully merged (cost 1x) and un-merge, a slice of pairs at a
 time, the least similar remaining pairs of the root with the best ratio of
 disagreement repaired (``sum 1 - similarity``) to cost added, until the target
@@ -22,7 +27,7 @@ target to within one pair.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -84,10 +89,21 @@ class LayerCost:
 
 
 @dataclass
+class ProductCost:
+    """An activation product: ``scale * prod_i (2 D_i - K_i)`` (each axis
+    widens to its A-only, merged and B-only channels)."""
+
+    node: str
+    scale: float  # 1 / batch: the batch axis is one of the factors
+    dims: list  # (D_i, linear form of K_i)
+
+
+@dataclass
 class CostModel:
     layers: list
     uids: list  # column order of k
     sizes: np.ndarray
+    products: list = field(default_factory=list)
 
     @classmethod
     def from_groups(cls, pg) -> "CostModel":
@@ -114,8 +130,15 @@ class CostModel:
             d_out = shape[out_axis] * (c.groups if c.weight_in_axis == 0 else 1)
             layers.append(LayerCost(c.node, positions * taps, d_out, shape[c.weight_in_axis], of, inf,
                                     c.groups > 1, shape[c.weight_in_axis]))
+        products = []
+        for p in pg.activation_products.values():
+            dims = [(d, linear_form(lay, sizes)) for lay, d in zip(p.lays, p.sizes)]
+            for _, form in dims:
+                for uid in form[1]:
+                    uids.setdefault(uid, len(uids))
+            products.append(ProductCost(p.node, 1.0 / max(1, batch), dims))
         order = sorted(uids, key=uids.get)
-        return cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64))
+        return cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64), products)
 
     def k_full(self) -> np.ndarray:
         return self.sizes.copy()
@@ -134,10 +157,13 @@ class CostModel:
             else:
                 ki = self._K(l.in_form, kd)
                 total += l.scale * (2 * l.d_out * l.d_in - ko * ki)
+        for p in self.products:
+            total += p.scale * float(np.prod([2 * d - self._K(form, kd) for d, form in p.dims]))
         return total
 
     def source_cost(self) -> float:
-        return sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
+        return (sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
+                + sum(p.scale * float(np.prod([d for d, _ in p.dims])) for p in self.products))
 
 
 def roots_within(lay, into: set) -> set:

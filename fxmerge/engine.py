@@ -137,12 +137,25 @@ def _group_of_root(pg: PermutationGroups) -> dict:
     return {r.uid: g for g in pg.all_groups for r in g.roots}
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU's fused attention kernel (the counter has no formula
+    for it): ``q k^T`` and ``attn v``, two FLOPs per multiply-accumulate."""
+    *batch, n_q, d_qk = query_shape
+    n_kv, d_v = key_shape[-2], value_shape[-1]
+    return 2 * int(np.prod(batch)) * n_q * n_kv * (d_qk + d_v)
+
+
+_EXTRA_FLOP_FORMULAS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
+
+
 def measure_macs(model: nn.Module, example_inputs: tuple) -> float:
     """Multiply-accumulates of one forward pass per example, counted on the
     real ops (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     # nn.MultiheadAttention's fused eval-mode kernel is invisible to the
     # counter: take the plain path while counting
     mha = torch.backends.mha

@@ -183,6 +183,25 @@ class WidenedMultiheadAttention(nn.Module):
         self.embed_dim = self.num_heads * head_dim
         self.batch_first = mha.batch_first
         self.dropout = mha.dropout
+        self.in_proj = None  # the packed projection as row blocks, once split
+
+    def split_projection(self, member: str, in_index, out_index) -> None:
+        """Compute a projection (``in_proj_weight`` or ``out_proj.weight``) as
+        row blocks over input-feature subsets, skipping its structural zeros."""
+        if member == "out_proj.weight":
+            self.out_proj = PartialLinear(self.out_proj, in_index, out_index)
+            return
+        if member != "in_proj_weight":
+            raise ValueError(f"no projection '{member}'")
+        out, width = self.in_proj_weight.shape
+        dense = nn.Linear(width, out, bias=self.in_proj_bias is not None,
+                          device=self.in_proj_weight.device, dtype=self.in_proj_weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.in_proj_weight)
+            if self.in_proj_bias is not None:
+                dense.bias.copy_(self.in_proj_bias)
+        self.in_proj = PartialLinear(dense, in_index, out_index)
+        self.in_proj_weight = self.in_proj_bias = None
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -190,7 +209,11 @@ class WidenedMultiheadAttention(nn.Module):
             raise NotImplementedError("widened attention supports self-attention without masks")
         x = query if self.batch_first else query.transpose(0, 1)
         b, n, _ = x.shape
-        q, k, v = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        if self.in_proj is not None:
+            qkv = self.in_proj(x)
+        else:
+            qkv = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.chunk(3, dim=-1)
         q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         o = self.out_proj(o.transpose(1, 2).reshape(b, n, self.embed_dim))

@@ -279,7 +279,9 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        if type(mod) not in (nn.Conv2d, nn.Linear) and not (isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward):
+        packed = hasattr(mod, "split_projection")  # a module with several projections (packed attention)
+        if not packed and type(mod) not in (nn.Conv2d, nn.Linear) and not (
+                isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward):
             continue
         lays = pg.members[c.weight]
         w_out, w_in = widener.widen(lays[0]), widener.widen(lays[1])
@@ -288,6 +290,10 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
             continue  # every row reads every column: nothing to skip
         in_index = [b[0] for b in blocks]
         out_index = [b[1] for b in blocks]
+        if packed:
+            mod.split_projection(c.weight[len(node.target) + 1:], in_index, out_index)
+            count += 1
+            continue
         new = PartialConv2d(mod, in_index, out_index) if isinstance(mod, nn.Conv2d) else PartialLinear(mod, in_index, out_index)
         parent, _, leaf = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, new)

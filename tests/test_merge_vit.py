@@ -127,9 +127,39 @@ def test_torchvision_vit_with_packed_multihead_attention_is_the_ensemble_at_two_
     a, b = tv(0), tv(1)
     res = fxmerge.merge(a, b, calib(), budget=2.0, method="perm")
     attn = res.model.get_submodule("encoder.layers.encoder_layer_0.self_attention")
-    assert attn.num_heads == 4 and attn.in_proj_weight.shape == (3 * 32, 32)
+    assert attn.num_heads == 4 and (attn.in_proj.in_features, attn.in_proj.out_features) == (32, 3 * 32)
     with torch.no_grad():
         torch.testing.assert_close(res.model(X), (a(X) + b(X)) / 2, rtol=1e-4, atol=1e-5)
+    # the packed projections are computed as row blocks: measured cost = plan
+    assert res.report["cost_measured"] == pytest.approx(2.0, rel=1e-6)
+    r = fxmerge.merge(a, b, calib(), budget=1.5, method="perm").report
+    assert r["cost_measured"] == pytest.approx(r["cost_planned"], rel=1e-3)
     res = fxmerge.merge(a, b, calib(), budget=1.0, method="pleas")
     with torch.no_grad():
         assert torch.isfinite(res.model(X)).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_products_enter_the_cost_model_and_measured_cost_equals_the_plan(fused):
+    """256 tokens of width 12: q k^T and attn v are over half the MACs."""
+    from fxmerge.budget import CostModel
+
+    def tokens_heavy(seed):
+        torch.manual_seed(seed)
+        m = VisionTransformer(img_size=32, patch_size=2, embed_dim=12, depth=1, num_heads=2, mlp_ratio=2, num_classes=5)
+        for mod in m.modules():
+            if hasattr(mod, "fused_attn"):
+                mod.fused_attn = fused
+        return m.eval()
+
+    a, b = tokens_heavy(0), tokens_heavy(1)
+    x = torch.randn(2, 3, 32, 32)
+    cm = CostModel.from_groups(fxmerge.analyze(a, x))
+    attention = sum(p.scale * np.prod([d for d, _ in p.dims]) for p in cm.products)
+    assert attention > 0.5 * cm.source_cost()
+    assert cm.source_cost() == pytest.approx(fxmerge.engine.measure_macs(a, (x[:1],)), rel=1e-9)
+    data = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    for budget in (1.3, 2.0):
+        r = fxmerge.merge(a, b, data, budget=budget, method="perm").report
+        assert r["cost_measured"] == pytest.approx(r["cost_planned"], rel=1e-3)
+        assert abs(r["cost_measured"] - budget) <= max(0.01 * budget, r["cost_resolution"] / 2) + 1e-9

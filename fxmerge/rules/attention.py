@@ -47,7 +47,10 @@ def matmul(ctx, a, b):
         ctx.hint(b.lays[-1], "v")
     out_shape = ctx.out_shape
     batch = broadcast_layouts(ctx, [TL(a.lays[:-2], a.shape[:-2]), TL(b.lays[:-2], b.shape[:-2])], out_shape[:-2])
-    return ctx.tl(batch + (a.lays[-2], b.lays[-1]))
+    out = batch + (a.lays[-2], b.lays[-1])
+    if _is_activation(a) and _is_activation(b):
+        ctx.activation_product(out + (a.lays[-1],), tuple(out_shape) + (a.shape[-1],))
+    return ctx.tl(out)
 
 
 @RULES.function(F.scaled_dot_product_attention)
@@ -65,6 +68,10 @@ def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if isinstance(attn_mask, TL):
         scores = TL(q.lays[:-1] + (k.lays[-2],), q.shape[:-1] + (k.shape[-2],))
         broadcast_layouts(ctx, [scores, attn_mask], scores.shape)
+    rows = q.lays[:-1] + (k.lays[-2],)
+    rows_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+    ctx.activation_product(rows + (q.lays[-1],), rows_shape + (q.shape[-1],), part="scores")
+    ctx.activation_product(rows + (v.lays[-1],), rows_shape + (v.shape[-1],), part="values")
     return ctx.tl(q.lays[:-1] + (v.lays[-1],))
 
 
@@ -101,6 +108,9 @@ def einsum(ctx, equation, *operands):
         entries = letters[ch]
         real = [l for l, s in entries if s != 1]
         out.append(real[0] if real else Dim(1))
+    if len(operands) > 1 and all(_is_activation(o) for o in operands):
+        spans = [(next((l for l, s in e if s != 1), e[0][0]), max(s for _, s in e)) for e in letters.values()]
+        ctx.activation_product([l for l, _ in spans], [s for _, s in spans])
     return ctx.tl(out)
 
 
@@ -143,9 +153,14 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     for i in range(key.ndim - 1):
         ctx.unify(key.lays[i], value.lays[i])
     out = ctx.tl(query.lays[:-1] + (w_out.lays[0],), ctx.out_shapes()[0])
-    # for the cost model: the packed input and the output projection
+    # for the cost model: the packed input and the output projection, and the
+    # attention inside (scores over q's heads x head_dim, values over v's)
     ctx.contraction(w_in, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="in_proj")
     ctx.contraction(w_out, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="out_proj")
+    rows = query.lays[:-1] + (key.lays[tok],)
+    rows_shape = tuple(query.shape[:-1]) + (key.shape[tok],)
+    ctx.activation_product(rows + (q_d,), rows_shape + (E,), part="scores")
+    ctx.activation_product(rows + (v_d,), rows_shape + (E,), part="values")
     weights_shape = ctx.out_shapes()[1]
     if weights_shape is None:
         return (out, None)

@@ -52,6 +52,18 @@ class Contraction:
 
 
 @dataclass(frozen=True)
+class ActivationProduct:
+    """A product of two activations (attention scores ``q k^T``, the weighted
+    sum of values): no weight to widen, but its multiply-accumulates are the
+    product of the widths of every axis it spans (output axes and the
+    contracted one), so widening heads raises its cost."""
+
+    node: str
+    lays: tuple  # layouts of the axes the multiply-accumulates run over
+    sizes: tuple
+
+
+@dataclass(frozen=True)
 class Normalization:
     """A node that normalises its input over trailing feature axes (LayerNorm,
     RMSNorm): its statistics mix every feature of the normalised axes, so
@@ -213,6 +225,12 @@ class RuleContext:
             self.analysis.contractions[key] = Contraction(
                 self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups
             )
+
+    def activation_product(self, lays, sizes, *, part: str = "") -> None:
+        """Record a product of two activations spanning axes ``lays`` of sizes
+        ``sizes`` (its cost; see ``ActivationProduct``)."""
+        key = f"{self.node.name}#{part}" if part else self.node.name
+        self.analysis.activation_products[key] = ActivationProduct(self.node.name, tuple(lays), tuple(int(s) for s in sizes))
 
     def normalization(self, axes: int, *, rms: bool = False) -> None:
         """Record that this node normalises its input over its ``axes``
