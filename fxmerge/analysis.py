@@ -83,6 +83,7 @@ class ChannelAnalysis(fx.Interpreter):
         self.outputs: list[TL] = []
         self.contractions: dict = {}
         self.activation_products: dict = {}
+        self.probes: dict = {}
         self.normalizations: dict = {}
 
     # -- members -----------------------------------------------------------
@@ -293,6 +294,7 @@ class PermutationGroups:
         self.contractions = {k: c for k, c in analysis.contractions.items() if k not in opaque_nodes}
         self.normalizations = {k: n for k, n in analysis.normalizations.items() if k not in opaque_nodes}
         self.activation_products = {k: p for k, p in analysis.activation_products.items() if p.node not in opaque_nodes}
+        self.probes = {k: p for k, p in analysis.probes.items() if k not in opaque_nodes}
         self.all_groups = _build_groups(self)
         # Only groups that own parameter axes are reported as groups.
         self.groups = [g for g in self.all_groups if any(self.member_is_param[m] for m, _ in g.members)]

@@ -296,7 +296,7 @@ def merge(
     elif matching == "weight":
         match = weight_matching(pg, state_a, gm_b.state_dict(), seed=seed, exclude=output_roots)
     else:
-        collector = ActivationCollector(pg, positions, seed, device)
+        collector = ActivationCollector(pg, positions, seed, device, models=(gm_a, gm_b))
         _lockstep_pass(LockstepRunner([gm_a, gm_b]), collector, data, device, progress, "matching")
         match = activation_matching(collector, exclude=output_roots)
     timings["matching"] = time.perf_counter() - t

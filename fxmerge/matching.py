@@ -25,6 +25,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import torch.fx
 from scipy.optimize import linear_sum_assignment
 
 from .analysis import permute_tensor
@@ -172,8 +173,9 @@ class ActivationCollector:
     stats_class = CorrelationStats
     structured_outers = True  # collect the inner dims of products over structured dims
 
-    def __init__(self, pg, positions: int, seed: int, device):
+    def __init__(self, pg, positions: int, seed: int, device, models: tuple = ()):
         self.pg = pg
+        self.models = models  # (A, B) GraphModules: probes compute from their modules
         self.positions = positions
         self.seed = seed
         self.device = device
@@ -197,17 +199,36 @@ class ActivationCollector:
                     occ.append((axis, root, pos))
             if occ:
                 self._plan[name] = occ
+        self._probes = {}  # node name -> [(Probe, occurrences)]
+        for name, probes in getattr(pg, "probes", {}).items():
+            if not models:
+                break
+            for probe in probes:
+                occ = [(axis, root, pos) for axis, lay in enumerate(probe.lays) for root, pos in
+                       occurrences(lay, self.structured_outers)]
+                if occ:
+                    self._probes.setdefault(name, []).append((probe, occ))
 
     def __call__(self, node, values, env=None) -> None:
         occ = self._plan.get(node.name)
-        if occ is None:
+        probes = self._probes.get(node.name, ())
+        if occ is None and not probes:
             return
-        a, b = values
-        if isinstance(a, (tuple, list)):  # (output, attention weights)
-            a, b = a[0], b[0]
         # crc32, not hash(): str hashes change between processes, and equal
         # seeds must give bit-identical merges in any process
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch * 9973 + zlib.crc32(node.name.encode()) % 997)
+        if occ is not None:
+            a, b = values
+            if isinstance(a, (tuple, list)):  # (output, attention weights)
+                a, b = a[0], b[0]
+            self._add(node.name, a, b, occ, gen)
+        for i, (probe, pocc) in enumerate(probes):
+            inputs = [env(x) for x in node.args if isinstance(x, torch.fx.Node)]
+            a, b = (probe.compute(gm.get_submodule(node.target), *[v[m] for v in inputs])
+                    for m, gm in enumerate(self.models))
+            self._add(f"{node.name}:probe{i}", a, b, pocc, gen)
+
+    def _add(self, name, a, b, occ, gen) -> None:
         by_axis = defaultdict(list)
         for axis, root, pos in occ:
             by_axis[axis].append((root, pos))
@@ -218,10 +239,10 @@ class ActivationCollector:
             # checked on the kept rows only: a full-tensor check costs a third
             # of the forward pass, and a non-finite value spreads downstream
             if not (torch.isfinite(ra).all() and torch.isfinite(rb).all()):
-                raise InputError(f"non-finite activations at node '{node.name}': check the models' weights and the "
+                raise InputError(f"non-finite activations at node '{name}': check the models' weights and the "
                                  "calibration data")
             for root, pos in items:
-                key = (node.name, axis, root.uid, int(pos[0]))
+                key = (name, axis, root.uid, int(pos[0]))
                 st = self.stats.get(key)
                 if st is None:
                     st = self.stats[key] = self.stats_class(len(pos), self.device)

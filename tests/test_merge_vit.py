@@ -113,17 +113,28 @@ def test_split_layer_norm_interpolates_between_the_plain_and_the_per_model_norm(
     torch.testing.assert_close(scattered(x)[..., order], contiguous(x[..., order]))
 
 
-def test_torchvision_vit_with_packed_multihead_attention_is_the_ensemble_at_two_x():
+def tv(seed):
     from torchvision.models.vision_transformer import VisionTransformer as TVViT
 
-    def tv(seed):
-        torch.manual_seed(seed)
-        m = TVViT(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        return m.eval()
+    torch.manual_seed(seed)
+    m = TVViT(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
 
+
+def test_torchvision_vit_self_merge_with_permuted_copy_matches_heads_inside_multihead_attention():
+    """The heads of a packed nn.MultiheadAttention are matched from its q/k/v
+    (a probe of the opaque module), so a permuted copy merges back exactly."""
+    a = tv(3)
+    b = permuted_copy(a, 3, example=X)
+    res = fxmerge.merge(a, b, calib(), budget=1.0, method="perm")
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(X), a(X), rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_vit_with_packed_multihead_attention_is_the_ensemble_at_two_x():
     a, b = tv(0), tv(1)
     res = fxmerge.merge(a, b, calib(), budget=2.0, method="perm")
     attn = res.model.get_submodule("encoder.layers.encoder_layer_0.self_attention")

@@ -157,6 +157,9 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     # attention inside (scores over q's heads x head_dim, values over v's)
     ctx.contraction(w_in, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="in_proj")
     ctx.contraction(w_out, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="out_proj")
+    # matching sees the packed q/k/v (heads and head dims) through a probe:
+    # the node itself only shows the residual widths
+    ctx.probe(_packed_projection, query.lays[:-1] + (w_in.lays[0],))
     rows = query.lays[:-1] + (key.lays[tok],)
     rows_shape = tuple(query.shape[:-1]) + (key.shape[tok],)
     ctx.activation_product(rows + (q_d,), rows_shape + (E,), part="scores")
@@ -170,6 +173,13 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     if len(weights_shape) == query.ndim + 1:
         lays[-3] = pq.outer
     return (out, ctx.tl(lays, weights_shape))
+
+
+def _packed_projection(module, query, *rest):
+    """``[q | k | v]`` of a packed attention module for its query."""
+    if getattr(module, "in_proj", None) is not None:
+        return module.in_proj(query)
+    return F.linear(query, module.in_proj_weight, module.in_proj_bias)
 
 
 @RESIZE.register(nn.MultiheadAttention)

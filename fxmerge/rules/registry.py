@@ -64,6 +64,17 @@ class ActivationProduct:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """An activation inside an opaque module that matching needs (the packed
+    q/k/v of ``nn.MultiheadAttention``): ``compute(module, *inputs)`` gives it
+    from the node's module and input values, ``lays`` is its layout."""
+
+    node: str
+    compute: Callable
+    lays: tuple
+
+
+@dataclass(frozen=True)
 class Normalization:
     """A node that normalises its input over trailing feature axes (LayerNorm,
     RMSNorm): its statistics mix every feature of the normalised axes, so
@@ -231,6 +242,11 @@ class RuleContext:
         ``sizes`` (its cost; see ``ActivationProduct``)."""
         key = f"{self.node.name}#{part}" if part else self.node.name
         self.analysis.activation_products[key] = ActivationProduct(self.node.name, tuple(lays), tuple(int(s) for s in sizes))
+
+    def probe(self, compute: Callable, lays) -> None:
+        """Expose an activation computed inside this node's module to matching
+        (see ``Probe``)."""
+        self.analysis.probes.setdefault(self.node.name, []).append(Probe(self.node.name, compute, tuple(lays)))
 
     def normalization(self, axes: int, *, rms: bool = False) -> None:
         """Record that this node normalises its input over its ``axes``
