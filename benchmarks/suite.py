@@ -17,7 +17,7 @@ Scenarios (models trained in-process, cached under .cache/fxmerge-bench):
 Writes docs/benchmarks.md (one table per family and scenario, the command,
 the library versions) and an accuracy-versus-budget plot per family.
 
-    python benchmarks/suite.py [--quick] [--families resnet18,resnet50,mobilenetv3,vit]
+    python benchmarks/suite.py [--quick] [--families resnet18,resnet50,resnetv2,mobilenetv3,vit]
 """
 from __future__ import annotations
 
@@ -53,6 +53,15 @@ def family_model(name: str, num_classes: int) -> nn.Module:
         from timm.models.resnet import Bottleneck, ResNet
 
         return ResNet(Bottleneck, (1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, num_classes=num_classes)
+    if name == "resnetv2":
+        # pre-activation bottlenecks with BatchNorm and plain convolutions, as
+        # timm's resnetv2_50 (the BiT variants' GroupNorm + weight
+        # standardisation needs widths divisible by 32 groups)
+        from timm.layers import BatchNormAct2d, create_conv2d
+        from timm.models.resnetv2 import ResNetV2
+
+        return ResNetV2((1, 1, 1, 1), channels=(64, 128, 256, 512), stem_chs=16, conv_layer=create_conv2d,
+                        norm_layer=BatchNormAct2d, num_classes=num_classes)
     if name == "mobilenetv3":
         import timm
 
@@ -290,13 +299,13 @@ def plot(results: dict, out_dir: str) -> list:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer epochs, budgets and families: a few minutes")
-    p.add_argument("--families", default=None, help="comma-separated (default resnet18,resnet50,mobilenetv3,vit)")
+    p.add_argument("--families", default=None, help="comma-separated (default resnet18,resnet50,resnetv2,mobilenetv3,vit)")
     p.add_argument("--scenarios", default="disjoint,domain")
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    families = (args.families or ("resnet18" if args.quick else "resnet18,resnet50,mobilenetv3,vit")).split(",")
+    families = (args.families or ("resnet18" if args.quick else "resnet18,resnet50,resnetv2,mobilenetv3,vit")).split(",")
     scenarios = args.scenarios.split(",")
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
