@@ -211,7 +211,8 @@ def main():
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--merged-calib", type=int, default=64, help="images for the merge with merged least-squares inputs")
     p.add_argument("--ls-calib", type=int, default=64)
-    p.add_argument("--adam-max-cols", type=int, default=1200)
+    p.add_argument("--adam-max-cols", type=int, default=320, help="Adam runs on the layers with at most this many "
+                   "input columns (its cost per step is rows x columns^2)")
     p.add_argument("--memory-calib", default="256,2048")
     p.add_argument("--memory-size", type=int, default=64)
     p.add_argument("--memory-ls-inputs", default="ensemble")
@@ -223,7 +224,9 @@ def main():
     if args.child_memory:
         child_memory(args.arch, args.memory_size, args.child_memory, args.budget, args.memory_ls_inputs)
         return
-    cmd = "python benchmarks/performance.py " + " ".join(sys.argv[1:])
+    # every option spelled out, so the command reproduces the run whatever the defaults become
+    cmd = "python benchmarks/performance.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("child_memory", "out"))
     ls = least_squares_vs_adam(args.arch, args.size, args.ls_calib, args.budget, args.adam_max_cols)
     print("least squares:", ls, flush=True)
     mfs = []
