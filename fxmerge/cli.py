@@ -135,7 +135,7 @@ def cmd_merge(args) -> int:
     batches = _calibration(args, size)
     result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
                    device=args.device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
-                   ridge=args.ridge, progress=not args.quiet)
+                   ridge=args.ridge, positions=args.positions, progress=not args.quiet)
     result.report["arch"] = args.arch
     save(result, args.output, arch=args.arch)
     r = result.report
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ls-inputs", default="merged", help="least-squares inputs: ensemble (teacher forcing, one pass) or "
                    "merged (the merged model's own, one pass per wave of layers) (default merged)")
     m.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge toward the permuted weights (default 1e-3)")
+    m.add_argument("--positions", type=int, default=64, help="spatial positions (tokens) sampled per image for the "
+                   "statistics; fewer is faster, the least-squares systems of wide layers want more; 0 keeps all (default 64)")
     m.add_argument("--labels", default="shared", choices=("shared", "disjoint"), help="shared head or both heads")
     m.add_argument("--input-size", help="C,H,W (default: the model's own)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

@@ -243,6 +243,8 @@ def merge(
         raise InputError(f"method '{method}' merges everything (budget 1); use 'perm' or 'pleas' for budget {budget}")
     if norm_policy not in NORM_POLICIES:
         raise InputError(f"norm_policy must be 'split' or 'merged', got '{norm_policy}'")
+    if not isinstance(positions, int) or positions < 0:
+        raise InputError(f"positions must be a whole number >= 0 (0 keeps every position), got {positions!r}")
     if ls_inputs not in ("ensemble", "merged"):
         raise InputError(f"ls_inputs must be 'ensemble' or 'merged', got '{ls_inputs}'")
     if method == "ensemble":

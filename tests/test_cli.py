@@ -30,6 +30,8 @@ def test_groups_verify_and_dot(capsys, tmp_path):
         (["groups", "torchvision:nope"], "unknown torchvision model"),
         (["groups", "resnet18", "--input-size", "3,32"], "bad --input-size"),
         (["groups", "--arch", "resnet18", "--checkpoint", "/nonexistent.pth"], "does not exist"),
+        (["demo", "--methods", "pleas,magic"], "unknown method 'magic'"),
+        (["demo", "--norm-policy", "wide"], "--norm-policy must be split or merged"),
     ],
 )
 def test_bad_input_exit_2(argv, needle, capsys):
@@ -105,7 +107,7 @@ def test_merge_command_writes_a_loadable_model(tmp_path, capsys):
     assert abs(report["cost_measured"] - 1.2) < 0.012
 
 
-@pytest.mark.parametrize("problem", ["budget", "arch", "checkpoint", "output", "nan", "method"])
+@pytest.mark.parametrize("problem", ["budget", "arch", "checkpoint", "output", "nan", "method", "positions"])
 def test_merge_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, problem):
     a, b = _ckpts(tmp_path)
     out = tmp_path / "merged.pt"
@@ -127,6 +129,8 @@ def test_merge_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, p
         torch.save(state, b)
     elif problem == "method":
         args["--method"] = "magic"
+    elif problem == "positions":
+        args["--positions"] = "-3"
     argv = ["merge", "--data", "generic", "--calib", "8", "--input-size", "3,32,32", "--quiet"]
     for k, v in args.items():
         argv += [k, v]
