@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 import fxmerge  # noqa: E402
 from fxmerge.data import digit_task, digits, generic, styled  # noqa: E402
-from fxmerge.demo import TASK_A, TASK_B, demo_model, evaluate, train  # noqa: E402
+from fxmerge.demo import TASK_A, TASK_B, TRAIN, cached_pair, demo_model, evaluate, train  # noqa: E402
 
 CACHE = os.path.join(ROOT, ".cache", "fxmerge-bench")
 BUDGETS = (1.0, 1.2, 1.5, 2.0)
@@ -71,13 +71,16 @@ def family_model(name: str, num_classes: int) -> nn.Module:
     raise SystemExit(f"unknown family '{name}'")
 
 
+DEMO_ARCH = {"resnet18": "resnet", "vit": "vit"}  # families that are the demo's models
+
+
 def train_config(name: str, quick: bool) -> dict:
     if name == "vit":
-        cfg = {"epochs": 60, "lr": 1e-3, "batch": 64, "weight_decay": 0.05}
+        cfg = dict(TRAIN["vit"])
     elif name == "mobilenetv3":
         cfg = {"epochs": 30, "lr": 0.05, "batch": 64, "weight_decay": 5e-4}
     else:
-        cfg = {"epochs": 20, "lr": 0.05, "batch": 64, "weight_decay": 5e-4}
+        cfg = dict(TRAIN["resnet"])
     if quick:
         cfg["epochs"] = max(5, cfg["epochs"] // 2)
     return cfg
@@ -158,8 +161,11 @@ def calibration(source: str, n: int, train_split) -> list:
 def run_disjoint(name, args, log) -> list:
     cfg = train_config(name, args.quick)
     tr, te = digits(train=True), digits(train=False)
-    a = cached(name, "a04", TASK_A, digit_task(tr, TASK_A), 0, cfg, log)
-    b = cached(name, "b59", TASK_B, digit_task(tr, TASK_B), 1, cfg, log)
+    if name in DEMO_ARCH and not args.quick:
+        a, b = cached_pair(DEMO_ARCH[name], cache_dir=os.path.join(ROOT, ".cache", "fxmerge-demo"), log=log)  # the demo's models (same recipe), trained once for both
+    else:
+        a = cached(name, "a04", TASK_A, digit_task(tr, TASK_A), 0, cfg, log)
+        b = cached(name, "b59", TASK_B, digit_task(tr, TASK_B), 1, cfg, log)
     rows = []
     for label, m, which in (("model A", a, "a"), ("model B", b, "b")):
         r = evaluate(m, te, which=which)
