@@ -162,7 +162,8 @@ def run_disjoint(name, args, log) -> list:
     cfg = train_config(name, args.quick)
     tr, te = digits(train=True), digits(train=False)
     if name in DEMO_ARCH and not args.quick:
-        a, b = cached_pair(DEMO_ARCH[name], cache_dir=os.path.join(ROOT, ".cache", "fxmerge-demo"), log=log)  # the demo's models (same recipe), trained once for both
+        # the demo's models (same recipe), trained once for both
+        a, b = cached_pair(DEMO_ARCH[name], cache_dir=os.path.join(ROOT, ".cache", "fxmerge-demo"), log=log)
     else:
         a = cached(name, "a04", TASK_A, digit_task(tr, TASK_A), 0, cfg, log)
         b = cached(name, "b59", TASK_B, digit_task(tr, TASK_B), 1, cfg, log)
