@@ -158,6 +158,23 @@ def calibration(source: str, n: int, train_split) -> list:
     return [x[i:i + 64] for i in range(0, n, 64)]
 
 
+FAILURES: list = []  # (family/scenario, method, budget, error): reported, never hidden
+
+
+def attempt(merge, method, budget, log):
+    """One merge; a failure is logged and listed in the report instead of
+    ending the whole suite."""
+    try:
+        return merge()
+    except Exception as e:  # noqa: BLE001 - the report lists it
+        FAILURES.append((CURRENT[0], method, budget, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        log(f"    FAILED {method} {budget}x: {FAILURES[-1][-1]}")
+        return None
+
+
+CURRENT = [""]
+
+
 def run_disjoint(name, args, log) -> list:
     cfg = train_config(name, args.quick)
     tr, te = digits(train=True), digits(train=False)
@@ -174,7 +191,10 @@ def run_disjoint(name, args, log) -> list:
                      "cost": 1.0, "params": sum(p.numel() for p in m.parameters()), "seconds": None})
     for method, budget, source in method_runs(args.quick):
         t = time.perf_counter()
-        res = fxmerge.merge(a, b, calibration(source, args.calib, tr), budget=budget, method=method, labels="disjoint")
+        res = attempt(lambda: fxmerge.merge(a, b, calibration(source, args.calib, tr), budget=budget, method=method,
+                                            labels="disjoint"), method, budget, log)
+        if res is None:
+            continue
         sec = time.perf_counter() - t
         r = evaluate(res.model, te)
         rows.append({"method": method if source == "digits" else "pleas-free", "budget": budget, "calib": source, **r,
@@ -206,7 +226,9 @@ def run_domain(name, args, log) -> list:
     for method, budget, source in method_runs(args.quick):
         data = calibration(source, args.calib, mixed) if source == "digits" else calibration(source, args.calib, calib_split)
         t = time.perf_counter()
-        res = fxmerge.merge(a, b, data, budget=budget, method=method, labels="shared")
+        res = attempt(lambda: fxmerge.merge(a, b, data, budget=budget, method=method, labels="shared"), method, budget, log)
+        if res is None:
+            continue
         sec = time.perf_counter() - t
         rows.append({"method": method if source == "digits" else "pleas-free", "budget": budget, "calib": source,
                      **scores(res.model), "cost": res.report["cost_measured"], "params": res.report["params_merged"],
@@ -337,8 +359,15 @@ def main(argv=None) -> int:
         results[fam] = {}
         for scen in scenarios:
             log(f"{fam} / {scen}")
+            CURRENT[0] = f"{fam} / {scen}"
             results[fam][scen] = (run_disjoint if scen == "disjoint" else run_domain)(fam, args, log)
-    total = time.perf_counter() - t0
+        # the report so far, so an interrupted run still leaves its finished families
+        write_report(results, args, argv, time.perf_counter() - t0, done=fam == families[-1])
+    log(f"wrote {args.out} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    return 0
+
+
+def write_report(results, args, argv, total, done) -> None:
     out_dir = os.path.dirname(args.out)
     pngs = plot(results, out_dir)
     import scipy
@@ -346,8 +375,9 @@ def main(argv=None) -> int:
     import torchvision
 
     cmd = "python benchmarks/suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    state = "" if done else " (interrupted: the families below are the ones finished)"
     lines = ["# Benchmarks", "",
-             f"Produced by `{cmd.strip()}` in {total / 60:.1f} minutes on {platform.machine()} "
+             f"Produced by `{cmd.strip()}` in {total / 60:.1f} minutes{state} on {platform.machine()} "
              f"({os.cpu_count()} CPU threads); torch {torch.__version__}, torchvision {torchvision.__version__}, "
              f"timm {timm.__version__}, scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}.", "",
              "Data: scikit-learn's handwritten digits at 32x32 (1257 train / 540 test). Models are trained here from "
@@ -356,6 +386,8 @@ def main(argv=None) -> int:
              "ensemble row stands for them there. "
              "Cost is the measured multiply-accumulates of the merged model over one source model.", ""]
     lines += ["## Claims", ""] + claims(results) + [""]
+    if FAILURES:
+        lines += ["## Failed runs", ""] + [f"- {w}: {m} {b}x: {e}" for w, m, b, e in FAILURES] + [""]
     for fam, scen in results.items():
         lines += [f"## {fam}", ""]
         if "disjoint" in scen:
@@ -370,8 +402,6 @@ def main(argv=None) -> int:
     with open(args.out + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(args.out + ".tmp", args.out)
-    log(f"wrote {args.out} ({total / 60:.1f} min)")
-    return 0
 
 
 if __name__ == "__main__":
