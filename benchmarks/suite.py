@@ -107,8 +107,21 @@ def cached(name: str, tag: str, classes, split, seed: int, cfg: dict, log) -> nn
 
 @torch.no_grad()
 def penultimate(model: nn.Module, split, batch: int = 256) -> np.ndarray:
-    """Inputs of the last linear layer (the classifier's features)."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "PartialLinear"][-1]
+    """Inputs of the classifier (the last linear or 1x1-convolution layer, as
+    in timm's conv heads; a widened layer counts as one, not as its parts)."""
+    from fxmerge.layers import PartialConv2d, PartialLinear
+
+    widened = (PartialLinear, PartialConv2d)
+    inside: set = set()
+    layers = []
+    for name, m in model.named_modules():
+        if any(name.startswith(w + ".") for w in inside):
+            continue
+        if isinstance(m, widened):
+            inside.add(name)
+        if isinstance(m, widened + (nn.Linear, nn.Conv2d)):
+            layers.append(m)
+    last = layers[-1]
     feats = []
     hook = last.register_forward_hook(lambda m, inp, out: feats.append(inp[0].flatten(1).cpu()))
     try:
