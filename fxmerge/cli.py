@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "statistics) or merged (keep them merged) (default split)")
     m.add_argument("--ls-inputs", default="merged", help="least-squares inputs: ensemble (teacher forcing, one pass) or "
                    "merged (the merged model's own, one pass per wave of layers) (default merged)")
-    m.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge toward the permuted weights (default 1e-3)")
+    m.add_argument("--ridge", type=float, default=1e-2, help="least-squares ridge toward the permuted weights (default 1e-2)")
     m.add_argument("--positions", type=int, default=64, help="spatial positions (tokens) sampled per image for the "
                    "statistics; fewer is faster, the least-squares systems of wide layers want more; 0 keeps all (default 64)")
     m.add_argument("--labels", default="shared", choices=("shared", "disjoint"), help="shared head or both heads")
