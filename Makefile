@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
            scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
 
-.PHONY: install test demo groups bench bench-quick perf coverage clean
+.PHONY: install test demo groups bench bench-quick perf ridge coverage clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -35,6 +35,9 @@ bench: $(STAMP)
 
 perf: $(STAMP)
 	$(PY) benchmarks/performance.py
+
+ridge: $(STAMP)
+	$(PY) benchmarks/ridge.py
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/suite.py --quick
