@@ -444,74 +444,96 @@ def _output_width(pg) -> int:
 def _least_squares(pg, merged, gm_a, gm_b, widener, data, device, positions, seed, ridge, progress, inputs) -> dict:
     nodes = {n.name: n for n in merged.graph.nodes}
     pg_nodes = {n.name: n for n in pg.gm.graph.nodes}
-    systems, modules = {}, {}
-    for c in pg.contractions.values():
+    systems, modules = {}, {}  # keyed like pg.contractions (node name, or node#part)
+    for key, c in pg.contractions.items():
         name = c.node
         node = nodes[name]
-        if node.op != "call_module" or name in systems:
+        if node.op != "call_module" or key in systems:
             continue
         mod = merged.get_submodule(node.target)
-        if not supports(mod):
-            continue
-        if inputs == "stacked" and tuple(mod.weight.shape) != tuple(gm_a.get_submodule(node.target).weight.shape):
-            continue  # RegMean merges same-shape layers; a widened one (both heads kept) stays as widened
         lays = pg.members[c.weight]
-        bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
-        x_lay = pg.layouts[pg_nodes[name].args[0]].lays[c.input_axis]
-        y_lay = pg.layouts[pg_nodes[name]].lays[c.output_axis]
-        systems[name] = LayerSystem(name, c.weight, bias_name, getattr(mod, "groups", 1),
-                                    widener.widen(lays[1]), widener.widen(lays[0]),
-                                    widener.widen(x_lay), widener.widen(y_lay))
-        modules[name] = mod
+        if c.taps is None:
+            if not supports(mod):
+                continue
+            weight_name = f"{node.target}.weight"
+            bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
+            x_lay = pg.layouts[pg_nodes[name].args[0]].lays[c.input_axis]
+            y_lay = pg.layouts[pg_nodes[name]].lays[c.output_axis]
+        else:
+            # a weight inside an opaque module: its own axes are its input's and output's channels
+            weight_name = c.weight
+            bias_name = c.weight[: -len("weight")] + "bias" if c.weight.endswith("weight") else None
+            if bias_name is not None and getattr(_owner(merged, bias_name), bias_name.rsplit(".", 1)[-1], None) is None:
+                bias_name = None
+            x_lay, y_lay = lays[1], lays[0]
+        if inputs == "stacked" and tuple(merged.get_parameter(weight_name).shape) != tuple(
+                gm_a.get_parameter(weight_name).shape):
+            continue  # RegMean merges same-shape layers; a widened one (both heads kept) stays as widened
+        systems[key] = LayerSystem(name, weight_name, bias_name, getattr(mod, "groups", 1) if c.taps is None else 1,
+                                   widener.widen(lays[1]), widener.widen(lays[0]),
+                                   widener.widen(x_lay), widener.widen(y_lay), taps=c.taps)
+        modules[key] = mod
     if not systems:
         return {"layers": 0}
     if inputs in ("ensemble", "stacked"):
         waves = [list(systems)]
         models = [gm_a, gm_b]
     else:
-        waves = _waves(merged, set(systems))
+        waves = _waves(merged, systems)
         models = [gm_a, gm_b, merged]
     per_layer = {}
     runner = LockstepRunner(models)
     for w, wave in enumerate(waves):
-        collector = GramCollector({n: systems[n] for n in wave}, modules, pg.contractions, positions, seed,
+        collector = GramCollector({k: systems[k] for k in wave}, modules, models, positions, seed,
                                   stacked=inputs == "stacked")
         desc = "least squares" if len(waves) == 1 else f"least squares {w + 1}/{len(waves)}"
         # waves are in graph order: nothing after a wave's last layer is needed
-        _lockstep_pass(runner, collector, data, device, progress, desc, until=wave[-1] if len(waves) > 1 else None)
+        _lockstep_pass(runner, collector, data, device, progress, desc,
+                       until=systems[wave[-1]].node if len(waves) > 1 else None)
         collector.finish()
-        for name in wave:
-            sysm, mod = systems[name], modules[name]
+        for key in wave:
+            sysm = systems[key]
+            weight = merged.get_parameter(sysm.weight)
+            bias = merged.get_parameter(sysm.bias) if sysm.bias is not None else None
             if inputs == "stacked":
-                src = [gm.get_submodule(nodes[name].target) for gm in (gm_a, gm_b)]
-                w_new, bias = regmean_layer(sysm, [m.weight for m in src], [getattr(m, "bias", None) for m in src],
-                                            REGMEAN_ALPHA, ridge)
+                src = [(gm.get_parameter(sysm.weight), gm.get_parameter(sysm.bias) if sysm.bias else None)
+                       for gm in (gm_a, gm_b)]
+                w_new, bias = regmean_layer(sysm, [s[0] for s in src], [s[1] for s in src], REGMEAN_ALPHA, ridge)
             else:
-                w_new, bias = solve_layer(sysm, mod.weight, getattr(mod, "bias", None), ridge)
+                w_new, bias = solve_layer(sysm, weight, bias, ridge)
             if not torch.isfinite(w_new).all():
-                raise InputError(f"least squares for '{name}' produced non-finite weights: give more calibration data or a larger ridge")
-            node = nodes[name]
-            _set_tensor(merged, f"{node.target}.weight", w_new)
+                raise InputError(f"least squares for '{key}' produced non-finite weights: give more calibration data or a larger ridge")
+            _set_tensor(merged, sysm.weight, w_new)
             if bias is not None:
-                _set_tensor(merged, f"{node.target}.bias", bias)
-            modules[name] = merged.get_submodule(node.target)
-            per_layer[name] = {"samples": sysm.n, "loss_init": sysm.loss_init, "loss_fit": sysm.loss_fit}
+                _set_tensor(merged, sysm.bias, bias)
+            modules[key] = merged.get_submodule(nodes[sysm.node].target)
+            per_layer[key] = {"samples": sysm.n, "loss_init": sysm.loss_init, "loss_fit": sysm.loss_fit}
             sysm.gram = sysm.cross = None  # free
     return {"layers": len(systems), "ridge": ridge, "inputs": inputs, "passes": len(waves), "per_layer": per_layer}
 
 
-def _waves(gm: fx.GraphModule, fitted: set) -> list:
-    """The fitted layers in waves: a layer joins the first wave after every
-    fitted layer upstream of it."""
+def _waves(gm: fx.GraphModule, systems: dict) -> list:
+    """The fitted weights (system keys) in waves: a weight joins the first
+    wave after every fitted weight upstream of it; the weights of one node
+    (a packed attention's input and output projections) go in successive
+    waves, in the order of their systems."""
+    by_node: dict = defaultdict(list)
+    for key, sysm in systems.items():
+        by_node[sysm.node].append(key)
     level: dict = {}
     waves: dict = defaultdict(list)
     for node in gm.graph.nodes:
         up = max((level[a] for a in node.all_input_nodes), default=0)
-        if node.name in fitted:
-            waves[up].append(node.name)
+        for key in by_node.get(node.name, ()):
+            waves[up].append(key)
             up += 1
         level[node] = up
     return [waves[k] for k in sorted(waves)]
+
+
+def _owner(gm: nn.Module, name: str) -> nn.Module:
+    """The module that holds the parameter or attribute ``name``."""
+    return gm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else gm
 
 
 def _describe_plan(pg, plan: Plan, match: Matching, group_of, method, budget, labels) -> MergePlan:

@@ -27,12 +27,14 @@ whose upstream layers are already fitted).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import scipy.linalg.blas as blas
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx
 
 from .matching import positions_view, rows
 from .rewrite import row_blocks
@@ -64,6 +66,7 @@ class LayerSystem:
     diag: list | None = None  # RegMean: per model, the diagonal of its own Gram
     loss_init: float = field(default=float("nan"))
     loss_fit: float = field(default=float("nan"))
+    taps: Callable | None = None  # the weight's input and output inside an opaque module (``Contraction.taps``)
 
 
 def sample_rows(mod: nn.Module, x: torch.Tensor, idx) -> torch.Tensor:
@@ -102,11 +105,14 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
 class GramCollector:
     """The per-node callback of the least-squares pass."""
 
-    def __init__(self, systems: dict, modules: dict, contractions: dict, positions: int, seed: int,
+    def __init__(self, systems: dict, modules: dict, models: list, positions: int, seed: int,
                  stacked: bool = False):
-        self.systems = systems  # node name -> LayerSystem
-        self.modules = modules
-        self.contractions = contractions
+        self.systems = systems  # system key -> LayerSystem
+        self.by_node: dict = {}  # node name -> its (key, system)s (a packed attention has two)
+        for key, sysm in systems.items():
+            self.by_node.setdefault(sysm.node, []).append((key, sysm))
+        self.modules = modules  # system key -> the merged model's module
+        self.models = models  # the GraphModules of the pass (A, aligned B[, merged])
         self.positions = positions
         self.seed = seed
         self.stacked = stacked  # RegMean: each model's own samples, stacked
@@ -119,13 +125,19 @@ class GramCollector:
 
         Positions are sampled before the ensemble's features are widened, so
         the widening touches only the kept rows."""
-        sysm = self.systems.get(node.name)
-        if sysm is None:
-            return
-        xs = env(node.args[0])
-        mod = self.modules[node.name]
+        for key, sysm in self.by_node.get(node.name, ()):
+            if sysm.taps is None:
+                self._collect(sysm, self.modules[key], env(node.args[0]), values)
+                continue
+            args = [env(a) if isinstance(a, fx.Node) else None for a in node.args]
+            taps = [sysm.taps(gm.get_submodule(node.target),
+                              *[a if v is None else v[m] for a, v in zip(node.args, args)], output=values[m])
+                    for m, gm in enumerate(self.models)]
+            self._collect(sysm, self.modules[key], [t[0] for t in taps], [t[1] for t in taps])
+
+    def _collect(self, sysm: LayerSystem, mod: nn.Module, xs: list, values: list) -> None:
         for m in range(2 if self.stacked else 1):
-            gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(node.name) + 31 * m)
+            gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(sysm.node) + 31 * m)
             ys = [output_view(mod, y) for y in values[:2]]
             idx = sample_positions(ys[0].shape[1], self.positions, gen, ys[0].device)
             if self.stacked:

@@ -150,6 +150,23 @@ def test_torchvision_vit_with_packed_multihead_attention_is_the_ensemble_at_two_
         assert torch.isfinite(res.model(X)).all()
 
 
+@pytest.mark.parametrize("ls_inputs", ["ensemble", "merged"])
+def test_least_squares_fits_the_packed_projections_inside_multihead_attention(ls_inputs):
+    """The packed q/k/v and output projections are fitted from the values
+    the module computes inside (its taps), and a permuted copy still merges
+    back exactly with least squares on."""
+    a, b = tv(0), tv(1)
+    res = fxmerge.merge(a, b, calib(3), budget=1.5, method="pleas", ls_inputs=ls_inputs)
+    fitted = {k: v for k, v in res.report["least_squares"]["per_layer"].items() if "#" in k}
+    assert {k.rsplit("#", 1)[1] for k in fitted} == {"in_proj", "out_proj"} and len(fitted) == 4
+    for v in fitted.values():
+        assert v["loss_fit"] < v["loss_init"]
+    assert res.report["cost_measured"] == pytest.approx(res.report["cost_planned"], rel=1e-3)
+    same = fxmerge.merge(a, permuted_copy(a, 5, example=X), calib(), budget=1.0, method="pleas", ls_inputs=ls_inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(same.model(X), a(X), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_attention_products_enter_the_cost_model_and_measured_cost_equals_the_plan(fused):
     """256 tokens of width 12: q k^T and attn v are over half the MACs."""

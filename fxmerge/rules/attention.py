@@ -155,8 +155,10 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     out = ctx.tl(query.lays[:-1] + (w_out.lays[0],), ctx.out_shapes()[0])
     # for the cost model: the packed input and the output projection, and the
     # attention inside (scores over q's heads x head_dim, values over v's)
-    ctx.contraction(w_in, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="in_proj")
-    ctx.contraction(w_out, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="out_proj")
+    ctx.contraction(w_in, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="in_proj",
+                    taps=_in_proj_taps)
+    ctx.contraction(w_out, weight_in_axis=1, input_axis=query.ndim - 1, output_axis=query.ndim - 1, part="out_proj",
+                    taps=_out_proj_taps)
     # matching sees the packed q/k/v (heads and head dims) through a probe:
     # the node itself only shows the residual widths
     ctx.probe(_packed_projection, query.lays[:-1] + (w_in.lays[0],))
@@ -180,6 +182,29 @@ def _packed_projection(module, query, *rest):
     if getattr(module, "in_proj", None) is not None:
         return module.in_proj(query)
     return F.linear(query, module.in_proj_weight, module.in_proj_bias)
+
+
+def _attention_context(module, query):
+    """The heads' weighted values, concatenated: the output projection's
+    input inside a packed self-attention module (no masks)."""
+    x = query if module.batch_first else query.transpose(0, 1)
+    b, n, _ = x.shape
+    qkv = _packed_projection(module, x)
+    heads = module.num_heads
+    head_dim = qkv.shape[-1] // 3 // heads
+    q, k, v = (t.reshape(b, n, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * head_dim)
+    return o if module.batch_first else o.transpose(0, 1)
+
+
+def _in_proj_taps(module, query, *rest, output):
+    """Input and output of the packed q/k/v projection."""
+    return query, _packed_projection(module, query)
+
+
+def _out_proj_taps(module, query, *rest, output):
+    """Input and output of the output projection."""
+    return _attention_context(module, query), output[0] if isinstance(output, (tuple, list)) else output
 
 
 @RESIZE.register(nn.MultiheadAttention)

@@ -49,6 +49,12 @@ class Contraction:
     input_axis: int  # channel axis of the input tensor
     output_axis: int  # channel axis of the output tensor
     groups: int = 1
+    # for a weight applied inside an opaque module (the packed projections of
+    # nn.MultiheadAttention): ``taps(module, *inputs, output=...)`` gives the
+    # weight's input and output values from the module, the node's input
+    # values and its output, so least squares can fit it; None: the node's
+    # own input and output
+    taps: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -225,16 +231,16 @@ class RuleContext:
         unify(x.lays[axis], lay)
 
     def contraction(self, weight: TL, *, weight_in_axis: int, input_axis: int, output_axis: int, groups: int = 1,
-                    part: str = "") -> None:
+                    part: str = "", taps: Optional[Callable] = None) -> None:
         """Record that this node contracts its input's ``input_axis`` with
         ``weight``'s ``weight_in_axis`` (a convolution or linear layer): the
         merge engine widens such weights block by block, counts their cost and
         fits them by least squares. A node with several weights (packed
-        attention) names each ``part``."""
+        attention) names each ``part`` and gives its ``taps`` (see ``Contraction``)."""
         if weight.member is not None:
             key = f"{self.node.name}#{part}" if part else self.node.name
             self.analysis.contractions[key] = Contraction(
-                self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups
+                self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups, taps
             )
 
     def activation_product(self, lays, sizes, *, part: str = "") -> None:
