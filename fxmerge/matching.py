@@ -135,19 +135,40 @@ def rows(x: torch.Tensor, idx) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def correlation_from_moments(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor) -> np.ndarray:
+    """Pearson correlations from a covariance block and both variances.
+
+    A constant feature (zero variance) correlates with nothing, and rounding
+    never pushes a correlation past [-1, 1]: out-of-range values would make
+    the assignment prefer a numerical accident over a real match."""
+    sd_a, sd_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
+    corr = cov / (sd_a[:, None] * sd_b[None, :] + 1e-8)
+    return corr.clamp(-1.0, 1.0).cpu().numpy()
+
+
 class CorrelationStats:
     """Streaming float64 sums for the cross-correlation of A's and B's features
-    at one site: memory is independent of the number of samples."""
+    at one site: memory is independent of the number of samples.
 
-    __slots__ = ("n", "sa", "sb", "saa", "sbb", "sab")
+    Features are accumulated relative to their mean on the first batch (the
+    shifted-data formula): the cross-product runs in the activations'
+    precision, and a feature whose mean dwarfs its spread (a saturated gate,
+    a biased channel) would otherwise lose its covariance to cancellation in
+    ``E[ab] - E[a]E[b]``."""
+
+    __slots__ = ("n", "shift_a", "shift_b", "sa", "sb", "saa", "sbb", "sab")
 
     def __init__(self, d: int, device):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         self.n = 0
+        self.shift_a = self.shift_b = None
         self.sa, self.sb, self.saa, self.sbb = z(d), z(d), z(d), z(d)
         self.sab = z(d, d)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
+        a, b = a - self.shift_a, b - self.shift_b
         # the cross-product of one batch in the activations' precision (the
         # costly part), every sum over batches in float64
         self.n += a.shape[0]
@@ -162,9 +183,7 @@ class CorrelationStats:
         n = max(self.n, 1)
         ma, mb = self.sa / n, self.sb / n
         cov = self.sab / n - ma[:, None] * mb[None, :]
-        va = (self.saa / n - ma * ma).clamp_min(0)
-        vb = (self.sbb / n - mb * mb).clamp_min(0)
-        return (cov / (va.sqrt()[:, None] * vb.sqrt()[None, :] + 1e-8)).cpu().numpy()
+        return correlation_from_moments(cov, self.saa / n - ma * ma, self.sbb / n - mb * mb)
 
 
 class ActivationCollector:

@@ -28,22 +28,27 @@ from scipy.linalg import block_diag
 
 from .ir import Concat, Dep, Product, find
 from .lstsq import gram_upper, symmetric
-from .matching import ActivationCollector, occurrences
+from .matching import ActivationCollector, correlation_from_moments, occurrences
 
 
 class JointStats:
     """Streaming float64 sums for the correlation of the pooled features
-    ``[A | B]`` at one site (``2d x 2d``)."""
+    ``[A | B]`` at one site (``2d x 2d``), relative to their first-batch mean
+    as in ``CorrelationStats``."""
 
-    __slots__ = ("n", "s", "ss")
+    __slots__ = ("n", "shift", "s", "ss")
 
     def __init__(self, d: int, device):
         self.n = 0
+        self.shift = None
         self.s = torch.zeros(2 * d, dtype=torch.float64, device=device)
         self.ss = torch.zeros(2 * d, 2 * d, dtype=torch.float64, device=device)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         x = torch.cat([a, b], dim=1)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
         self.n += x.shape[0]
         self.ss += gram_upper(x)  # mirrored in correlation()
         self.s += x.double().sum(0)
@@ -52,8 +57,8 @@ class JointStats:
         n = max(self.n, 1)
         m = self.s / n
         cov = symmetric(self.ss) / n - m[:, None] * m[None, :]
-        sd = torch.diagonal(cov).clamp_min(0).sqrt()
-        return (cov / (sd[:, None] * sd[None, :] + 1e-8)).cpu().numpy()
+        var = torch.diagonal(cov)
+        return correlation_from_moments(cov, var, var)
 
 
 class JointCollector(ActivationCollector):
