@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
            scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
 
-.PHONY: install test demo groups bench bench-quick perf ridge coverage clean
+.PHONY: install test demo groups bench bench-quick perf ridge seeds pleas-free coverage clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -33,11 +33,20 @@ coverage: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py
 
+# the commands behind docs/performance*.md (about an hour in all on 2 cores)
 perf: $(STAMP)
-	$(PY) benchmarks/performance.py
+	$(PY) benchmarks/performance.py --arch resnet50 --adam-max-cols 1200 --out docs/performance.md
+	$(PY) benchmarks/performance.py --arch resnet18 --out docs/performance-resnet18.md
+	$(PY) benchmarks/performance.py --arch vit_tiny_patch16_224 --adam-max-cols 800 --memory-size 224 --out docs/performance-vit.md
 
 ridge: $(STAMP)
 	$(PY) benchmarks/ridge.py
+
+seeds: $(STAMP)
+	$(PY) benchmarks/seeds.py
+
+pleas-free: $(STAMP)
+	$(PY) benchmarks/pleas_free.py
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/suite.py --quick
