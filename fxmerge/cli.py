@@ -135,7 +135,8 @@ def cmd_merge(args) -> int:
     batches = _calibration(args, size)
     result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
                    device=args.device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
-                   ridge=args.ridge, positions=args.positions, progress=not args.quiet)
+                   ridge=args.ridge, positions=args.positions, reset_bn=not args.keep_bn_stats,
+                   progress=not args.quiet)
     result.report["arch"] = args.arch
     save(result, args.output, arch=args.arch)
     r = result.report
@@ -164,7 +165,8 @@ def cmd_demo(args) -> int:
     if args.norm_policy not in ("split", "merged"):
         raise CLIError(f"--norm-policy must be split or merged, got '{args.norm_policy}'")
     rows = run_demo(args.arch, budgets=budgets, device=args.device, calib=args.calib, data=args.data,
-                    runs=runs, norm_policy=args.norm_policy, log=print, progress=False)
+                    runs=runs, norm_policy=args.norm_policy, reset_bn=not args.keep_bn_stats, log=print,
+                    progress=False)
     print()
     print(format_table(rows))
     return EXIT_OK
@@ -211,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ridge", type=float, default=1e-2, help="least-squares ridge toward the permuted weights (default 1e-2)")
     m.add_argument("--positions", type=int, default=64, help="spatial positions (tokens) sampled per image for the "
                    "statistics; fewer is faster, the least-squares systems of wide layers want more; 0 keeps all (default 64)")
+    m.add_argument("--keep-bn-stats", action="store_true",
+                   help="keep the source models' BatchNorm statistics (laid out by the permutation) instead of "
+                   "re-estimating them on the calibration data; use it when that data is not the models' own "
+                   "(--data generic, PLeaS-free)")
     m.add_argument("--labels", default="shared", choices=("shared", "disjoint"), help="shared head or both heads")
     m.add_argument("--input-size", help="C,H,W (default: the model's own)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -228,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default="pleas,perm,zipit,rebasin,regmean,avg,ensemble",
                    help="comma-separated methods (default: all)")
     d.add_argument("--norm-policy", default="split", help="LayerNorm policy for ViTs: split or merged (default split)")
+    d.add_argument("--keep-bn-stats", action="store_true",
+                   help="keep the source models' BatchNorm statistics (laid out by the permutation) instead of "
+                   "re-estimating them on the calibration data; use it when that data is not the models' own "
+                   "(--data generic, PLeaS-free)")
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
     return p

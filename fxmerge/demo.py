@@ -145,8 +145,8 @@ def default_runs(budgets: Sequence[float], methods: Sequence[str] = BUDGETED + t
 
 
 def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS, device="cpu", calib: int = 512,
-             data: str = "digits", runs: Optional[list] = None, norm_policy: str = "split", log=print,
-             progress: bool = False) -> list:
+             data: str = "digits", runs: Optional[list] = None, norm_policy: str = "split", reset_bn: bool = True,
+             log=print, progress: bool = False) -> list:
     from .engine import merge
 
     a, b = cached_pair(arch, device=device, log=log)
@@ -160,7 +160,7 @@ def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS
     for method, budget in runs or default_runs(budgets):
         t = time.perf_counter()
         res = merge(a, b, batches, budget=budget, method=method, labels="disjoint", device=device,
-                    norm_policy=norm_policy, progress=progress)
+                    norm_policy=norm_policy, reset_bn=reset_bn, progress=progress)
         seconds = time.perf_counter() - t
         r = evaluate(res.model, test, device=device)
         rows.append({"method": method, "budget": budget, **r, "cost": res.report["cost_measured"],

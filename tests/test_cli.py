@@ -107,6 +107,25 @@ def test_merge_command_writes_a_loadable_model(tmp_path, capsys):
     assert abs(report["cost_measured"] - 1.2) < 0.012
 
 
+def test_merge_keep_bn_stats_keeps_the_sources_statistics(tmp_path):
+    # a self-merge at 1x: the merged statistics are the source's own with the
+    # flag, and re-estimated on the (generic) calibration images without it
+    import fxmerge
+
+    a, _ = _ckpts(tmp_path)
+    source = torch.load(a, weights_only=True)
+    outs = {}
+    for flag in ([], ["--keep-bn-stats"]):
+        out = tmp_path / f"merged{len(flag)}.pt"
+        assert main(["merge", "--arch", "resnet18", "--a", a, "--b", a, "--data", "generic", "--calib", "16",
+                     "--input-size", "3,32,32", "--method", "perm", "--quiet", *flag, "-o", str(out)]) == 0
+        outs[bool(flag)] = fxmerge.load(str(out))[0].state_dict()
+    kept, reset = outs[True], outs[False]
+    for key in ("bn1.running_mean", "layer1.0.bn2.running_var", "layer4.1.bn2.running_mean"):
+        torch.testing.assert_close(kept[key], source[key])
+        assert not torch.allclose(reset[key], source[key])
+
+
 @pytest.mark.parametrize("problem", ["budget", "arch", "checkpoint", "output", "nan", "method", "positions"])
 def test_merge_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, problem):
     a, b = _ckpts(tmp_path)
