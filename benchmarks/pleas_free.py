@@ -84,7 +84,9 @@ def main(argv=None) -> int:
              f"({os.cpu_count()} CPU threads); torch {torch.__version__}, torchvision {torchvision.__version__}, "
              f"timm {timm.__version__}, scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}.",
              "",
-             f"The suite's models (seed pair 0/1) merged with PLeaS, {args.calib} calibration images of task data "
+             f"Models trained with the suite's recipes (seed pair 0/1; for resnet18 with disjoint labels the suite "
+             "itself uses the demo's pair, trained alike but cached apart, so its figures differ slightly) merged "
+             f"with PLeaS, {args.calib} calibration images of task data "
              "(`digits`) or of the procedural `generic` source, each with the BatchNorm reset on those images "
              "(`reset`, the default) or keeping the sources' own statistics laid out by the permutation "
              "(`source stats`, `reset_bn=False`). Headline metric as in the suite: joint accuracy for disjoint "
