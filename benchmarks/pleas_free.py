@@ -27,28 +27,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import suite  # noqa: E402  (the suite's models, recipes and evaluation)
-from seeds import headline, pair  # noqa: E402
-from suite import ROOT, STYLE_A, STYLE_B  # noqa: E402
+from seeds import headline  # noqa: E402
+from suite import ROOT  # noqa: E402
 
 import fxmerge  # noqa: E402
-from fxmerge.data import digits, styled  # noqa: E402
+from fxmerge.data import digits  # noqa: E402
 
 BUDGETS = (1.0, 1.2)
 VARIANTS = (("digits", True), ("digits", False), ("generic", True), ("generic", False))
 
 
 def run(name: str, scenario: str, calib: int, log) -> dict:
-    a, b = pair(name, scenario, 0, log)
+    a, b = suite.source_pair(name, scenario, 0, False, log)
     tr = digits(train=True)
-    if scenario == "disjoint":
-        task, generic_like, labels = tr, tr, "disjoint"
-    else:
-        task = type(tr)(torch.cat([styled(tr, STYLE_A).x[::2], styled(tr, STYLE_B).x[1::2]]), tr.y)
-        generic_like, labels = styled(tr, STYLE_A), "shared"
+    # the task data to calibrate on (the generic source ignores it)
+    task, labels = (tr, "disjoint") if scenario == "disjoint" else (suite.mixed_styles(tr), "shared")
     score = headline(scenario)
     out = {}
     for source, reset in VARIANTS:
-        data = suite.calibration(source, calib, task if source == "digits" else generic_like)
+        data = suite.calibration(source, calib, task)
         for budget in BUDGETS:
             res = fxmerge.merge(a, b, data, budget=budget, method="pleas", labels=labels, reset_bn=reset)
             out[(source, reset, budget)] = score(res.model)
@@ -73,16 +70,11 @@ def main(argv=None) -> int:
             log(f"{fam} / {scen}")
             rows.append((fam, scen, run(fam, scen, args.calib, log)))
 
-    import scipy
-    import timm
-    import torchvision
-
     cmd = "python benchmarks/pleas_free.py " + " ".join(argv if argv is not None else sys.argv[1:])
     head = " | ".join(f"{src} {'reset' if reset else 'source stats'} {b:.1f}x" for src, reset in VARIANTS for b in BUDGETS)
     lines = ["# PLeaS-free and the BatchNorm statistics", "",
              f"Produced by `{cmd.strip()}` in {(time.perf_counter() - t0) / 60:.1f} minutes on {platform.machine()} "
-             f"({os.cpu_count()} CPU threads); torch {torch.__version__}, torchvision {torchvision.__version__}, "
-             f"timm {timm.__version__}, scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}.",
+             f"({os.cpu_count()} CPU threads); {suite.environment()}.",
              "",
              f"Models trained with the suite's recipes (seed pair 0/1; for resnet18 with disjoint labels the suite "
              "itself uses the demo's pair, trained alike but cached apart, so its figures differ slightly) merged "

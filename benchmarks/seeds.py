@@ -27,28 +27,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import suite  # noqa: E402  (the suite's models, recipes and evaluation)
-from suite import ROOT, STYLE_A, STYLE_B, TASK_A, TASK_B  # noqa: E402
+from suite import ROOT, STYLE_A, STYLE_B  # noqa: E402
 
 import fxmerge  # noqa: E402
-from fxmerge.data import digit_task, digits, styled  # noqa: E402
+from fxmerge.data import digits, styled  # noqa: E402
 from fxmerge.demo import evaluate  # noqa: E402
 
 BUDGETS = (1.0, 1.2, 1.5)
 METHODS = ("pleas", "zipit")
-
-
-def pair(name: str, scenario: str, seed: int, log):
-    """Source models of one scenario, A from ``seed`` and B from ``seed + 1``."""
-    cfg = suite.train_config(name, quick=False)
-    tr = digits(train=True)
-    if scenario == "disjoint":
-        a = suite.cached(name, "a04", TASK_A, digit_task(tr, TASK_A), seed, cfg, log)
-        b = suite.cached(name, "b59", TASK_B, digit_task(tr, TASK_B), seed + 1, cfg, log)
-    else:
-        classes = tuple(range(10))
-        a = suite.cached(name, f"all-{STYLE_A}", classes, styled(tr, STYLE_A), seed, cfg, log)
-        b = suite.cached(name, f"all-{STYLE_B}", classes, styled(tr, STYLE_B), seed + 1, cfg, log)
-    return a, b
 
 
 def headline(scenario: str):
@@ -62,13 +48,12 @@ def headline(scenario: str):
 
 
 def run(name: str, scenario: str, seed: int, calib: int, log) -> dict:
-    a, b = pair(name, scenario, seed, log)
+    a, b = suite.source_pair(name, scenario, seed, False, log)
     tr = digits(train=True)
     if scenario == "disjoint":
         data, labels = suite.calibration("digits", calib, tr), "disjoint"
     else:
-        mixed = type(tr)(torch.cat([styled(tr, STYLE_A).x[::2], styled(tr, STYLE_B).x[1::2]]), tr.y)
-        data, labels = suite.calibration("digits", calib, mixed), "shared"
+        data, labels = suite.calibration("digits", calib, suite.mixed_styles(tr)), "shared"
     score = headline(scenario)
     out = {("ensemble", 2.0): score(fxmerge.merge(a, b, data, budget=2.0, method="ensemble", labels=labels).model)}
     for method in METHODS:
@@ -85,15 +70,10 @@ def _ms(v) -> str:
 
 
 def report(results: dict, seeds: list, calib: int, argv, minutes: float) -> list:
-    import scipy
-    import timm
-    import torchvision
-
     cmd = "python benchmarks/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Seed spread", "",
              f"Produced by `{cmd.strip()}` in {minutes:.1f} minutes on {platform.machine()} ({os.cpu_count()} CPU "
-             f"threads); torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-             f"scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}.", "",
+             f"threads); {suite.environment()}.", "",
              f"The suite's scenarios ([benchmarks.md](benchmarks.md)) repeated over {len(seeds)} seed pairs "
              f"(A from seed s, B from seed s+1, s in {', '.join(map(str, seeds))}); {calib} calibration images. "
              "For resnet18 with disjoint labels the suite uses the demo's pair, trained alike but cached apart, so "

@@ -101,6 +101,34 @@ def cached(name: str, tag: str, classes, split, seed: int, cfg: dict, log) -> nn
     return model.eval()
 
 
+def source_pair(name: str, scenario: str, seed: int, quick: bool, log) -> tuple:
+    """The source models of one scenario, A from ``seed`` and B from ``seed + 1``:
+    digits 0-4 and 5-9 (``disjoint``) or clean and edge-map digits (``domain``)."""
+    cfg = train_config(name, quick)
+    tr = digits(train=True)
+    if scenario == "disjoint":
+        return (cached(name, "a04", TASK_A, digit_task(tr, TASK_A), seed, cfg, log),
+                cached(name, "b59", TASK_B, digit_task(tr, TASK_B), seed + 1, cfg, log))
+    classes = tuple(range(10))
+    return (cached(name, f"all-{STYLE_A}", classes, styled(tr, STYLE_A), seed, cfg, log),
+            cached(name, f"all-{STYLE_B}", classes, styled(tr, STYLE_B), seed + 1, cfg, log))
+
+
+def mixed_styles(split):
+    """The domain shift's calibration images: half in each style."""
+    return type(split)(torch.cat([styled(split, STYLE_A).x[::2], styled(split, STYLE_B).x[1::2]]), split.y)
+
+
+def environment() -> str:
+    """The library versions a report was produced with."""
+    import scipy
+    import timm
+    import torchvision
+
+    return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+            f"scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}")
+
+
 # ----------------------------------------------------------------------------
 # evaluation
 
@@ -189,14 +217,12 @@ CURRENT = [""]
 
 
 def run_disjoint(name, args, log) -> list:
-    cfg = train_config(name, args.quick)
     tr, te = digits(train=True), digits(train=False)
     if name in DEMO_ARCH and not args.quick:
         # the demo's models (same recipe), trained once for both
         a, b = cached_pair(DEMO_ARCH[name], cache_dir=os.path.join(ROOT, ".cache", "fxmerge-demo"), log=log)
     else:
-        a = cached(name, "a04", TASK_A, digit_task(tr, TASK_A), 0, cfg, log)
-        b = cached(name, "b59", TASK_B, digit_task(tr, TASK_B), 1, cfg, log)
+        a, b = source_pair(name, "disjoint", 0, args.quick, log)
     rows = []
     for label, m, which in (("model A", a, "a"), ("model B", b, "b")):
         r = evaluate(m, te, which=which)
@@ -218,14 +244,10 @@ def run_disjoint(name, args, log) -> list:
 
 
 def run_domain(name, args, log) -> list:
-    cfg = train_config(name, args.quick)
     tr, te = digits(train=True), digits(train=False)
-    classes = tuple(range(10))
-    a = cached(name, f"all-{STYLE_A}", classes, styled(tr, STYLE_A), 0, cfg, log)
-    b = cached(name, f"all-{STYLE_B}", classes, styled(tr, STYLE_B), 1, cfg, log)
+    a, b = source_pair(name, "domain", 0, args.quick, log)
     tests = {s: styled(te, s) for s in (STYLE_A, STYLE_B)}
-    calib_split = styled(tr, STYLE_A)
-    mixed = type(tr)(torch.cat([styled(tr, STYLE_A).x[::2], styled(tr, STYLE_B).x[1::2]]), tr.y)
+    mixed = mixed_styles(tr)  # the generic source ignores the split
     rows = []
 
     def scores(m):
@@ -237,7 +259,7 @@ def run_domain(name, args, log) -> list:
         rows.append({"method": label, "budget": None, "calib": "-", **scores(m), "cost": 1.0,
                      "params": sum(p.numel() for p in m.parameters()), "seconds": None})
     for method, budget, source in method_runs(args.quick):
-        data = calibration(source, args.calib, mixed) if source == "digits" else calibration(source, args.calib, calib_split)
+        data = calibration(source, args.calib, mixed)
         t = time.perf_counter()
         res = attempt(lambda: fxmerge.merge(a, b, data, budget=budget, method=method, labels="shared"), method, budget, log)
         if res is None:
@@ -383,16 +405,11 @@ def main(argv=None) -> int:
 def write_report(results, args, argv, total, done) -> None:
     out_dir = os.path.dirname(args.out)
     pngs = plot(results, out_dir)
-    import scipy
-    import timm
-    import torchvision
-
     cmd = "python benchmarks/suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
     state = "" if done else " (interrupted: the families below are the ones finished)"
     lines = ["# Benchmarks", "",
              f"Produced by `{cmd.strip()}` in {total / 60:.1f} minutes{state} on {platform.machine()} "
-             f"({os.cpu_count()} CPU threads); torch {torch.__version__}, torchvision {torchvision.__version__}, "
-             f"timm {timm.__version__}, scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}.", "",
+             f"({os.cpu_count()} CPU threads); {environment()}.", "",
              "Data: scikit-learn's handwritten digits at 32x32 (1257 train / 540 test). Models are trained here from "
              f"scratch; calibration is {args.calib} training images (or as many procedural `generic` images for pleas-free). "
              "At 2.0x nothing is merged: pleas, perm and zipit all compute the ensemble (a tested property), so the "
