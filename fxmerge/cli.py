@@ -183,6 +183,11 @@ def _parse_budgets(text: str) -> list:
     return vals
 
 
+KEEP_BN_STATS_HELP = ("keep the source models' BatchNorm statistics (laid out by the permutation) instead of "
+                      "re-estimating them on the calibration data; use it when that data is not the models' own "
+                      "(--data generic, PLeaS-free)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxmerge", description="Graph-IR model merging over torch.fx (PLeaS).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -213,10 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ridge", type=float, default=1e-2, help="least-squares ridge toward the permuted weights (default 1e-2)")
     m.add_argument("--positions", type=int, default=64, help="spatial positions (tokens) sampled per image for the "
                    "statistics; fewer is faster, the least-squares systems of wide layers want more; 0 keeps all (default 64)")
-    m.add_argument("--keep-bn-stats", action="store_true",
-                   help="keep the source models' BatchNorm statistics (laid out by the permutation) instead of "
-                   "re-estimating them on the calibration data; use it when that data is not the models' own "
-                   "(--data generic, PLeaS-free)")
+    m.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP)
     m.add_argument("--labels", default="shared", choices=("shared", "disjoint"), help="shared head or both heads")
     m.add_argument("--input-size", help="C,H,W (default: the model's own)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -234,10 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default="pleas,perm,zipit,rebasin,regmean,avg,ensemble",
                    help="comma-separated methods (default: all)")
     d.add_argument("--norm-policy", default="split", help="LayerNorm policy for ViTs: split or merged (default split)")
-    d.add_argument("--keep-bn-stats", action="store_true",
-                   help="keep the source models' BatchNorm statistics (laid out by the permutation) instead of "
-                   "re-estimating them on the calibration data; use it when that data is not the models' own "
-                   "(--data generic, PLeaS-free)")
+    d.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
     return p
