@@ -68,7 +68,7 @@ def batches(n, size, batch=32, seed=0):
 
 def block_mask(sysm, W0, has_bias):
     """1 where a row may read a column (its row block's columns), else 0."""
-    from fxmerge.rewrite import row_blocks
+    from fxmerge.tensors import row_blocks
 
     mask = torch.ones_like(W0)
     if sysm.groups == 1:
@@ -139,23 +139,19 @@ def adam_like(sysm, W0, W, has_bias, ridge) -> float:
 def least_squares_vs_adam(arch, size, calib, budget, max_cols):
     """Collect the Gram systems of one merge, then time both solvers layer by
     layer on the same statistics."""
-    import fxmerge.engine as engine
+    import fxmerge
     from fxmerge.lstsq import solve_layer
 
     captured = {}
-    original = engine.solve_layer
+    ridge = fxmerge.constants.DEFAULT_RIDGE
 
-    def capture(sysm, weight, bias, ridge):
+    def capture(sysm, weight, bias):
         captured[sysm.node] = (sysm, weight.detach().clone(), None if bias is None else bias.detach().clone(), ridge,
                                sysm.gram.clone(), sysm.cross.clone(), sysm.yy.clone())
-        return original(sysm, weight, bias, ridge)
 
-    engine.solve_layer = capture
-    try:
-        a, b = models(arch)
-        engine.merge(a, b, batches(calib, size), budget=budget, method="pleas", ls_inputs="ensemble")
-    finally:
-        engine.solve_layer = original
+    a, b = models(arch)
+    fxmerge.merge(a, b, batches(calib, size), budget=budget, method="pleas", ls_inputs="ensemble", ridge=ridge,
+                  on_least_squares=capture)
     out = {"layers": len(captured), "closed_all_s": 0.0, "subset": 0, "closed_s": 0.0, "adam_s": 0.0,
            "closed_obj": 0.0, "adam_obj": 0.0, "max_cols": max_cols, "largest_cols": 0}
     for sysm, w, bias, ridge, G, C, yy in captured.values():

@@ -1,13 +1,36 @@
-"""fxmerge: a graph-IR merging compiler over torch.fx."""
-from .analysis import Group, PermutationGroups, analyze
-from .io import load, save
-from .engine import METHODS, MergePlan, MergeResult, merge
-from .models import InputError
-from .tracing import TraceError, trace
-from .verify import VerifyReport, verify
+"""fxmerge: a graph-IR merging compiler over torch.fx.
 
-__version__ = "0.2.0"
+The public names load on first use, so ``import fxmerge`` (and the command
+line) stays fast until torch is actually needed.
+"""
+from .constants import VERSION as __version__
+from .errors import BudgetError, BudgetWarning, FxmergeError, FxmergeWarning, InputError, MemoryWarning, RewriteError, TraceError
+
+_LAZY = {
+    "trace": "tracing", "analyze": "analysis", "PermutationGroups": "groups", "Group": "groups",
+    "verify": "verify", "VerifyReport": "verify", "merge": "engine", "MergeResult": "engine",
+    "MergePlan": "engine", "METHODS": "constants", "save": "io", "load": "io",
+    "apply_permutations": "apply",
+}
+
 __all__ = [
     "trace", "TraceError", "analyze", "PermutationGroups", "Group", "verify", "VerifyReport",
-    "merge", "MergeResult", "MergePlan", "METHODS", "save", "load", "InputError",
+    "merge", "MergeResult", "MergePlan", "METHODS", "save", "load", "apply_permutations",
+    "FxmergeError", "InputError", "RewriteError", "BudgetError", "FxmergeWarning", "BudgetWarning", "MemoryWarning",
+    "__version__",
 ]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fxmerge' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

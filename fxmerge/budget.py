@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .ir import Concat, Dep, Product, find
-from .models import InputError
+from .errors import InputError
 
 
 def linear_form(lay, sizes: dict | None = None) -> tuple:

@@ -7,10 +7,13 @@ import sys
 import tempfile
 import time
 
+from . import constants as C
+from .errors import FxmergeError
+
 EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class CLIError(Exception):
+class CLIError(FxmergeError):
     """A one-line error for the user; exit status 2."""
 
 
@@ -64,7 +67,7 @@ def cmd_groups(args) -> int:
     elapsed = time.perf_counter() - t0
     report = verify(model, x, groups) if args.verify else None
     if args.dot:
-        _write_atomically(args.dot, to_dot(groups))
+        _write_atomically(args.dot, groups.to_dot())
     if args.json:
         import json
 
@@ -81,20 +84,6 @@ def cmd_groups(args) -> int:
     if report is not None and not report.ok:
         return EXIT_UNSOUND
     return EXIT_OK
-
-
-def to_dot(groups) -> str:
-    """Graphviz text: groups and the parameters they permute."""
-    lines = ["graph permutation_groups {", "  rankdir=LR;", "  node [fontsize=10];"]
-    for g in groups.groups:
-        lines.append(f'  g{g.id} [shape=box,label="#{g.id} {g.kind}\\n{g.size_label}"];')
-        if g.parent is not None:
-            lines.append(f"  g{g.id} -- g{g.parent} [style=dashed];")
-        for p, axis in g.members:
-            lines.append(f'  "{p}" [shape=ellipse];')
-            lines.append(f'  g{g.id} -- "{p}" [label="{axis}"];')
-    lines.append("}")
-    return "\n".join(lines) + "\n"
 
 
 def _calibration(args, size):
@@ -162,8 +151,6 @@ def cmd_demo(args) -> int:
         runs = default_runs(budgets, [m.strip() for m in args.methods.split(",") if m.strip()])
     except ValueError as e:
         raise CLIError(str(e)) from None
-    if args.norm_policy not in ("split", "merged"):
-        raise CLIError(f"--norm-policy must be split or merged, got '{args.norm_policy}'")
     rows = run_demo(args.arch, budgets=budgets, device=args.device, calib=args.calib, data=args.data,
                     runs=runs, norm_policy=args.norm_policy, reset_bn=not args.keep_bn_stats, log=print,
                     progress=False)
@@ -188,9 +175,17 @@ KEEP_BN_STATS_HELP = ("keep the source models' BatchNorm statistics (laid out by
                       "(--data generic, PLeaS-free)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2, like every bad input)."""
+
+    def error(self, message):
+        raise CLIError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fxmerge", description="Graph-IR model merging over torch.fx (PLeaS).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="fxmerge", description="Graph-IR model merging over torch.fx (PLeaS).")
+    p.add_argument("--version", action="version", version=f"fxmerge {C.VERSION}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("groups", help="show the permutation groups of a model")
     g.add_argument("model", nargs="?", help="timm model name or torchvision:NAME (random init)")
     g.add_argument("--arch", help="architecture of --checkpoint (timm name or torchvision:NAME)")
@@ -210,16 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--calib", type=int, default=512, help="number of calibration images (default 512)")
     m.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
     m.add_argument("--budget", type=float, default=1.0, help="cost of the merged model, x one source model, in [1, 2]")
-    m.add_argument("--method", default="pleas", help="pleas, perm, rebasin, avg, regmean, zipit or ensemble (default pleas)")
-    m.add_argument("--norm-policy", default="split", help="features a LayerNorm normalises: split (widen them, per-model "
-                   "statistics) or merged (keep them merged) (default split)")
-    m.add_argument("--ls-inputs", default="merged", help="least-squares inputs: ensemble (teacher forcing, one pass) or "
-                   "merged (the merged model's own, one pass per wave of layers) (default merged)")
-    m.add_argument("--ridge", type=float, default=1e-2, help="least-squares ridge toward the permuted weights (default 1e-2)")
-    m.add_argument("--positions", type=int, default=64, help="spatial positions (tokens) sampled per image for the "
-                   "statistics; fewer is faster, the least-squares systems of wide layers want more; 0 keeps all (default 64)")
+    m.add_argument("--method", default=C.DEFAULT_METHOD, choices=C.METHODS, help=f"merging method (default {C.DEFAULT_METHOD})")
+    m.add_argument("--norm-policy", default=C.DEFAULT_NORM_POLICY, choices=C.NORM_POLICIES,
+                   help="features a LayerNorm normalises: split (widen them, per-model statistics) or merged (keep them "
+                   f"merged) (default {C.DEFAULT_NORM_POLICY})")
+    m.add_argument("--ls-inputs", default=C.DEFAULT_LS_INPUTS, choices=C.LS_INPUTS,
+                   help="least-squares inputs: merged (the merged model's own) or ensemble (teacher forcing) "
+                   f"(default {C.DEFAULT_LS_INPUTS})")
+    m.add_argument("--ridge", type=float, default=C.DEFAULT_RIDGE,
+                   help=f"least-squares ridge toward the permuted weights (default {C.DEFAULT_RIDGE:g})")
+    m.add_argument("--positions", type=int, default=C.DEFAULT_POSITIONS, help="spatial positions (tokens) sampled per "
+                   "image for the statistics; fewer is faster, the least-squares systems of wide layers want more; 0 "
+                   f"keeps all (default {C.DEFAULT_POSITIONS})")
     m.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP)
-    m.add_argument("--labels", default="shared", choices=("shared", "disjoint"), help="shared head or both heads")
+    m.add_argument("--labels", default="shared", choices=C.LABELS, help="shared head or both heads")
     m.add_argument("--input-size", help="C,H,W (default: the model's own)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     m.add_argument("--seed", type=int, default=0)
@@ -233,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budgets", default="1,1.2,1.5,2", help="comma-separated budgets (default 1,1.2,1.5,2)")
     d.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
     d.add_argument("--data", default="digits", choices=("digits", "generic"), help="calibration source")
-    d.add_argument("--methods", default="pleas,perm,zipit,rebasin,regmean,avg,ensemble",
-                   help="comma-separated methods (default: all)")
-    d.add_argument("--norm-policy", default="split", help="LayerNorm policy for ViTs: split or merged (default split)")
+    d.add_argument("--methods", default=",".join(C.METHODS), help="comma-separated methods (default: all)")
+    d.add_argument("--norm-policy", default=C.DEFAULT_NORM_POLICY, choices=C.NORM_POLICIES,
+                   help=f"LayerNorm policy for ViTs (default {C.DEFAULT_NORM_POLICY})")
     d.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
@@ -243,14 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from .models import InputError
-    from .rewrite import RewriteError
-    from .tracing import TraceError
-
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (InputError, CLIError, TraceError, RewriteError) as e:
+    except FxmergeError as e:
         # one line: torch.fx appends the failing node and a traceback to errors
         print(f"fxmerge: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT

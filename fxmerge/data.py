@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models import InputError
+from .errors import InputError
 
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.4
 

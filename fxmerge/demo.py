@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .constants import BUDGETED_METHODS, FIXED_BUDGET, METHODS
 from .data import Split, augment, digit_task, digits, generic
 
 TASK_A, TASK_B = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -130,18 +131,14 @@ def calibration(source: str = "digits", n: int = 512, seed: int = 0) -> list:
     raise ValueError(f"unknown calibration source '{source}'")
 
 
-BUDGETED = ("pleas", "perm", "zipit")  # methods whose cost follows the budget
-FIXED = {"rebasin": 1.0, "regmean": 1.0, "avg": 1.0, "ensemble": 2.0}
-
-
-def default_runs(budgets: Sequence[float], methods: Sequence[str] = BUDGETED + tuple(FIXED)) -> list:
+def default_runs(budgets: Sequence[float], methods: Sequence[str] = METHODS) -> list:
     """(method, budget) rows: budgeted methods at every budget, the others at
     their only cost."""
-    unknown = [m for m in methods if m not in BUDGETED and m not in FIXED]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method '{unknown[0]}': choose from {', '.join(BUDGETED + tuple(FIXED))}")
-    runs = [(m, b) for m in methods if m in BUDGETED for b in budgets]
-    return runs + [(m, FIXED[m]) for m in methods if m in FIXED]
+        raise ValueError(f"unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
+    runs = [(m, b) for m in methods if m in BUDGETED_METHODS for b in budgets]
+    return runs + [(m, FIXED_BUDGET[m]) for m in methods if m in FIXED_BUDGET]
 
 
 def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS, device="cpu", calib: int = 512,

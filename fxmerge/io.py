@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .models import InputError
+from .errors import InputError
 
 FORMAT = "fxmerge-merged/1"
 

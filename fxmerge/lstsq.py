@@ -36,9 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from .matching import positions_view, rows
-from .rewrite import row_blocks
 from .runner import sample_positions
+from .tensors import get_tensor, positions_view, row_blocks, rows
 from .widening import Widening, widen_features
 
 
@@ -67,6 +66,44 @@ class LayerSystem:
     loss_init: float = field(default=float("nan"))
     loss_fit: float = field(default=float("nan"))
     taps: Callable | None = None  # the weight's input and output inside an opaque module (``Contraction.taps``)
+
+
+def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, stacked: bool = False) -> tuple:
+    """A ``LayerSystem`` per contraction least squares can fit, keyed like
+    ``pg.contractions`` (node name, or ``node#part`` for a packed module),
+    and the merged model's module of each. ``stacked`` (RegMean) keeps only
+    layers whose shape did not change (a widened one stays as widened)."""
+    nodes = {n.name: n for n in merged.graph.nodes}
+    pg_nodes = {n.name: n for n in pg.gm.graph.nodes}
+    systems, modules = {}, {}
+    for key, c in pg.contractions.items():
+        name = c.node
+        node = nodes[name]
+        if node.op != "call_module" or key in systems:
+            continue
+        mod = merged.get_submodule(node.target)
+        lays = pg.members[c.weight]
+        if c.taps is None:
+            if not supports(mod):
+                continue
+            weight_name = f"{node.target}.weight"
+            bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
+            x_lay = pg.layouts[pg_nodes[name].args[0]].lays[c.input_axis]
+            y_lay = pg.layouts[pg_nodes[name]].lays[c.output_axis]
+        else:
+            # a weight inside an opaque module: its own axes are its input's and output's channels
+            weight_name = c.weight
+            bias_name = c.weight[: -len("weight")] + "bias" if c.weight.endswith("weight") else None
+            if bias_name is not None and get_tensor(merged, bias_name) is None:
+                bias_name = None
+            x_lay, y_lay = lays[1], lays[0]
+        if stacked and tuple(merged.get_parameter(weight_name).shape) != tuple(gm_a.get_parameter(weight_name).shape):
+            continue  # RegMean merges same-shape layers; a widened one (both heads kept) stays as widened
+        systems[key] = LayerSystem(name, weight_name, bias_name, getattr(mod, "groups", 1) if c.taps is None else 1,
+                                   widener.widen(lays[1]), widener.widen(lays[0]),
+                                   widener.widen(x_lay), widener.widen(y_lay), taps=c.taps)
+        modules[key] = mod
+    return systems, modules
 
 
 def sample_rows(mod: nn.Module, x: torch.Tensor, idx) -> torch.Tensor:

@@ -28,11 +28,12 @@ import torch
 import torch.fx
 from scipy.optimize import linear_sum_assignment
 
-from .analysis import permute_tensor
-from .ir import Concat, Dep, Dim, PermutationSampler, Product, find
-from .models import InputError
+from .errors import InputError
+from .ir import Concat, Dep, Dim, Product, find
+from .permute import PermutationSampler, permute_tensor
 from .rules.registry import tensors_in
 from .runner import sample_positions
+from .tensors import positions_view, rows
 
 
 class MatchSampler(PermutationSampler):
@@ -117,22 +118,6 @@ def site_nodes(pg) -> list:
             seen.add(n)
             out.append(n)
     return out
-
-
-def positions_view(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """``x`` as ``(batch, positions, features)`` with ``axis`` as features
-    (axis 0 is the batch, every other axis a position)."""
-    x = x.movedim(axis, -1)
-    if x.ndim == 1:
-        return x[None, None]
-    return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def rows(x: torch.Tensor, idx) -> torch.Tensor:
-    """Samples of a ``positions_view`` at the positions ``idx`` (all if None)."""
-    if idx is not None:
-        x = x[:, idx]
-    return x.reshape(-1, x.shape[-1])
 
 
 def correlation_from_moments(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor) -> np.ndarray:

@@ -6,9 +6,7 @@ from typing import Optional
 
 import torch
 
-
-class InputError(ValueError):
-    """Bad user input: an unknown model, an unreadable checkpoint, a bad size."""
+from .errors import InputError
 
 
 def create(name: str, num_classes: Optional[int] = None, **kwargs) -> torch.nn.Module:

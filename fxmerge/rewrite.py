@@ -29,32 +29,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .errors import RewriteError
 from .layers import PartialConv2d, PartialLinear, SplitLayerNorm
 from .rules.registry import RESIZE, tensors_in
 from .tracing import TensorInfo, ValueProp
-from .widening import ROLE_A, ROLE_B, LayoutWidener, widen_tensor
-
-
-class RewriteError(RuntimeError):
-    """The widened graph cannot be emitted (an op whose constants fxmerge
-    cannot rewrite)."""
-
-
-def _split_name(name: str):
-    mod, _, leaf = name.rpartition(".")
-    return mod, leaf
-
-
-def _set_tensor(gm: nn.Module, name: str, value: torch.Tensor) -> None:
-    mod_name, leaf = _split_name(name)
-    mod = gm.get_submodule(mod_name) if mod_name else gm
-    old = getattr(mod, leaf)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
-    elif leaf in getattr(mod, "_buffers", {}):
-        mod._buffers[leaf] = value
-    else:
-        setattr(mod, leaf, value)
+from .tensors import replace_module, row_blocks, set_tensor, split_name
+from .widening import LayoutWidener, widen_tensor
 
 
 def in_axes_of(pg) -> dict:
@@ -85,9 +65,9 @@ class WidenGraph:
             if name not in state_a:
                 continue
             new = widen_tensor(state_a[name], state_b[name], lays, contracted.get(name, set()), self.widener)
-            mod_name, leaf = _split_name(name)
+            mod_name, leaf = split_name(name)
             old_shapes.setdefault(mod_name, {})[leaf] = tuple(state_a[name].shape)
-            _set_tensor(gm, name, new)
+            set_tensor(gm, name, new)
         for mod_name, shapes in old_shapes.items():
             mod = gm.get_submodule(mod_name) if mod_name else gm
             if all(tuple(getattr(mod, k).shape) == v for k, v in shapes.items()):
@@ -96,8 +76,7 @@ class WidenGraph:
             if rule is not None:
                 new = rule(mod, shapes)
                 if isinstance(new, nn.Module) and new is not mod:  # the rule replaces the module
-                    parent, _, leaf = mod_name.rpartition(".")
-                    setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+                    replace_module(gm, mod_name, new)
         self._rewrite_constants(gm)
         self._split_normalizations(gm)
         gm.recompile()
@@ -121,8 +100,7 @@ class WidenGraph:
             if node.op == "call_module":
                 mod = gm.get_submodule(node.target)
                 new = SplitLayerNorm(w.role, mod.eps, norm.rms, getattr(mod, "weight", None), getattr(mod, "bias", None))
-                parent, _, leaf = node.target.rpartition(".")
-                setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+                replace_module(gm, node.target, new)
                 continue
             # F.layer_norm(input, normalized_shape, weight, bias, eps) / F.rms_norm(input, shape, weight, eps)
             names = ["input", "normalized_shape", "weight"] + ([] if norm.rms else ["bias"]) + ["eps"]
@@ -252,21 +230,6 @@ def check_shapes(gm: fx.GraphModule, pg, widener: LayoutWidener, example_inputs)
             raise RewriteError(f"node '{node.name}' has shape {list(v.shape)} after widening, planned {want}")
 
 
-def row_blocks(w_out, w_in):
-    """Row classes of a dense contraction: ``(in_index, out_index)`` pairs."""
-    blocks = []
-    for bit in (ROLE_A, None, ROLE_B):
-        if bit is None:
-            rows = np.flatnonzero(w_out.role == 3)
-            cols = np.arange(w_in.size)
-        else:
-            rows = np.flatnonzero(w_out.role == bit)
-            cols = np.flatnonzero(w_in.reads(bit))
-        if len(rows):
-            blocks.append((cols, rows))
-    return blocks
-
-
 def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
     """Replace widened dense convolutions and linears with row-block modules
     wherever their weight has structural zeros. Returns how many."""
@@ -295,8 +258,7 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
             count += 1
             continue
         new = PartialConv2d(mod, in_index, out_index) if isinstance(mod, nn.Conv2d) else PartialLinear(mod, in_index, out_index)
-        parent, _, leaf = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+        replace_module(gm, node.target, new)
         count += 1
     gm.recompile()
     return count

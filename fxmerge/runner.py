@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .models import InputError
+from .errors import InputError
 
 
 class LockstepRunner:

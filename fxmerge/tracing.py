@@ -18,19 +18,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-
-class TraceError(RuntimeError):
-    """Tracing, or the check of the traced graph against the eager model, failed."""
-
-    def __init__(self, message: str, *, module_path: Optional[str] = None, source: Optional[str] = None):
-        self.module_path = module_path
-        self.source = source
-        where = []
-        if module_path is not None:
-            where.append(f"module '{module_path or '<root>'}'")
-        if source:
-            where.append(f"at {source}")
-        super().__init__(message + (f" ({', '.join(where)})" if where else ""))
+from .errors import TraceError
 
 
 def _timm_notrace():

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from .analysis import Group, PermutationGroups, analyze
+from .analysis import analyze
+from .groups import Group, PermutationGroups
+from .tensors import get_tensor
 
 
 @dataclass
@@ -105,7 +107,7 @@ def verify(
         m = copy.deepcopy(base)
         with torch.no_grad():
             for name, t in permuted.items():
-                _tensor(m, name).copy_(t)
+                get_tensor(m, name).copy_(t)
             return _rel_change(y0, m(*run_inputs))
 
     err = change(candidates)
@@ -137,9 +139,3 @@ def _bisect(groups, change, tol, failing) -> None:
         return
     for h in bad:
         _bisect(h, change, tol, failing)
-
-
-def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
-    mod_name, _, leaf = name.rpartition(".")
-    mod = module.get_submodule(mod_name) if mod_name else module
-    return getattr(mod, leaf)

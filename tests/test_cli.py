@@ -31,7 +31,7 @@ def test_groups_verify_and_dot(capsys, tmp_path):
         (["groups", "resnet18", "--input-size", "3,32"], "bad --input-size"),
         (["groups", "--arch", "resnet18", "--checkpoint", "/nonexistent.pth"], "does not exist"),
         (["demo", "--methods", "pleas,magic"], "unknown method 'magic'"),
-        (["demo", "--norm-policy", "wide"], "--norm-policy must be split or merged"),
+        (["demo", "--norm-policy", "wide"], "invalid choice: 'wide'"),
     ],
 )
 def test_bad_input_exit_2(argv, needle, capsys):

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from fxmerge.permute import PermutationSampler
 from fxmerge.ir import (
-    Concat, Dep, Dim, IRConflict, PermutationSampler, as_product, find, make_dep, pin, resolve, split_dim, unify,
+    Concat, Dep, Dim, IRConflict, as_product, find, make_dep, pin, resolve, split_dim, unify,
 )
 
 

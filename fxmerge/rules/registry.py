@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..ir import Dep, Dim, Layout, find, layout_size, localize, pin, unify
+from ..tensors import get_tensor
+from ..ir import Dep, Dim, Layout, find, is_pinned, layout_size, localize, pin, unify
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,19 @@ class Normalization:
     node: str
     axes: int  # how many trailing axes are normalised
     rms: bool = False
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """An op that combines the features along an axis (a reduction,
+    softmax or normalisation over channels). It commutes with permutations,
+    but once the axis is widened it would combine both models' features,
+    which the ensemble never does: the merge keeps the roots of ``lays``
+    fully merged (``kind`` is the op kind, for the report)."""
+
+    node: str
+    kind: str
+    lays: tuple
 
 
 class RuleRegistry:
@@ -216,7 +230,7 @@ class RuleContext:
 
     def param(self, name: str) -> Optional[TL]:
         """The layout of the called module's parameter or buffer ``name``."""
-        t = _get_tensor_attr(self.module, name)
+        t = get_tensor(self.module, name)
         if t is None:
             return None
         full = f"{self.node.target}.{name}"
@@ -254,6 +268,15 @@ class RuleContext:
         (see ``Probe``)."""
         self.analysis.probes.setdefault(self.node.name, []).append(Probe(self.node.name, compute, tuple(lays)))
 
+    def mixing(self, *lays) -> None:
+        """Record that this node combines the features along each of ``lays``
+        (see ``Mixing``); pinned layouts need no record."""
+        from ..analysis import op_kind
+
+        live = tuple(l for l in lays if not is_pinned(l))
+        if live:
+            self.analysis.mixings.append(Mixing(self.node.name, op_kind(self.node, self.module), live))
+
     def normalization(self, axes: int, *, rms: bool = False) -> None:
         """Record that this node normalises its input over its ``axes``
         trailing axes (mean and variance, or only the RMS)."""
@@ -280,15 +303,6 @@ class RuleContext:
                 RuleContext.hint(t, tag)
         else:
             find(lay).hints.add(tag)
-
-
-def _get_tensor_attr(module, name):
-    obj = module
-    for part in name.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def tensors_in(value) -> list:

@@ -1,0 +1,35 @@
+"""Names and defaults shared by the library and the command line.
+
+This module imports nothing heavy, so the command line can build its parser
+(choices, defaults, help) without importing torch.
+"""
+from __future__ import annotations
+
+VERSION = "0.3.0"
+
+# merging methods, in the order tables list them
+METHODS = ("pleas", "perm", "zipit", "rebasin", "regmean", "avg", "ensemble")
+BUDGETED_METHODS = ("pleas", "perm", "zipit")  # cost follows the budget
+FIXED_BUDGET = {"rebasin": 1.0, "regmean": 1.0, "avg": 1.0, "ensemble": 2.0}
+
+LABELS = ("shared", "disjoint")
+MATCHINGS = ("activation", "weight")
+# features a LayerNorm normalises: widen them with per-model statistics, or keep them merged
+NORM_POLICIES = ("split", "merged")
+# inputs least squares fits each layer on: the merged model's own, or the permuted ensemble's
+LS_INPUTS = ("merged", "ensemble")
+# BatchNorm statistics of the merged model: re-estimated inside the least-squares sweep on
+# the merged model's own activations, reset once after fitting, or the sources' own
+BN_STATS = ("sweep", "reset", "source")
+# storage of the least-squares frontier between sweep steps
+FRONTIER_DTYPES = ("float32", "bfloat16", "float16")
+
+DEFAULT_METHOD = "pleas"
+DEFAULT_RIDGE = 1e-2
+DEFAULT_POSITIONS = 64
+DEFAULT_NORM_POLICY = "split"
+DEFAULT_LS_INPUTS = "merged"
+DEFAULT_BN_STATS = "reset"
+DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
+# a merge warns when more than this share of the conv/linear weights cannot be widened
+PINNED_SHARE_WARNING = 0.5
