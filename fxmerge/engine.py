@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -38,14 +39,17 @@ import torch.nn as nn
 from . import constants as C
 from .analysis import analyze
 from .budget import CostModel, Plan, frozen_roots, plan_budget, roots_within
-from .errors import InputError
+from .batchnorm import batch_norm_points, reset_batch_norm
+from .errors import InputError, MemoryWarning
 from .groups import PermutationGroups
+from .inputs import Inputs, as_inputs, calibration_inputs, forward_inputs
 from .ir import Product, find
-from .lstsq import GramCollector, layer_systems, regmean_layer, solve_layer
+from .lstsq import LeastSquaresPoint, layer_systems, regmean_layer, solve_layer
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .permute import permute_tensor
 from .rewrite import WidenGraph, check_shapes, in_axes_of, normalized_layouts, split_contractions, splittable
-from .runner import LockstepRunner, input_batches
+from .runner import LockstepRunner
+from .sweep import Sweep, available_memory, parse_memory
 from .tensors import set_tensor
 from .widening import LayoutWidener
 from .zipit import JointCollector, ZipProjector, merge_matrices, root_order, zip_cut, zip_pairs
@@ -97,13 +101,17 @@ class MergeOptions:
     matching: str = "activation"
     ridge: float = C.DEFAULT_RIDGE
     positions: int = C.DEFAULT_POSITIONS
-    reset_bn: bool = True
+    bn_stats: str = C.DEFAULT_BN_STATS
     norm_policy: str = C.DEFAULT_NORM_POLICY
     ls_inputs: str = C.DEFAULT_LS_INPUTS
     seed: int = 0
     device: torch.device = torch.device("cpu")
     progress: bool = False
     on_least_squares: Optional[Callable] = None
+    max_memory: int = 0  # bytes for the sweep's frontier and statistics
+    frontier_dtype: str = "float32"
+    schedule: str = "frontier"
+    spill_dir: Optional[str] = None
 
 
 @dataclass
@@ -114,8 +122,10 @@ class MergeState:
     model_a: nn.Module
     model_b: nn.Module
     data: Any
-    example_inputs: tuple
+    example_inputs: Inputs
     n_images: int
+    input_names: list = field(default_factory=list)
+    batch_inputs: Optional[Callable] = None
     timings: dict = field(default_factory=dict)
     pg: Optional[PermutationGroups] = None
     gm_a: Optional[fx.GraphModule] = None
@@ -128,7 +138,13 @@ class MergeState:
     zip_keys: dict = field(default_factory=dict)
     projector: Optional[ZipProjector] = None
     least_squares: dict = field(default_factory=dict)
+    sweep: dict = field(default_factory=dict)
+    skipped_layers: list = field(default_factory=list)
     row_block_layers: int = 0
+
+    def batches(self) -> Iterable[Inputs]:
+        """This rank's calibration inputs, batch by batch, on the device."""
+        return calibration_inputs(self.data, self.input_names, self.opts.device, self.batch_inputs)
 
     @property
     def output_roots(self) -> set:
@@ -160,7 +176,7 @@ def pass_match(st: MergeState) -> None:
         st.match = weight_matching(st.pg, st.state_a, st.gm_b.state_dict(), seed=o.seed, exclude=st.output_roots)
         return
     collector = ActivationCollector(st.pg, o.positions, o.seed, o.device, models=(st.gm_a, st.gm_b))
-    lockstep_pass(LockstepRunner([st.gm_a, st.gm_b]), collector, st.data, o.device, o.progress, "matching")
+    lockstep_pass(LockstepRunner([st.gm_a, st.gm_b]), collector, st.batches(), o.progress, "matching")
     st.match = activation_matching(collector, exclude=st.output_roots)
 
 
@@ -168,7 +184,7 @@ def pass_zip_match(st: MergeState) -> None:
     """ZipIt!'s statistics: the pooled correlation of both models' features."""
     o = st.opts
     collector = JointCollector(st.pg, o.positions, o.seed, o.device)
-    lockstep_pass(LockstepRunner([st.gm_a, st.gm_b]), collector, st.data, o.device, o.progress, "matching")
+    lockstep_pass(LockstepRunner([st.gm_a, st.gm_b]), collector, st.batches(), o.progress, "matching")
     outputs = st.output_roots
     st.zip_sims = {u: c for u, c in collector.similarities().items() if u not in outputs}
     st.zip_keys = collector.keys
@@ -253,14 +269,79 @@ def pass_zip_weights(st: MergeState) -> None:
                                                                   contracted.get(name, set())))
 
 
-def pass_least_squares(st: MergeState) -> None:
-    """PLeaS's layer-wise least squares."""
-    st.least_squares = _least_squares(st, st.opts.ls_inputs)
+def pass_fit(st: MergeState) -> None:
+    """The fitting sweep: least squares (PLeaS: ``ls_inputs``; RegMean:
+    stacked) and, under ``bn_stats="sweep"``, the BatchNorm statistics on
+    the merged model's own activations, in one walk over the graph."""
+    o = st.opts
+    points, systems = [], {}
+    inputs = {"pleas": o.ls_inputs, "regmean": "stacked"}.get(o.method)
+    if inputs is not None:
+        systems, _ = layer_systems(st.pg, st.merged, st.gm_a, st.widener, stacked=inputs == "stacked")
+        per_layer: dict = {}
+        models = [st.gm_a, st.gm_b, st.merged]
+        solve = _solver(st, per_layer)
+        points += [LeastSquaresPoint(key, sysm, models, inputs, o.positions, o.seed, solve)
+                   for key, sysm in systems.items()]
+        points = _within_memory(points, st)
+    if o.bn_stats == "sweep":
+        points += batch_norm_points(st.merged)
+    if not points:
+        return
+    models = [st.gm_a, st.gm_b, st.merged]
+    sweep = Sweep(models, points, schedule=o.schedule, max_memory=o.max_memory,
+                  frontier_dtype=getattr(torch, o.frontier_dtype), spill_dir=o.spill_dir, progress=o.progress,
+                  desc="fit")
+    st.sweep = sweep.run(st.batches)
+    if inputs is not None:
+        st.least_squares = {"layers": len([p for p in points if isinstance(p, LeastSquaresPoint)]), "ridge": o.ridge,
+                            "inputs": inputs, "passes": st.sweep["waves"] if o.schedule == "recompute" else 1,
+                            "per_layer": per_layer}
 
 
-def pass_regmean(st: MergeState) -> None:
-    """RegMean: least squares over both models' own inputs, no permutation."""
-    st.least_squares = _least_squares(st, "stacked")
+def _solver(st: MergeState, per_layer: dict) -> Callable:
+    """What a least-squares point does when its statistics are complete:
+    solve (PLeaS's ridge toward the permuted weights, or RegMean's) and
+    write the weights into the merged model."""
+    o = st.opts
+
+    def solve(point) -> None:
+        sysm = point.sysm
+        merged = st.merged
+        weight = merged.get_parameter(sysm.weight)
+        bias = merged.get_parameter(sysm.bias) if sysm.bias is not None else None
+        if o.on_least_squares is not None:
+            o.on_least_squares(sysm, weight, bias)
+        if point.inputs == "stacked":
+            src = [(gm.get_parameter(sysm.weight), gm.get_parameter(sysm.bias) if sysm.bias else None)
+                   for gm in (st.gm_a, st.gm_b)]
+            w_new, bias = regmean_layer(sysm, [w for w, _ in src], [b for _, b in src], REGMEAN_ALPHA, o.ridge)
+        else:
+            w_new, bias = solve_layer(sysm, weight, bias, o.ridge)
+        if not torch.isfinite(w_new).all():
+            raise InputError(f"least squares for '{point.key}' produced non-finite weights: give more calibration data "
+                             "or a larger ridge")
+        set_tensor(merged, sysm.weight, w_new)
+        if bias is not None:
+            set_tensor(merged, sysm.bias, bias)
+        per_layer[point.key] = {"samples": sysm.n, "loss_init": sysm.loss_init, "loss_fit": sysm.loss_fit}
+
+    return solve
+
+
+def _within_memory(points: list, st: MergeState) -> list:
+    """Least-squares points whose statistics fit in ``max_memory``; the
+    others keep their initial weights, with a warning."""
+    keep, skipped = [], []
+    for p in points:
+        (keep if p.nbytes() <= st.opts.max_memory else skipped).append(p)
+    if skipped:
+        names = ", ".join(f"'{p.key}' ({p.nbytes() / 2**30:.1f} GiB)" for p in skipped[:3])
+        warnings.warn(f"least squares skipped for {len(skipped)} layer(s) whose statistics exceed max_memory "
+                      f"({st.opts.max_memory / 2**30:.1f} GiB): {names}; they keep their permuted weights",
+                      MemoryWarning, stacklevel=4)
+        st.skipped_layers = [p.key for p in skipped]
+    return keep
 
 
 def pass_row_blocks(st: MergeState) -> None:
@@ -269,9 +350,10 @@ def pass_row_blocks(st: MergeState) -> None:
 
 
 def pass_batch_norm(st: MergeState) -> None:
-    """BatchNorm statistics recomputed on the calibration data."""
-    if st.opts.reset_bn:
-        reset_batch_norm(st.merged, st.data, st.opts.device, st.opts.progress)
+    """Under ``bn_stats="reset"``: BatchNorm statistics recomputed in one
+    train-mode pass over the calibration data, after fitting."""
+    if st.opts.bn_stats == "reset":
+        reset_batch_norm(st.merged, _progress(st.batches(), st.opts.progress, "batchnorm reset"))
 
 
 PASSES: dict[str, Callable[[MergeState], None]] = {
@@ -284,20 +366,19 @@ PASSES: dict[str, Callable[[MergeState], None]] = {
     "plan_zip": pass_plan_zip,
     "widen": pass_widen,
     "zip_weights": pass_zip_weights,
-    "least_squares": pass_least_squares,
-    "regmean": pass_regmean,
+    "fit": pass_fit,
     "row_blocks": pass_row_blocks,
     "batch_norm": pass_batch_norm,
 }
 
 # which passes each method runs, in order
 METHOD_PASSES: dict[str, tuple] = {
-    "pleas": ("analyze", "match", "align", "plan", "widen", "least_squares", "row_blocks", "batch_norm"),
-    "perm": ("analyze", "match", "align", "plan", "widen", "row_blocks", "batch_norm"),
-    "zipit": ("analyze", "zip_match", "plan_zip", "widen", "zip_weights", "row_blocks", "batch_norm"),
-    "rebasin": ("analyze", "match", "align", "plan_full", "widen", "row_blocks", "batch_norm"),
-    "regmean": ("analyze", "plan_full", "widen", "regmean", "row_blocks", "batch_norm"),
-    "avg": ("analyze", "plan_full", "widen", "row_blocks", "batch_norm"),
+    "pleas": ("analyze", "match", "align", "plan", "widen", "fit", "row_blocks", "batch_norm"),
+    "perm": ("analyze", "match", "align", "plan", "widen", "fit", "row_blocks", "batch_norm"),
+    "zipit": ("analyze", "zip_match", "plan_zip", "widen", "zip_weights", "fit", "row_blocks", "batch_norm"),
+    "rebasin": ("analyze", "match", "align", "plan_full", "widen", "fit", "row_blocks", "batch_norm"),
+    "regmean": ("analyze", "plan_full", "widen", "fit", "row_blocks", "batch_norm"),
+    "avg": ("analyze", "plan_full", "widen", "fit", "row_blocks", "batch_norm"),
     "ensemble": ("analyze", "plan", "widen", "row_blocks"),
 }
 assert set(METHOD_PASSES) == set(METHODS) and all(p in PASSES for ps in METHOD_PASSES.values() for p in ps)
@@ -305,8 +386,7 @@ assert set(METHOD_PASSES) == set(METHODS) and all(p in PASSES for ps in METHOD_P
 # the pass whose time the report lists under each phase name
 PHASES = {"analyze": "analysis", "match": "matching", "zip_match": "matching", "align": "matching",
           "plan": "plan", "plan_full": "plan", "plan_zip": "plan", "widen": "widen", "zip_weights": "widen",
-          "least_squares": "least_squares", "regmean": "least_squares", "row_blocks": "widen",
-          "batch_norm": "batchnorm_reset"}
+          "fit": "fit", "row_blocks": "widen", "batch_norm": "batchnorm_reset"}
 
 
 # ----------------------------------------------------------------------------
@@ -321,11 +401,11 @@ def _as_reiterable(data) -> Iterable:
     return data
 
 
-def _example_from(data, device) -> tuple:
-    for x in input_batches(data, device):
-        if x.shape[0] < 1:
+def _example_from(batches: Iterable[Inputs]) -> Inputs:
+    for x in batches:
+        if x.batch_size < 1:
             continue
-        return (x[:2],)
+        return x.head(2)
     raise InputError("the calibration data is empty: give at least two inputs")
 
 
@@ -343,12 +423,12 @@ def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
             raise InputError(f"the models differ: model A has no parameter '{name}'")
 
 
-def _count_images(data, device) -> int:
+def _count_images(batches: Iterable[Inputs]) -> int:
     n = 0
-    for i, x in enumerate(input_batches(data, device)):
-        if not torch.isfinite(x).all():
+    for i, x in enumerate(batches):
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in x.tensors()):
             raise InputError(f"the calibration data has non-finite values (batch {i}): clean or re-normalise it")
-        n += int(x.shape[0])
+        n += x.batch_size
     return n
 
 
@@ -360,11 +440,15 @@ def _progress(it, enabled: bool, desc: str, total=None):
     return tqdm(it, desc=desc, total=total, leave=False)
 
 
-def lockstep_pass(runner: LockstepRunner, collector, data, device, progress: bool, desc: str, until=None) -> None:
-    """One pass over the calibration data, the collector seeing every node."""
-    for i, x in enumerate(_progress(input_batches(data, device), progress, desc)):
-        collector.batch = i
-        runner.run((x,), collector, until=until)
+def lockstep_pass(runner: LockstepRunner, collector, batches: Iterable[Inputs], progress: bool, desc: str) -> None:
+    """One pass over this rank's calibration batches, the collector seeing
+    every node (``collector.batch``: the batch's index over all ranks)."""
+    from .distributed import rank, world_size
+
+    world, me = world_size(), rank()
+    for i, x in enumerate(_progress(batches, progress, desc)):
+        collector.batch = i * world + me
+        runner.run(x, collector)
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -380,7 +464,7 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
 
 
-def measure_macs(model: nn.Module, example_inputs: tuple) -> float:
+def measure_macs(model: nn.Module, example_inputs) -> float:
     """Multiply-accumulates of one forward pass per example, counted on the
     real ops (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -391,34 +475,13 @@ def measure_macs(model: nn.Module, example_inputs: tuple) -> float:
     mha = torch.backends.mha
     fast = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
+    inputs = as_inputs(example_inputs)
     try:
         with torch.no_grad(), counter:
-            model(*example_inputs)
+            inputs.call(model)
     finally:
         mha.set_fastpath_enabled(fast)
-    return counter.get_total_flops() / 2 / max(1, int(example_inputs[0].shape[0]))
-
-
-@torch.no_grad()
-def reset_batch_norm(model: nn.Module, data, device, progress: bool = False) -> int:
-    """Recompute every BatchNorm's running statistics on ``data`` (cumulative
-    average over all batches; the rest of the model stays in eval mode)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return 0
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for x in _progress(input_batches(data, device), progress, "batchnorm reset"):
-            model(x)
-    finally:
-        for m, (mom, tr) in zip(bns, saved):
-            m.momentum = mom
-            m.train(tr)
-    return len(bns)
+    return counter.get_total_flops() / 2 / max(1, inputs.batch_size)
 
 
 def _normalized_roots(pg, policy: str) -> set:
@@ -443,73 +506,6 @@ def _output_width(pg) -> int:
             meta = getattr(v, "meta", {}).get("fxm_value")
             return int(meta.shape[-1]) if hasattr(meta, "shape") else 0
     return 0
-
-
-def _least_squares(st: MergeState, inputs: str) -> dict:
-    o = st.opts
-    systems, modules = layer_systems(st.pg, st.merged, st.gm_a, st.widener, stacked=inputs == "stacked")
-    if not systems:
-        return {"layers": 0}
-    gm_a, gm_b, merged = st.gm_a, st.gm_b, st.merged
-    if inputs in ("ensemble", "stacked"):
-        waves = [list(systems)]
-        models = [gm_a, gm_b]
-    else:
-        waves = _waves(merged, systems)
-        models = [gm_a, gm_b, merged]
-    per_layer = {}
-    runner = LockstepRunner(models)
-    nodes = {n.name: n for n in merged.graph.nodes}
-    for w, wave in enumerate(waves):
-        collector = GramCollector({k: systems[k] for k in wave}, modules, models, o.positions, o.seed,
-                                  stacked=inputs == "stacked")
-        desc = "least squares" if len(waves) == 1 else f"least squares {w + 1}/{len(waves)}"
-        # waves are in graph order: nothing after a wave's last layer is needed
-        lockstep_pass(runner, collector, st.data, o.device, o.progress, desc,
-                      until=systems[wave[-1]].node if len(waves) > 1 else None)
-        collector.finish()
-        for key in wave:
-            sysm = systems[key]
-            weight = merged.get_parameter(sysm.weight)
-            bias = merged.get_parameter(sysm.bias) if sysm.bias is not None else None
-            if o.on_least_squares is not None:
-                o.on_least_squares(sysm, weight, bias)
-            if inputs == "stacked":
-                src = [(gm.get_parameter(sysm.weight), gm.get_parameter(sysm.bias) if sysm.bias else None)
-                       for gm in (gm_a, gm_b)]
-                w_new, bias = regmean_layer(sysm, [s[0] for s in src], [s[1] for s in src], REGMEAN_ALPHA, o.ridge)
-            else:
-                w_new, bias = solve_layer(sysm, weight, bias, o.ridge)
-            if not torch.isfinite(w_new).all():
-                raise InputError(f"least squares for '{key}' produced non-finite weights: give more calibration data or a larger ridge")
-            set_tensor(merged, sysm.weight, w_new)
-            if bias is not None:
-                set_tensor(merged, sysm.bias, bias)
-            modules[key] = merged.get_submodule(nodes[sysm.node].target)
-            per_layer[key] = {"samples": sysm.n, "loss_init": sysm.loss_init, "loss_fit": sysm.loss_fit}
-            sysm.gram = sysm.cross = None  # free
-    return {"layers": len(systems), "ridge": o.ridge, "inputs": inputs, "passes": len(waves), "per_layer": per_layer}
-
-
-def _waves(gm: fx.GraphModule, systems: dict) -> list:
-    """The fitted weights (system keys) in waves: a weight joins the first
-    wave after every fitted weight upstream of it; the weights of one node
-    (a packed attention's input and output projections) go in successive
-    waves, in the order of their systems."""
-    from collections import defaultdict
-
-    by_node: dict = defaultdict(list)
-    for key, sysm in systems.items():
-        by_node[sysm.node].append(key)
-    level: dict = {}
-    waves: dict = defaultdict(list)
-    for node in gm.graph.nodes:
-        up = max((level[a] for a in node.all_input_nodes), default=0)
-        for key in by_node.get(node.name, ()):
-            waves[up].append(key)
-            up += 1
-        level[node] = up
-    return [waves[k] for k in sorted(waves)]
 
 
 def _describe_plan(st: MergeState) -> MergePlan:
@@ -552,6 +548,9 @@ def _report(st: MergeState) -> dict:
         "row_block_layers": st.row_block_layers,
         "timings": st.timings,
         "least_squares": st.least_squares,
+        "least_squares_skipped": st.skipped_layers,
+        "sweep": st.sweep,
+        "bn_stats": o.bn_stats if "batch_norm" in METHOD_PASSES[o.method] else "source",
         "pinned_ops": [p.kind for p in st.pg.pinned],
         "norm_policy": o.norm_policy,
     }
@@ -560,7 +559,9 @@ def _report(st: MergeState) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def check_options(*, method, budget, labels, matching, ridge, positions, norm_policy, ls_inputs, device) -> MergeOptions:
+def check_options(*, method, budget, labels, matching, ridge, positions, norm_policy, ls_inputs, device,
+                  bn_stats=C.DEFAULT_BN_STATS, max_memory=None, frontier_dtype="float32",
+                  schedule="frontier") -> MergeOptions:
     """The checked options of a merge (``InputError`` on bad values)."""
     if method not in METHODS:
         raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
@@ -581,6 +582,18 @@ def check_options(*, method, budget, labels, matching, ridge, positions, norm_po
         raise InputError(f"positions must be a whole number >= 0 (0 keeps every position), got {positions!r}")
     if ls_inputs not in C.LS_INPUTS:
         raise InputError(f"ls_inputs must be one of {', '.join(C.LS_INPUTS)}, got '{ls_inputs}'")
+    if bn_stats not in C.BN_STATS:
+        raise InputError(f"bn_stats must be one of {', '.join(C.BN_STATS)}, got '{bn_stats}'")
+    if frontier_dtype not in C.FRONTIER_DTYPES:
+        raise InputError(f"frontier_dtype must be one of {', '.join(C.FRONTIER_DTYPES)}, got '{frontier_dtype}'")
+    if schedule not in ("frontier", "recompute"):
+        raise InputError(f"schedule must be 'frontier' or 'recompute', got '{schedule}'")
+    try:
+        max_memory = parse_memory(max_memory)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if max_memory is None:
+        max_memory = int(C.DEFAULT_MEMORY_SHARE * available_memory())
     if method == "ensemble":
         budget = 2.0
         norm_policy = "split"
@@ -600,7 +613,8 @@ def check_options(*, method, budget, labels, matching, ridge, positions, norm_po
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
     return MergeOptions(method=method, budget=budget, labels=labels, matching=matching, ridge=ridge,
-                        positions=positions, norm_policy=norm_policy, ls_inputs=ls_inputs, device=device)
+                        positions=positions, norm_policy=norm_policy, ls_inputs=ls_inputs, device=device,
+                        bn_stats=bn_stats, max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule)
 
 
 def merge(
@@ -617,50 +631,64 @@ def merge(
     matching: Optional[str] = None,
     ridge: float = C.DEFAULT_RIDGE,
     positions: int = C.DEFAULT_POSITIONS,
-    reset_bn: bool = True,
+    bn_stats: Optional[str] = None,
+    reset_bn: Optional[bool] = None,
     norm_policy: str = C.DEFAULT_NORM_POLICY,
     ls_inputs: str = C.DEFAULT_LS_INPUTS,
+    max_memory: Any = None,
+    frontier_dtype: str = "float32",
+    schedule: str = "frontier",
+    spill_dir: Optional[str] = None,
+    batch_inputs: Optional[Callable] = None,
     progress: bool = False,
     on_least_squares: Optional[Callable] = None,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` x the cost
     of model A (multiply-accumulates).
 
-    ``data`` yields input tensors or ``(inputs, targets)`` pairs (a DataLoader
-    works); it is read once for matching, once for least squares and once for
-    the BatchNorm reset. ``labels="disjoint"`` keeps both classifiers: the
-    merged model outputs ``cat([logits_A, logits_B], -1)``. ``matching`` is
+    ``data`` yields the calibration inputs: tensors, ``(inputs, targets)``
+    pairs, tuples or dicts of inputs (see ``fxmerge.inputs``; a DataLoader
+    works), or anything ``batch_inputs(item)`` turns into a tensor, tuple or
+    dict of inputs. ``labels="disjoint"`` keeps both classifiers: the merged
+    model outputs ``cat([logits_A, logits_B], -1)``. ``matching`` is
     ``"activation"`` or ``"weight"`` (default: activation for pleas and perm,
-    weight for rebasin). ``norm_policy`` says what happens to features that
-    a LayerNorm normalises (a transformer's residual stream): ``"split"``
+    weight for rebasin). ``norm_policy`` says what happens to features that a
+    LayerNorm normalises (a transformer's residual stream): ``"split"``
     widens them like any other group and gives each such LayerNorm per-model
     statistics (exact at 2x); ``"merged"`` keeps them fully merged and spends
     the budget elsewhere (heads, MLP width). ``ls_inputs`` picks the inputs
-    least squares fits on: the permuted ensemble's (``"ensemble"``, one pass)
-    or the merged model's own (``"merged"``, one pass per wave of layers).
-    ``ridge`` pulls each least-squares solution toward the permuted weights.
-    ``on_least_squares(system, weight, bias)`` is called with every layer's
-    accumulated system before it is solved. The source models are never
-    modified.
+    least squares fits on: the merged model's own (``"merged"``) or the
+    permuted ensemble's (``"ensemble"``, teacher forcing). ``bn_stats``:
+    ``"sweep"`` re-estimates each BatchNorm on the merged model's own
+    activations inside the fitting sweep, ``"reset"`` once after fitting,
+    ``"source"`` keeps the sources' statistics (``reset_bn=False`` is the
+    same). ``ridge`` pulls each least-squares solution toward the permuted
+    weights. ``max_memory`` (bytes or ``"2G"``; default a quarter of the
+    available memory) caps the sweep's frontier and statistics: beyond it the
+    frontier spills to a temporary directory (``spill_dir``), stored as
+    ``frontier_dtype``. ``on_least_squares(system, weight, bias)`` is called
+    with every layer's accumulated system before it is solved. The source
+    models are never modified.
     """
     t_start = time.perf_counter()
+    if bn_stats is None:
+        bn_stats = "source" if reset_bn is False else C.DEFAULT_BN_STATS
     opts = check_options(method=method, budget=budget, labels=labels, matching=matching, ridge=ridge,
-                         positions=positions, norm_policy=norm_policy, ls_inputs=ls_inputs, device=device)
-    opts.seed, opts.reset_bn, opts.progress, opts.on_least_squares = seed, reset_bn, progress, on_least_squares
+                         positions=positions, norm_policy=norm_policy, ls_inputs=ls_inputs, device=device,
+                         bn_stats=bn_stats, max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule)
+    opts.seed, opts.progress, opts.on_least_squares, opts.spill_dir = seed, progress, on_least_squares, spill_dir
     check_same_architecture(model_a, model_b)
     check_finite_state(model_a.state_dict(), "A")
     check_finite_state(model_b.state_dict(), "B")
     data = _as_reiterable(data)
-    n_images = _count_images(data, opts.device)
+    names = forward_inputs(model_a)
+    batches = lambda: calibration_inputs(data, names, opts.device, batch_inputs)  # noqa: E731
+    n_images = _count_images(batches())
     if n_images < 2:
         raise InputError(f"the calibration data has {n_images} input(s): give at least two (a few hundred for least squares)")
-    if example_inputs is None:
-        example_inputs = _example_from(data, opts.device)
-    elif not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(x.to(opts.device) for x in example_inputs)
+    example = _example_from(batches()) if example_inputs is None else as_inputs(example_inputs).to(opts.device)
     st = MergeState(opts, copy.deepcopy(model_a).to(opts.device).eval(), copy.deepcopy(model_b).to(opts.device).eval(),
-                    data, example_inputs, n_images)
+                    data, example, n_images, input_names=names, batch_inputs=batch_inputs)
     for name in METHOD_PASSES[opts.method]:
         t = time.perf_counter()
         PASSES[name](st)

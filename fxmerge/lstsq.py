@@ -27,7 +27,7 @@ whose upstream layers are already fitted).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import scipy.linalg.blas as blas
@@ -36,7 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from .distributed import all_sum
 from .runner import sample_positions
+from .sweep import A, B, M, Point
 from .tensors import get_tensor, positions_view, row_blocks, rows
 from .widening import Widening, widen_features
 
@@ -139,84 +141,131 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
     return torch.triu(upper) + torch.triu(upper, 1).transpose(-1, -2)
 
 
-class GramCollector:
-    """The per-node callback of the least-squares pass."""
+class LeastSquaresPoint(Point):
+    """One layer's least-squares system as a point of the fitting sweep.
 
-    def __init__(self, systems: dict, modules: dict, models: list, positions: int, seed: int,
-                 stacked: bool = False):
-        self.systems = systems  # system key -> LayerSystem
-        self.by_node: dict = {}  # node name -> its (key, system)s (a packed attention has two)
-        for key, sysm in systems.items():
-            self.by_node.setdefault(sysm.node, []).append((key, sysm))
-        self.modules = modules  # system key -> the merged model's module
-        self.models = models  # the GraphModules of the pass (A, aligned B[, merged])
+    ``inputs``: ``"merged"`` (X from the merged model's own input to the
+    layer: the point waits for every fit upstream), ``"ensemble"`` (X from
+    the permuted ensemble of A and aligned B: teacher forcing, wave 0) or
+    ``"stacked"`` (RegMean: each model's own X and Y as separate samples).
+    The targets Y are always the permuted ensemble's outputs. Positions are
+    sampled before the ensemble's features are widened, so the widening
+    touches only the kept rows. ``finish`` sums the statistics across ranks
+    and hands them to ``solve(point)``."""
+
+    def __init__(self, key: str, sysm: LayerSystem, models: list, inputs: str, positions: int, seed: int,
+                 solve: Callable):
+        self.key = key
+        self.sysm = sysm
+        self.node = sysm.node
+        self.models = models
+        self.inputs = inputs
+        self.merged_inputs = inputs == "merged"
         self.positions = positions
         self.seed = seed
-        self.stacked = stacked  # RegMean: each model's own samples, stacked
-        self.batch = 0
+        self.solve = solve
 
-    def __call__(self, node, values, env) -> None:
-        """``values``: the node's values in A and aligned B, and, when a
-        third model runs alongside (the merged model, for ``inputs="merged"``),
-        its input is taken from that model instead of the ensemble.
+    def reads(self, node: fx.Node) -> list:
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        if self.sysm.taps is None:
+            args = args[:1]
+        out = [(A, node), (B, node)]
+        if self.sysm.taps is not None or not self.merged_inputs:
+            out += [(m, a) for a in args for m in (A, B)]
+        if self.merged_inputs:
+            out += [(M, a) for a in args]
+        return out
 
-        Positions are sampled before the ensemble's features are widened, so
-        the widening touches only the kept rows."""
-        for key, sysm in self.by_node.get(node.name, ()):
-            if sysm.taps is None:
-                self._collect(sysm, self.modules[key], env(node.args[0]), values)
-                continue
-            args = [env(a) if isinstance(a, fx.Node) else None for a in node.args]
-            taps = [sysm.taps(gm.get_submodule(node.target),
-                              *[a if v is None else v[m] for a, v in zip(node.args, args)], output=values[m])
-                    for m, gm in enumerate(self.models)]
-            self._collect(sysm, self.modules[key], [t[0] for t in taps], [t[1] for t in taps])
-
-    def _collect(self, sysm: LayerSystem, mod: nn.Module, xs: list, values: list) -> None:
-        for m in range(2 if self.stacked else 1):
-            gen = torch.Generator().manual_seed(self.seed * 7919 + self.batch * 104729 + len(sysm.node) + 31 * m)
-            ys = [output_view(mod, y) for y in values[:2]]
-            idx = sample_positions(ys[0].shape[1], self.positions, gen, ys[0].device)
-            if self.stacked:
+    def collect(self, batch: int, value) -> None:
+        node = self._node = self._node or _find_node(self.models[A], self.node)
+        slots = (A, B, M) if self.merged_inputs else (A, B)
+        if self.sysm.taps is None:
+            xs = [value(s, node.args[0]) for s in slots]
+            ys = [value(A, node), value(B, node)]
+        else:
+            xs, ys = [], []
+            for s in slots:
+                args = [value(s, a) if isinstance(a, fx.Node) else a for a in node.args]
+                x, y = self.sysm.taps(self.models[s].get_submodule(node.target), *args,
+                                      output=value(s, node) if s != M else None)
+                xs.append(x)
+                ys.append(y)
+            ys = ys[:2]
+        mod = self.models[M if self.models[M] is not None else A].get_submodule(node.target)
+        sysm = self.sysm
+        stacked = self.inputs == "stacked"
+        for m in range(2 if stacked else 1):
+            gen = torch.Generator().manual_seed(self.seed * 7919 + batch * 104729 + len(sysm.node) + 31 * m)
+            yv = [output_view(mod, y) for y in ys]
+            idx = sample_positions(yv[0].shape[1], self.positions, gen, yv[0].device)
+            if stacked:
                 # RegMean: each model's own inputs and outputs, stacked as samples
-                X, Y = sample_rows(mod, xs[m], idx), rows(ys[m], idx)
+                X, Y = sample_rows(mod, xs[m], idx), rows(yv[m], idx)
             else:
-                if len(xs) > 2:
+                if self.merged_inputs:
                     X = sample_rows(mod, xs[2], idx)
                 else:
                     X = widen_features(sample_rows(mod, xs[0], idx), sample_rows(mod, xs[1], idx), 1, sysm.w_x)
-                Y = widen_features(rows(ys[0], idx), rows(ys[1], idx), 1, sysm.w_y)
+                Y = widen_features(rows(yv[0], idx), rows(yv[1], idx), 1, sysm.w_y)
             g = sysm.groups
-            self._accumulate(sysm, X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1), m)
+            accumulate(sysm, X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1), m if stacked else None)
 
-    def _accumulate(self, sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: int = 0) -> None:
-        """Add one batch's ``(rows, groups, cols)`` inputs and ``(rows, groups,
-        outs)`` targets to the layer's float64 sums."""
-        if sysm.bias is not None:
-            X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
-        if sysm.groups == 1:
-            G = gram_upper(X[:, 0])[None]  # mirrored once, in ``finish``
-        else:
-            G = torch.einsum("ngi,ngj->gij", X, X).double()
-        C = torch.einsum("ngi,ngo->gio", X, Y).double()
-        yy = (Y.double() ** 2).sum(0)
-        if sysm.gram is None:
-            sysm.gram, sysm.cross, sysm.yy = G, C, yy
-        else:
-            sysm.gram += G
-            sysm.cross += C
-            sysm.yy += yy
-        if self.stacked:
-            if sysm.diag is None:
-                sysm.diag = [torch.zeros_like(G.diagonal(dim1=1, dim2=2)) for _ in range(2)]
-            sysm.diag[model] += G.diagonal(dim1=1, dim2=2)
-        sysm.n += X.shape[0]
+    _node = None
 
     def finish(self) -> None:
-        """Complete the accumulated Gram matrices after the last batch."""
-        for sysm in self.systems.values():
-            if sysm.gram is not None and sysm.groups == 1:
-                sysm.gram = symmetric(sysm.gram)
+        sysm = self.sysm
+        n = torch.tensor([float(sysm.n)], dtype=torch.float64)
+        all_sum(sysm.gram, sysm.cross, sysm.yy, n, *(sysm.diag or ()))
+        sysm.n = int(n.item())
+        if sysm.gram is not None and sysm.groups == 1:
+            sysm.gram = symmetric(sysm.gram)
+        self.solve(self)
+        sysm.gram = sysm.cross = None  # free
+
+    def nbytes(self) -> int:
+        return system_bytes(self.sysm, self.models[M] if self.models[M] is not None else self.models[A])
+
+
+def _find_node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def system_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
+    """Bytes of one layer's float64 statistics (Gram matrix and cross
+    products), from its weight's shape."""
+    w = gm.get_parameter(sysm.weight)
+    g = sysm.groups
+    rows_per_group = w.shape[0] // g if sysm.taps is None else w.shape[0]
+    cols = int(np.prod(w.shape[1:])) + (sysm.bias is not None)
+    return 8 * g * cols * (cols + rows_per_group + 1)
+
+
+def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optional[int] = None) -> None:
+    """Add one batch's ``(rows, groups, cols)`` inputs and ``(rows, groups,
+    outs)`` targets to the layer's float64 sums (``model``: RegMean's
+    per-model Gram diagonals)."""
+    if sysm.bias is not None:
+        X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
+    if sysm.groups == 1:
+        G = gram_upper(X[:, 0])[None]  # mirrored once, in ``finish``
+    else:
+        G = torch.einsum("ngi,ngj->gij", X, X).double()
+    C = torch.einsum("ngi,ngo->gio", X, Y).double()
+    yy = (Y.double() ** 2).sum(0)
+    if sysm.gram is None:
+        sysm.gram, sysm.cross, sysm.yy = G, C, yy
+    else:
+        sysm.gram += G
+        sysm.cross += C
+        sysm.yy += yy
+    if model is not None:
+        if sysm.diag is None:
+            sysm.diag = [torch.zeros_like(G.diagonal(dim1=1, dim2=2)) for _ in range(2)]
+        sysm.diag[model] += G.diagonal(dim1=1, dim2=2)
+    sysm.n += X.shape[0]
 
 
 def ridge_lambda(G: torch.Tensor, ridge: float) -> float:

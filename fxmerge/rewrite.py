@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import RewriteError
+from .inputs import as_inputs
 from .layers import PartialConv2d, PartialLinear, SplitLayerNorm
 from .rules.registry import RESIZE, tensors_in
 from .tracing import TensorInfo, ValueProp
@@ -220,7 +221,7 @@ def check_shapes(gm: fx.GraphModule, pg, widener: LayoutWidener, example_inputs)
     prop = ValueProp(gm)
     try:
         with torch.no_grad():
-            prop.run(*example_inputs)
+            prop.run(*as_inputs(example_inputs).for_placeholders(gm))
     except Exception as e:
         raise RewriteError(f"the widened graph does not run: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     for node in gm.graph.nodes:

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import InputError
+from .inputs import Inputs
 
 
 class LockstepRunner:
@@ -34,14 +34,14 @@ class LockstepRunner:
             self.free_after.setdefault(i, []).append(j)
 
     @torch.no_grad()
-    def run(self, inputs: tuple, on_node: Callable, until: Optional[str] = None) -> None:
+    def run(self, inputs: Inputs, on_node: Callable, until: Optional[str] = None) -> None:
         """Run every model on ``inputs``; ``on_node(node, values, env)`` sees
         each node's values (one per model); ``env(n)`` gives the values of an
         earlier node that is still live. ``until``: stop after that node."""
         interps = [fx.Interpreter(gm, garbage_collect_values=False) for gm in self.gms]
-        for it in interps:
+        for it, gm in zip(interps, self.gms):
             it.env = {}
-            it.args_iter = iter(inputs)
+            it.args_iter = iter(inputs.for_placeholders(gm))
         index = self.index
 
         def env(n):
@@ -70,13 +70,3 @@ def sample_positions(n_positions: int, keep: int, gen: torch.Generator, device):
     if not keep or n_positions <= keep:
         return None
     return torch.randperm(n_positions, generator=gen)[:keep].to(device)
-
-
-def input_batches(data: Iterable, device, dtype=torch.float32):
-    """Yield the input tensors of ``data``: tensors or ``(inputs, targets)``
-    pairs (the first element is the input)."""
-    for item in data:
-        x = item[0] if isinstance(item, (list, tuple)) else item
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"calibration data must yield tensors or (inputs, targets) pairs, got {type(item).__name__}")
-        yield x.to(device=device, dtype=dtype)

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .inputs import Inputs, as_inputs
 
 
 def _timm_notrace():
@@ -58,16 +59,18 @@ def _user_frame(tb) -> Optional[str]:
     return best
 
 
-def _concrete_args(model: torch.nn.Module, n_inputs: int) -> dict:
-    """Optional forward arguments beyond the example inputs, pinned to their
-    defaults (``attn_mask=None``, ``mask=None``, ``is_causal=False``)."""
+def _concrete_args(model: torch.nn.Module, inputs: Inputs) -> dict:
+    """Optional forward arguments the example inputs do not give, pinned to
+    their defaults (``attn_mask=None``, ``mask=None``, ``is_causal=False``)."""
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return {}
     out = {}
     params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for p in params[n_inputs:]:
+    for p in params[len(inputs.args):]:
+        if p.name in inputs.kwargs:
+            continue
         if p.default is not inspect.Parameter.empty and (p.default is None or isinstance(p.default, (bool, int, float, str))):
             out[p.name] = p.default
     return out
@@ -157,14 +160,8 @@ class Traced:
     example inputs it was checked on."""
 
     gm: fx.GraphModule
-    example_inputs: tuple
+    example_inputs: Inputs
     concrete_args: dict = field(default_factory=dict)
-
-
-def _as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def trace(
@@ -181,10 +178,10 @@ def trace(
     Raises ``TraceError`` naming the module path and source line when tracing,
     running the graph, or the comparison with the eager model fails.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     eager = copy.deepcopy(model).eval()
     root = copy.deepcopy(model).eval()
-    concrete = _concrete_args(root, len(inputs))
+    concrete = _concrete_args(root, inputs)
     tracer = FxTracer(leaf_modules=leaf_modules)
     try:
         graph = tracer.trace(root, concrete_args=concrete or None)
@@ -197,7 +194,7 @@ def trace(
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     with torch.no_grad():
-        traced_out = ValueProp(gm).run(*inputs)
+        traced_out = ValueProp(gm).run(*inputs.for_placeholders(gm))
         if check:
             _check_against_eager(gm, eager, inputs, traced_out, atol=atol, rtol=rtol)
     return Traced(gm=gm, example_inputs=inputs, concrete_args=concrete)
@@ -217,7 +214,7 @@ def _check_against_eager(gm, eager, inputs, traced_out, *, atol, rtol):
         if name in module_nodes:
             hooks.append(mod.register_forward_hook(keep_first(name)))
     try:
-        eager_out = eager(*inputs)
+        eager_out = inputs.call(eager)
     finally:
         for h in hooks:
             h.remove()
@@ -233,7 +230,7 @@ def _check_against_eager(gm, eager, inputs, traced_out, *, atol, rtol):
                 interp_vals.setdefault(n.target, r)
             return r
 
-    _Capture(gm).run(*inputs)
+    _Capture(gm).run(*inputs.for_placeholders(gm))
     for n in gm.graph.nodes:
         if n.op == "call_module" and n.target in captured and n.target in interp_vals:
             if not _close(captured[n.target], interp_vals[n.target], atol, rtol):

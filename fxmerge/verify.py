@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from .analysis import analyze
 from .groups import Group, PermutationGroups
+from .inputs import as_inputs
 from .tensors import get_tensor
 
 
@@ -77,22 +78,22 @@ def verify(
     """Check that permuting every group leaves the model's function unchanged."""
     if groups is None:
         groups = analyze(model, example_inputs)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     gen = torch.Generator().manual_seed(seed)
     base = copy.deepcopy(model).eval()
     _randomize_degenerate(base, gen)
     dtype = torch.float64
     try:
         base = base.to(dtype)
-        run_inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs)
+        run_inputs = inputs.map(lambda x: x.to(dtype) if x.is_floating_point() else x)
         with torch.no_grad():
-            y0 = base(*run_inputs)
+            y0 = run_inputs.call(base)
     except Exception:
         dtype = torch.float32
         base = base.float()
         run_inputs = inputs
         with torch.no_grad():
-            y0 = base(*run_inputs)
+            y0 = run_inputs.call(base)
     if tol is None:
         tol = 1e-7 if dtype == torch.float64 else 2e-4
     state = {k: v for k, v in list(base.named_parameters()) + list(base.named_buffers())}
@@ -108,7 +109,7 @@ def verify(
         with torch.no_grad():
             for name, t in permuted.items():
                 get_tensor(m, name).copy_(t)
-            return _rel_change(y0, m(*run_inputs))
+            return _rel_change(y0, run_inputs.call(m))
 
     err = change(candidates)
     failing: list[Group] = []

@@ -97,7 +97,7 @@ def test_least_squares_on_merged_inputs_fits_each_layer_and_keeps_the_self_merge
     b = net(spec, 14)
     res = fxmerge.merge(a, b, data, budget=1.3, method="pleas", ls_inputs="merged")
     ls = res.report["least_squares"]
-    assert ls["inputs"] == "merged" and ls["passes"] > 1
+    assert ls["inputs"] == "merged" and res.report["sweep"]["waves"] > 1
     for name, v in ls["per_layer"].items():
         assert v["loss_fit"] <= v["loss_init"] * (1 + 1e-6) + 1e-9, name
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fxmerge
 from fxmerge.lstsq import solve_block
-from fxmerge.engine import reset_batch_norm
+from fxmerge.batchnorm import reset_batch_norm
 from nets import build
 
 CNN_KINDS = ["residual", "concat", "split", "depthwise", "se", "widen"]
@@ -42,7 +42,7 @@ def permuted_copy(model, seed, example=X):
 
 def with_bn_stats_from(model, data):
     m = copy.deepcopy(model)
-    reset_batch_norm(m, data, "cpu")
+    reset_batch_norm(m, data)
     return m.eval()
 
 

@@ -1,0 +1,390 @@
+"""The fitting sweep: one walk over the graph that fits the merged model.
+
+Least squares on the merged model's own inputs, and BatchNorm statistics
+re-estimated on its own activations, both need statistics over all the
+calibration data at a node before anything downstream of it can be computed
+with the final weights. A *point* (``Point``) is such a need: a layer's
+least-squares system, a BatchNorm's statistics. Points get *waves*: a point
+that reads the merged model waits for every point upstream of it; a point
+that reads only the source models (teacher-forced least squares) goes in
+wave 0.
+
+The sweep runs the waves in order. In each, it computes for every
+calibration batch only the nodes that the wave's points need and that no
+earlier wave computed, for each model (A, aligned B, merged), from the
+*frontier*: the values of earlier waves that later ones still read. Every
+node of every model is computed at most once, as late as possible (so the
+frontier stays small), so a whole fit costs about one forward pass of each
+model plus the statistics. After the last batch of a wave its points finish
+(sum across ranks, solve, write into the merged model).
+
+The frontier lives in memory up to a cap and spills beyond it to a
+temporary directory (``FrontierStore``), which is removed on success, error
+and interrupt. ``schedule="recompute"`` keeps no frontier and recomputes
+every wave from the inputs (the wave-by-wave method: the same systems, one
+forward pass per wave).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+A, B, M = 0, 1, 2  # model slots: source A, aligned source B, merged
+NEVER = 1 << 30
+
+
+class Point:
+    """A statistic over all calibration data at one node (see the module
+    docstring). Subclasses say what they read and how they finish."""
+
+    node: str
+    merged_inputs: bool = True  # reads merged values: waits for the points upstream of it
+    wave: int = -1
+
+    def reads(self, node: fx.Node) -> list:
+        """``(model slot, node)`` pairs whose values ``collect`` reads."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Called before the first batch of its wave."""
+
+    def collect(self, batch: int, value: Callable[[int, fx.Node], Any]) -> None:
+        """Add one batch: ``value(slot, node)`` is that model's value."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the last batch: reduce, solve, write into the merged model."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes of its accumulated statistics."""
+        return 0
+
+
+def parse_memory(value) -> Optional[int]:
+    """``max_memory`` as bytes: an int, or a string such as ``"2G"``,
+    ``"512M"``, ``"1.5GB"``; None keeps the default."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"max_memory must be positive, got {value}")
+        return int(value)
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        n = float(number) * scale
+    except ValueError:
+        raise ValueError(f"max_memory must be bytes or a size such as 2G or 512M, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return int(n)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30
+
+
+def _nbytes(value) -> int:
+    leaves, _ = pytree.tree_flatten(value)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+class FrontierStore:
+    """Values kept between waves, keyed by ``(slot, node name, batch)``: in
+    memory up to ``budget`` bytes, beyond it in files of a temporary
+    directory (raw bytes, read back through a memory map). ``dtype``
+    (bfloat16, float16) stores floating values at reduced precision; they
+    come back as float32. CUDA values are kept in host memory."""
+
+    def __init__(self, budget: int, dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None):
+        self.budget = max(0, int(budget))
+        self.dtype = dtype
+        self.spill_dir = spill_dir
+        self.tmp: Optional[str] = None
+        self.values: dict = {}  # key -> (treespec, leaves, device) ; a leaf is a tensor or ("file", path, dtype, shape)
+        self.ram = 0
+        self.peak_ram = 0
+        self.peak_total = 0
+        self.total = 0
+        self.spilled = 0  # bytes written to disk over the sweep
+        self._files = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != self.dtype and self.dtype != torch.float32:
+            t = t.to(self.dtype)
+        return t.detach().cpu() if t.device.type != "cpu" else t.detach()
+
+    def put(self, key, value) -> None:
+        leaves, spec = pytree.tree_flatten(value)
+        device = next((t.device for t in leaves if isinstance(t, torch.Tensor)), None)
+        dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in leaves]
+        packed = [self._pack(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+        size = sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
+        if self.ram + size > self.budget and size > 0:
+            packed = [self._spill(t) if isinstance(t, torch.Tensor) else t for t in packed]
+            self.spilled += size
+        else:
+            self.ram += size
+            self.peak_ram = max(self.peak_ram, self.ram)
+        self.total += size
+        self.peak_total = max(self.peak_total, self.total)
+        self.values[key] = (spec, packed, device, dtypes, size)
+
+    def _spill(self, t: torch.Tensor):
+        if self.tmp is None:
+            self.tmp = tempfile.mkdtemp(prefix="fxmerge-frontier-", dir=self.spill_dir)
+        self._files += 1
+        path = os.path.join(self.tmp, f"{self._files}.bin")
+        t.contiguous().view(torch.uint8).numpy().tofile(path)
+        return ("file", path, t.dtype, tuple(t.shape))
+
+    def get(self, key):
+        spec, packed, device, dtypes, _ = self.values[key]
+        leaves = []
+        for t, dt in zip(packed, dtypes):
+            if isinstance(t, tuple) and len(t) == 4 and t[0] == "file":
+                _, path, stored, shape = t
+                raw = np.memmap(path, dtype=np.uint8, mode="r")
+                t = torch.from_numpy(np.array(raw)).view(stored).reshape(shape)
+                del raw
+            if isinstance(t, torch.Tensor):
+                if t.dtype != dt:
+                    t = t.to(dt)
+                if device is not None and t.device != device:
+                    t = t.to(device)
+            leaves.append(t)
+        return pytree.tree_unflatten(leaves, spec)
+
+    def drop(self, key) -> None:
+        spec, packed, device, dtypes, size = self.values.pop(key)
+        on_disk = False
+        for t in packed:
+            if isinstance(t, tuple) and len(t) == 4 and t[0] == "file":
+                on_disk = True
+                try:
+                    os.unlink(t[1])
+                except OSError:
+                    pass
+        if not on_disk:
+            self.ram -= size
+        self.total -= size
+
+    def close(self) -> None:
+        """Forget every value and remove the temporary directory."""
+        self.values.clear()
+        self.ram = self.total = 0
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+class Schedule:
+    """When each model computes each node: waves of the points, and for every
+    slot and node (by name) the wave in which it is computed (as late as its
+    readers allow; never, when nothing reads it)."""
+
+    def __init__(self, graph: fx.Graph, points: list, slots: tuple = (A, B, M)):
+        self.nodes = list(graph.nodes)
+        self.order = [n.name for n in self.nodes]
+        by_name = {n.name: n for n in self.nodes}
+        self.points_at: dict = defaultdict(list)
+        for p in points:
+            self.points_at[p.node].append(p)
+        # waves: as the merged model's level, one more after every point it passes
+        level: dict = {}
+        for n in self.nodes:
+            up = max((level[i.name] for i in n.all_input_nodes), default=0)
+            for p in self.points_at.get(n.name, ()):
+                p.wave = up if p.merged_inputs else 0
+                up = max(up, p.wave + 1)
+            level[n.name] = up
+        self.level = level
+        self.waves = sorted({p.wave for p in points})
+        # what each wave's points read, per slot
+        need: dict = {s: defaultdict(set) for s in slots}
+        self.point_reads: dict = {s: defaultdict(set) for s in slots}  # slot -> wave -> node names
+        for p in points:
+            for slot, node in p.reads(by_name[p.node]):
+                need[slot][node.name].add(p.wave)
+                self.point_reads[slot][p.wave].add(node.name)
+        self.step: dict = {s: {} for s in slots}
+        self.last: dict = {s: {} for s in slots}
+        first = self.waves[0] if self.waves else 0
+        for s in slots:
+            step, last = self.step[s], self.last[s]
+            for n in reversed(self.nodes):
+                consumers = set(need[s].get(n.name, ())) | {step[u.name] for u in n.users
+                                                            if step.get(u.name, NEVER) < NEVER}
+                if n.op == "output" or not consumers:
+                    step[n.name] = NEVER
+                    continue
+                t = min(consumers)
+                if n.op == "placeholder":
+                    t = first  # the data is read once, in the first wave
+                if s == M and t < level[n.name]:
+                    raise AssertionError(f"the merged model's '{n.name}' is read before it is fitted")
+                step[n.name] = t
+                last[n.name] = max(consumers)
+        self.inputs = {n.name: [i.name for i in n.all_input_nodes] for n in self.nodes}
+
+    def computed_at(self, slot: int, wave: int) -> list:
+        """Names of the nodes ``slot`` computes in ``wave``, in graph order."""
+        step = self.step[slot]
+        return [n for n in self.order if step.get(n, NEVER) == wave]
+
+    def loaded_at(self, slot: int, wave: int) -> list:
+        """The frontier values ``slot`` reads in ``wave`` (computed earlier)."""
+        step = self.step[slot]
+        want = set(self.point_reads[slot].get(wave, ()))
+        for n in self.computed_at(slot, wave):
+            want.update(self.inputs[n])
+        return [n for n in self.order if n in want and step.get(n, NEVER) < wave]
+
+    def recomputed_at(self, slot: int, wave: int) -> list:
+        """Without a frontier: everything ``wave`` reads and all that is
+        upstream of it, in graph order."""
+        want = set(self.computed_at(slot, wave)) | set(self.loaded_at(slot, wave))
+        closure, stack = set(), list(want)
+        while stack:
+            n = stack.pop()
+            if n in closure:
+                continue
+            closure.add(n)
+            stack.extend(self.inputs[n])
+        return [n for n in self.order if n in closure]
+
+
+class Sweep:
+    """Runs the points of a fit over the calibration data (see the module
+    docstring). ``models[slot]`` are GraphModules of one graph (A, aligned
+    B, merged; a slot nobody reads may be None)."""
+
+    def __init__(self, models: list, points: list, *, schedule: str = "frontier", max_memory: int = 1 << 62,
+                 frontier_dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None,
+                 progress: bool = False, desc: str = "fit"):
+        if schedule not in ("frontier", "recompute"):
+            raise ValueError(f"unknown schedule '{schedule}'")
+        self.models = models
+        self.points = points
+        self.mode = schedule
+        self.progress = progress
+        self.desc = desc
+        self.slots = tuple(i for i, m in enumerate(models) if m is not None)
+        self.schedule = Schedule(models[self.slots[-1]].graph, points, self.slots)
+        self.nodes = {s: {n.name: n for n in models[s].graph.nodes} for s in self.slots}
+        self.stats_peak = max((sum(p.nbytes() for p in points if p.wave == w) for w in self.schedule.waves), default=0)
+        self.store = FrontierStore(max(0, max_memory - self.stats_peak), frontier_dtype, spill_dir)
+        self.report: dict = {}
+
+    @torch.no_grad()
+    def run(self, batches: Callable[[], Iterable]) -> dict:
+        """``batches()`` yields this rank's calibration ``Inputs`` of one pass."""
+        from .distributed import rank, world_size
+
+        t0 = time.perf_counter()
+        sched = self.schedule
+        interps = {s: fx.Interpreter(self.models[s], garbage_collect_values=False) for s in self.slots}
+        world, me = world_size(), rank()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(sched.waves), desc=self.desc, leave=False)
+        n_batches = None
+        try:
+            for wave in sched.waves:
+                points = [p for p in self.points if p.wave == wave]
+                for p in points:
+                    p.start()
+                if self.mode == "frontier":
+                    compute = {s: sched.computed_at(s, wave) for s in self.slots}
+                    load = {s: sched.loaded_at(s, wave) for s in self.slots}
+                else:
+                    compute = {s: sched.recomputed_at(s, wave) for s in self.slots}
+                    load = {s: [] for s in self.slots}
+                source = batches() if (self.mode == "recompute" or n_batches is None) else range(n_batches)
+                count = 0
+                for i, item in enumerate(source):
+                    envs = {}
+                    for s in self.slots:
+                        nodes = self.nodes[s]
+                        env = {nodes[n]: self.store.get((s, n, i)) for n in load[s]}
+                        self._compute(interps[s], [nodes[n] for n in compute[s]], env, item)
+                        envs[s] = env
+                    value = lambda slot, node: envs[slot][self.nodes[slot][node.name]]  # noqa: E731
+                    for p in points:
+                        p.collect(i * world + me, value)
+                    if self.mode == "frontier":
+                        self._keep(envs, compute, load, wave, i)
+                    count += 1
+                if n_batches is None:
+                    n_batches = count
+                for p in points:
+                    p.finish()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.store.close()
+        self.report = {
+            "schedule": self.mode,
+            "waves": len(sched.waves),
+            "batches": n_batches or 0,
+            "frontier_peak_bytes": self.store.peak_total,
+            "frontier_peak_memory_bytes": self.store.peak_ram,
+            "frontier_spilled_bytes": self.store.spilled,
+            "statistics_peak_bytes": self.stats_peak,
+            "seconds": time.perf_counter() - t0,
+        }
+        return self.report
+
+    def _compute(self, interp: fx.Interpreter, nodes: list, env: dict, item) -> None:
+        interp.env = env
+        positional = None
+        for n in nodes:
+            if n.op == "placeholder":
+                if n.args:  # an optional argument pinned to its default
+                    env[n] = n.args[0]
+                    continue
+                if positional is None:
+                    required = [p for p in interp.module.graph.nodes if p.op == "placeholder" and not p.args]
+                    positional = dict(zip(required, item.for_placeholders(interp.module)))
+                env[n] = positional[n]
+                continue
+            env[n] = interp.run_node(n)
+
+    def _keep(self, envs: dict, compute: dict, load: dict, wave: int, batch: int) -> None:
+        """Store what later waves read; drop what no later wave reads."""
+        sched = self.schedule
+        for s in self.slots:
+            last, nodes = sched.last[s], self.nodes[s]
+            for n in compute[s]:
+                if last.get(n, -1) > wave:
+                    self.store.put((s, n, batch), envs[s][nodes[n]])
+            for n in load[s]:
+                if last.get(n, -1) == wave:
+                    self.store.drop((s, n, batch))
