@@ -81,7 +81,37 @@ class WidenGraph:
         self._rewrite_constants(gm)
         self._split_normalizations(gm)
         gm.recompile()
+        self._specialize_computed_sizes(gm)
         return gm
+
+    def _specialize_computed_sizes(self, gm: fx.GraphModule) -> None:
+        """Sizes a reshape computes in the graph (``c // heads`` from
+        ``x.shape``) can change once channels widen, even on an axis that keeps
+        its size. Run the widened graph on the traced example and replace
+        every computed size that differs from the planned one by the planned
+        constant (sizes that still agree, such as the batch, stay computed)."""
+        example = self.pg.traced.example_inputs
+        planned = {}
+        for node in self.pg.gm.graph.nodes:
+            shape = self.new_shape(node)
+            if shape is not None and isinstance(node.meta.get("fxm_value"), TensorInfo):
+                planned[node.name] = shape
+        changed = False
+
+        class Fixer(fx.Interpreter):
+            def run_node(inner, n):
+                nonlocal changed
+                if n.name in planned and _is_reshape(n):
+                    changed |= _fix_sizes(n, inner.env, planned[n.name])
+                return super().run_node(n)
+
+        try:
+            with torch.no_grad():
+                Fixer(gm).run(*example.for_placeholders(gm))
+        except Exception:
+            pass  # ``check_shapes`` names the failure
+        if changed:
+            gm.recompile()
 
     # -- normalisations ----------------------------------------------------
     def _split_normalizations(self, gm: fx.GraphModule) -> None:
@@ -155,8 +185,10 @@ class WidenGraph:
                 sizes[i] = n
             elif isinstance(s, int) and s == -1:
                 continue
+            elif isinstance(s, fx.Node):
+                continue  # computed in the graph: ``_specialize_computed_sizes`` checks its value
             else:
-                raise RewriteError(f"cannot rewrite axis {i} of '{node.name}' ({node.target}): its size is computed in the graph")
+                raise RewriteError(f"cannot rewrite axis {i} of '{node.name}' ({node.target}): size {s!r}")
         if kw is not None and len(args) <= start:
             kwargs = dict(node.kwargs)
             kwargs["shape" if "shape" in kwargs else "size"] = tuple(sizes)
@@ -190,6 +222,30 @@ class WidenGraph:
         if self.widener.size(x_tl[0].lays[dim]) == x_tl[0].shape[dim]:
             return
         raise RewriteError(f"cannot rewrite '{node.name}': narrow over a widened axis")
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("reshape", "view", "expand")) or (
+        node.op == "call_function" and node.target is torch.reshape)
+
+
+def _fix_sizes(node: fx.Node, env: dict, want: list) -> bool:
+    """Replace computed size arguments of a reshape-like node whose values
+    (in ``env``) differ from the planned shape ``want``. Returns whether the
+    node changed."""
+    args = list(node.args)
+    packed = len(args) == 2 and isinstance(args[1], (list, tuple))
+    sizes = list(args[1]) if packed else args[1:]
+    if len(sizes) != len(want):
+        return False
+    changed = False
+    for i, (s, w) in enumerate(zip(sizes, want)):
+        if isinstance(s, fx.Node) and s in env and isinstance(env[s], int) and env[s] != w and env[s] != -1:
+            sizes[i] = w
+            changed = True
+    if changed:
+        node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
+    return changed
 
 
 def normalized_layouts(pg, node: fx.Node, norm) -> tuple:

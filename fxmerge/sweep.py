@@ -204,18 +204,21 @@ class FrontierStore:
 class Schedule:
     """When each model computes each node: waves of the points, and for every
     slot and node (by name) the wave in which it is computed (as late as its
-    readers allow; never, when nothing reads it)."""
+    readers allow; never, when nothing reads it). ``graphs[slot]`` are the
+    models' graphs: the same nodes, though a rewrite may have turned a
+    computed size into a constant (one edge fewer)."""
 
-    def __init__(self, graph: fx.Graph, points: list, slots: tuple = (A, B, M)):
-        self.nodes = list(graph.nodes)
-        self.order = [n.name for n in self.nodes]
-        by_name = {n.name: n for n in self.nodes}
+    def __init__(self, graphs: dict, points: list):
+        slots = tuple(graphs)
+        ref = graphs[M] if M in graphs else graphs[slots[-1]]
+        self.order = [n.name for n in ref.nodes]
+        by_name = {n.name: n for n in ref.nodes}
         self.points_at: dict = defaultdict(list)
         for p in points:
             self.points_at[p.node].append(p)
         # waves: as the merged model's level, one more after every point it passes
         level: dict = {}
-        for n in self.nodes:
+        for n in ref.nodes:
             up = max((level[i.name] for i in n.all_input_nodes), default=0)
             for p in self.points_at.get(n.name, ()):
                 p.wave = up if p.merged_inputs else 0
@@ -232,10 +235,12 @@ class Schedule:
                 self.point_reads[slot][p.wave].add(node.name)
         self.step: dict = {s: {} for s in slots}
         self.last: dict = {s: {} for s in slots}
+        self.inputs: dict = {}
         first = self.waves[0] if self.waves else 0
         for s in slots:
             step, last = self.step[s], self.last[s]
-            for n in reversed(self.nodes):
+            self.inputs[s] = {n.name: [i.name for i in n.all_input_nodes] for n in graphs[s].nodes}
+            for n in reversed(list(graphs[s].nodes)):
                 consumers = set(need[s].get(n.name, ())) | {step[u.name] for u in n.users
                                                             if step.get(u.name, NEVER) < NEVER}
                 if n.op == "output" or not consumers:
@@ -248,7 +253,6 @@ class Schedule:
                     raise AssertionError(f"the merged model's '{n.name}' is read before it is fitted")
                 step[n.name] = t
                 last[n.name] = max(consumers)
-        self.inputs = {n.name: [i.name for i in n.all_input_nodes] for n in self.nodes}
 
     def computed_at(self, slot: int, wave: int) -> list:
         """Names of the nodes ``slot`` computes in ``wave``, in graph order."""
@@ -260,7 +264,7 @@ class Schedule:
         step = self.step[slot]
         want = set(self.point_reads[slot].get(wave, ()))
         for n in self.computed_at(slot, wave):
-            want.update(self.inputs[n])
+            want.update(self.inputs[slot][n])
         return [n for n in self.order if n in want and step.get(n, NEVER) < wave]
 
     def recomputed_at(self, slot: int, wave: int) -> list:
@@ -273,7 +277,7 @@ class Schedule:
             if n in closure:
                 continue
             closure.add(n)
-            stack.extend(self.inputs[n])
+            stack.extend(self.inputs[slot][n])
         return [n for n in self.order if n in closure]
 
 
@@ -293,7 +297,7 @@ class Sweep:
         self.progress = progress
         self.desc = desc
         self.slots = tuple(i for i, m in enumerate(models) if m is not None)
-        self.schedule = Schedule(models[self.slots[-1]].graph, points, self.slots)
+        self.schedule = Schedule({s: models[s].graph for s in self.slots}, points)
         self.nodes = {s: {n.name: n for n in models[s].graph.nodes} for s in self.slots}
         self.stats_peak = max((sum(p.nbytes() for p in points if p.wave == w) for w in self.schedule.waves), default=0)
         self.store = FrontierStore(max(0, max_memory - self.stats_peak), frontier_dtype, spill_dir)

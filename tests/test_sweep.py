@@ -1,0 +1,145 @@
+"""The fitting sweep: one walk over the graph with a frontier.
+
+Properties: the frontier gives the weights of the wave-by-wave recomputation
+(the same systems); spilling the frontier to disk changes nothing (bitwise);
+its temporary files are gone after success, error and interrupt; BatchNorm
+statistics re-estimated in the sweep are the statistics of what each
+BatchNorm sees in the final merged model.
+"""
+import glob
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxmerge
+from fxmerge.sweep import FrontierStore, parse_memory
+from test_merge import CNN_KINDS, X, calib, net
+
+specs = st.lists(st.tuples(st.sampled_from(CNN_KINDS + ["layernorm", "attention", "mha"]), st.integers(0, 3)),
+                 min_size=1, max_size=3)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k, **tol)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs, seed=st.integers(0, 1000), budget=st.sampled_from([1.0, 1.3]),
+       bn_stats=st.sampled_from(["reset", "sweep"]))
+def test_the_frontier_gives_the_weights_of_the_wave_by_wave_recomputation(spec, seed, budget, bn_stats):
+    a, b = net(spec, seed), net(spec, seed + 1)
+    kw = dict(budget=budget, method="pleas", bn_stats=bn_stats)
+    one = fxmerge.merge(a, b, calib(3), schedule="frontier", **kw)
+    many = fxmerge.merge(a, b, calib(3), schedule="recompute", **kw)
+    assert one.report["sweep"]["waves"] == many.report["sweep"]["waves"]
+    assert_same_weights(weights(one.model), weights(many.model), rtol=1e-5, atol=1e-6)
+
+
+def test_a_spilled_frontier_gives_bitwise_the_same_weights_and_leaves_no_files(tmp_path):
+    spec = [("residual", 1), ("concat", 0), ("residual", 2)]
+    a, b = net(spec, 3), net(spec, 4)
+    ram = fxmerge.merge(a, b, calib(3), budget=1.2, bn_stats="sweep")
+    # room for the statistics only: every frontier value goes to disk
+    cap = ram.report["sweep"]["statistics_peak_bytes"] + 1
+    spill = fxmerge.merge(a, b, calib(3), budget=1.2, bn_stats="sweep", max_memory=cap, spill_dir=str(tmp_path))
+    assert spill.report["sweep"]["frontier_spilled_bytes"] > 0 and ram.report["sweep"]["frontier_spilled_bytes"] == 0
+    wa, wb = weights(ram.model), weights(spill.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("disk gone")])
+def test_the_spill_directory_is_removed_on_error_and_interrupt(tmp_path, exc):
+    spec = [("residual", 1), ("residual", 2)]
+    a, b = net(spec, 3), net(spec, 4)
+    batches = calib(3)
+    cap = fxmerge.merge(a, b, batches, budget=1.2).report["sweep"]["statistics_peak_bytes"] + 1
+    written = []
+
+    def on_least_squares(system, weight, bias):
+        # called between waves: spill files of the frontier exist now
+        written.extend(glob.glob(str(tmp_path / "*" / "*.bin")))
+        if len(written) and system.node.startswith("blocks_1"):
+            raise exc
+
+    with pytest.raises(type(exc)):
+        fxmerge.merge(a, b, batches, budget=1.2, max_memory=cap, spill_dir=str(tmp_path),
+                      on_least_squares=on_least_squares)
+    assert written and os.listdir(tmp_path) == []
+    store = FrontierStore(0, spill_dir=str(tmp_path))
+    store.put((0, "x", 0), torch.ones(4))
+    assert glob.glob(str(tmp_path / "*" / "*.bin"))
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        store.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_reduced_precision_frontier_stays_close():
+    spec = [("residual", 1), ("se", 0)]
+    a, b = net(spec, 5), net(spec, 6)
+    full = fxmerge.merge(a, b, calib(3), budget=1.2, bn_stats="sweep")
+    half = fxmerge.merge(a, b, calib(3), budget=1.2, bn_stats="sweep", frontier_dtype="bfloat16")
+    with torch.no_grad():
+        y, z = full.model(X), half.model(X)
+    assert (y - z).abs().max() <= 0.05 * y.abs().max()
+
+
+def _bn_inputs(model, data):
+    seen = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: seen.setdefault(name, []).append(
+                inp[0].detach().transpose(0, 1).reshape(inp[0].shape[1], -1))))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v, 1).double() for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("method", ["pleas", "perm"])
+def test_batch_norm_statistics_from_the_sweep_are_what_each_batch_norm_sees(method):
+    spec = [("residual", 1), ("concat", 0), ("depthwise", 1)]
+    a, b = net(spec, 7), net(spec, 8)
+    data = calib(3)
+    res = fxmerge.merge(a, b, data, budget=1.2, method=method, bn_stats="sweep")
+    model = res.model.eval()
+    inputs = _bn_inputs(model, data)
+    assert inputs
+    for name, x in inputs.items():
+        bn = model.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean.double(), x.mean(1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), x.var(1), rtol=1e-4, atol=1e-5)
+
+
+def test_source_statistics_are_kept_throughout():
+    spec = [("residual", 1)]
+    a = net(spec, 9)
+    res = fxmerge.merge(a, a, calib(2), budget=1.0, bn_stats="source")
+    for name, m in res.model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            src = a.get_submodule(name)
+            torch.testing.assert_close(m.running_var, src.running_var)
+
+
+def test_max_memory_parsing():
+    assert parse_memory("2G") == 2 << 30 and parse_memory("512M") == 512 << 20 and parse_memory(1000) == 1000
+    assert parse_memory("1.5GB") == int(1.5 * (1 << 30)) and parse_memory(None) is None
+    for bad in ("lots", "-1G", 0):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+    with pytest.raises(fxmerge.InputError, match="max_memory"):
+        fxmerge.merge(net([("residual", 1)], 0), net([("residual", 1)], 1), calib(2), max_memory="lots")
