@@ -8,7 +8,7 @@ from .errors import BudgetError, BudgetWarning, FxmergeError, FxmergeWarning, In
 
 _LAZY = {
     "trace": "tracing", "analyze": "analysis", "PermutationGroups": "groups", "Group": "groups",
-    "verify": "verify", "VerifyReport": "verify", "merge": "engine", "MergeResult": "engine",
+    "verify": "verification", "VerifyReport": "verification", "merge": "engine", "MergeResult": "engine",
     "MergePlan": "engine", "METHODS": "constants", "save": "io", "load": "io",
     "apply_permutations": "apply",
 }

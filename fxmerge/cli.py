@@ -55,7 +55,7 @@ def cmd_groups(args) -> int:
 
     from . import models
     from .analysis import analyze
-    from .verify import verify
+    from .verification import verify
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     model, name = _build_model(args)
