@@ -39,7 +39,7 @@ VARIANTS = (("digits", True), ("digits", False), ("generic", True), ("generic", 
 
 def run(name: str, scenario: str, calib: int, log) -> dict:
     a, b = suite.source_pair(name, scenario, 0, False, log)
-    tr = digits(train=True)
+    tr = digits(split="train")
     # the task data to calibrate on (the generic source ignores it)
     task, labels = (tr, "disjoint") if scenario == "disjoint" else (suite.mixed_styles(tr), "shared")
     score = headline(scenario)

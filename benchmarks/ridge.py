@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     command = (f"python benchmarks/ridge.py --archs {args.archs} --ridges {args.ridges} --budgets {args.budgets} "
                f"--calib {args.calib} --threads {args.threads}")
-    test = digits(train=False)
+    test = digits(split="test")
     batches = calibration("digits", args.calib)
     lines = ["# Least-squares ridge", "",
              "PLeaS on the demo's models (digits 0-4 vs 5-9, different seeds, both heads kept) at each",

@@ -40,7 +40,7 @@ METHODS = ("pleas", "zipit")
 def headline(scenario: str):
     """The suite's headline metric: joint accuracy over all 10 digits for
     disjoint label spaces, mean accuracy over the two styles for the shift."""
-    te = digits(train=False)
+    te = digits(split="test")
     if scenario == "disjoint":
         return lambda m: evaluate(m, te)["joint"]
     tests = [styled(te, s) for s in (STYLE_A, STYLE_B)]
@@ -49,7 +49,7 @@ def headline(scenario: str):
 
 def run(name: str, scenario: str, seed: int, calib: int, log) -> dict:
     a, b = suite.source_pair(name, scenario, seed, False, log)
-    tr = digits(train=True)
+    tr = digits(split="train")
     if scenario == "disjoint":
         data, labels = suite.calibration("digits", calib, tr), "disjoint"
     else:

@@ -105,7 +105,7 @@ def source_pair(name: str, scenario: str, seed: int, quick: bool, log) -> tuple:
     """The source models of one scenario, A from ``seed`` and B from ``seed + 1``:
     digits 0-4 and 5-9 (``disjoint``) or clean and edge-map digits (``domain``)."""
     cfg = train_config(name, quick)
-    tr = digits(train=True)
+    tr = digits(split="train")
     if scenario == "disjoint":
         return (cached(name, "a04", TASK_A, digit_task(tr, TASK_A), seed, cfg, log),
                 cached(name, "b59", TASK_B, digit_task(tr, TASK_B), seed + 1, cfg, log))
@@ -217,7 +217,7 @@ CURRENT = [""]
 
 
 def run_disjoint(name, args, log) -> list:
-    tr, te = digits(train=True), digits(train=False)
+    tr, te = digits(split="train"), digits(split="test")
     if name in DEMO_ARCH and not args.quick:
         # the demo's models (same recipe), trained once for both
         a, b = cached_pair(DEMO_ARCH[name], cache_dir=os.path.join(ROOT, ".cache", "fxmerge-demo"), log=log)
@@ -244,7 +244,7 @@ def run_disjoint(name, args, log) -> list:
 
 
 def run_domain(name, args, log) -> list:
-    tr, te = digits(train=True), digits(train=False)
+    tr, te = digits(split="train"), digits(split="test")
     a, b = source_pair(name, "domain", 0, args.quick, log)
     tests = {s: styled(te, s) for s in (STYLE_A, STYLE_B)}
     mixed = mixed_styles(tr)  # the generic source ignores the split

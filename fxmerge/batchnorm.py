@@ -31,9 +31,11 @@ def is_batch_norm(mod: nn.Module) -> bool:
 
 class BatchNormPoint(Point):
     """The running statistics of one BatchNorm node of the merged model,
-    estimated on its input over all calibration data (per channel, float64
-    sums relative to the first batch's mean; unbiased variance, as
-    PyTorch's running variance)."""
+    estimated on its input over all calibration data: per channel, each
+    batch's mean and sum of squared deviations (``torch.var_mean``, in the
+    activations' precision), combined across batches and ranks in float64
+    (Chan et al.'s pairwise update); the variance is unbiased, as PyTorch's
+    running variance."""
 
     merged_inputs = True
 
@@ -48,41 +50,42 @@ class BatchNormPoint(Point):
 
     def start(self) -> None:
         self.n = 0
-        self.shift = self.s = self.ss = None
+        self.mean = self.m2 = None
 
     def collect(self, batch: int, value) -> None:
         x = value(M, self.input)
-        c = x.shape[1]
-        flat = x.transpose(0, 1).reshape(c, -1)
-        if self.shift is None:
-            self.shift = flat.mean(1).double()
-            self.s = torch.zeros(c, dtype=torch.float64, device=x.device)
-            self.ss = torch.zeros(c, dtype=torch.float64, device=x.device)
-        d = flat.double() - self.shift[:, None]
-        self.s += d.sum(1)
-        self.ss += (d * d).sum(1)
-        self.n += flat.shape[1]
+        dims = [0] + list(range(2, x.ndim))
+        n_b = x.numel() // x.shape[1]
+        var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+        self.add(n_b, mean_b.double(), var_b.double() * n_b)
+
+    def add(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Merge a chunk of ``n_b`` samples with mean ``mean_b`` and sum of
+        squared deviations ``m2_b`` into the running totals."""
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.n * n_b / n)
+        self.n = n
 
     def finish(self) -> None:
         bn = self.merged.get_submodule(self.target)
-        n = torch.tensor([float(self.n)], dtype=torch.float64)
-        shift = self.shift
         if world_size() > 1:
-            # ranks shifted by their own first batch: move every rank's sums to
-            # one shift (rank 0's), then add
-            from .distributed import broadcast_object
+            # every rank's (count, mean, M2), combined in rank order on every rank
+            from .distributed import gather_objects
 
-            common = broadcast_object(shift.cpu()).to(shift.device)
-            delta = shift - common  # x - common = (x - shift) + delta
-            self.ss += 2 * delta * self.s + self.n * delta * delta
-            self.s += self.n * delta
-            shift = common
-        all_sum(self.s, self.ss, n)
-        total = n.item()
-        mean = self.s / total
-        var = (self.ss - total * mean * mean) / max(total - 1.0, 1.0)
+            parts = gather_objects((self.n, self.mean.cpu(), self.m2.cpu()))
+            device = self.mean.device
+            self.mean = None
+            for n_r, mean_r, m2_r in parts:
+                if n_r:
+                    self.add(n_r, mean_r.to(device), m2_r.to(device))
+        var = self.m2 / max(self.n - 1, 1)
         with torch.no_grad():
-            bn.running_mean.copy_((mean + shift).to(bn.running_mean.dtype))
+            bn.running_mean.copy_(self.mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(var.clamp_min(0).to(bn.running_var.dtype))
             if bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.fill_(1)

@@ -249,6 +249,39 @@ def frozen_roots(pg) -> set:
     return frozen
 
 
+def merged_only_roots(pg, norm_policy: str) -> dict:
+    """Roots that must stay fully merged, each with the reason: blocks that
+    cannot move (a grouped op over a concatenation), features a
+    normalisation reads across the whole axis (all of them under
+    ``norm_policy="merged"``, those the rewrite cannot split otherwise), and
+    features an op combines (``Mixing``: reductions, softmax, normalize over
+    channels)."""
+    from .analysis import op_kind
+    from .rewrite import normalized_layouts, splittable
+
+    why: dict = {}
+
+    def keep(lay, reason):
+        for u in roots_within(lay, set()):
+            why.setdefault(u, reason)
+
+    for u in frozen_roots(pg):
+        why.setdefault(u, "a grouped op over a concatenation keeps its blocks")
+    nodes = {n.name: n for n in pg.gm.graph.nodes}
+    for name, norm in pg.normalizations.items():
+        node = nodes[name]
+        if norm_policy == "merged" or not splittable(pg.gm, node, norm):
+            module = pg.gm.get_submodule(node.target) if node.op == "call_module" else None
+            reason = (f"{op_kind(node, module)} normalises them"
+                      + (" (norm_policy='merged')" if norm_policy == "merged" else " and cannot be split per model"))
+            for lay in normalized_layouts(pg, node, norm):
+                keep(lay, reason)
+    for m in pg.mixings:
+        for lay in m.lays:
+            keep(lay, f"{m.kind} combines them")
+    return why
+
+
 def _batch_size(pg) -> int:
     for n in pg.gm.graph.nodes:
         if n.op == "placeholder":
@@ -275,11 +308,31 @@ class Plan:
         return self.achieved / self.source_cost if self.source_cost else 1.0
 
 
-def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | None = None, chunks: int = 32) -> Plan:
+def reach(model: CostModel) -> dict:
+    """Per root: how many layers read it (inputs of contractions and of
+    activation products), at least 1. A residual stream feeds every block;
+    a hidden width one layer."""
+    count: dict = {u: 0 for u in model.uids}
+    for layer in model.layers:
+        for u in layer.in_form[1]:
+            count[u] += 1
+    for p in model.products:
+        for _, form in p.dims:
+            for u in form[1]:
+                count[u] += 1
+    return {u: max(c, 1) for u, c in count.items()}
+
+
+def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | None = None, chunks: int = 32,
+                score: str = "pairs") -> Plan:
     """Choose ``k`` per root so the model costs ``budget`` x model A.
 
     ``sims[uid]`` holds the similarity of every matched pair (per A unit);
     ``fixed[uid]`` forces a root's ``k`` (pinned output roots, inner roots).
+    ``score``: what un-merging a pair repairs: ``"pairs"`` counts its
+    disagreement ``1 - similarity`` once, ``"reach"`` once per layer that
+    reads the root (``reach``), so wide-reaching roots (residual streams)
+    are un-merged earlier.
     """
     if not 1.0 <= budget <= 2.0:
         raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
@@ -294,6 +347,7 @@ def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | No
     k_max = k.copy()
     k_max[free] = 0
     lo, hi = model.cost(k), model.cost(k_max)
+    weight = reach(model) if score == "reach" else {}
     # order of un-merging inside each root: least similar pairs first
     order = {}
     for i in free:
@@ -314,7 +368,7 @@ def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | No
                 step = min(int(k[i]), max(1, -(-n // chunks)))
                 idx, s = order[i]
                 removed = n - k[i]
-                gain = float(np.sum(1.0 - s[idx[removed:removed + step]])) + 1e-9 * step
+                gain = (float(np.sum(1.0 - s[idx[removed:removed + step]])) + 1e-9 * step) * weight.get(model.uids[i], 1)
                 k2 = k.copy()
                 k2[i] -= step
                 dc = model.cost(k2) - cost

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
+import warnings
 
 from . import constants as C
-from .errors import FxmergeError
+from .errors import FxmergeError, FxmergeWarning
 
-EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class CLIError(FxmergeError):
@@ -90,7 +92,7 @@ def _calibration(args, size):
     from . import data as fxdata
 
     if args.data == "digits":
-        x = fxdata.digits(size[-1], train=True).subset(args.calib, seed=args.seed).x
+        x = fxdata.digits(size[-1], split="train").subset(args.calib, seed=args.seed).x
         if size[0] != 3:
             x = x[:, :1].repeat(1, size[0], 1, 1)
     elif args.data == "generic":
@@ -122,10 +124,19 @@ def cmd_merge(args) -> int:
     b = models.load(args.arch, args.b)
     size = models.parse_input_size(args.input_size) if args.input_size else models.default_input_size(a)
     batches = _calibration(args, size)
-    result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
-                   device=args.device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
-                   ridge=args.ridge, positions=args.positions, reset_bn=not args.keep_bn_stats,
-                   progress=not args.quiet)
+    bn_stats = "source" if args.keep_bn_stats else args.bn_stats
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FxmergeWarning)
+        result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
+                       device=args.device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
+                       ridge=args.ridge, positions=args.positions, bn_stats=bn_stats, planner=args.planner,
+                       max_memory=args.max_memory, frontier_dtype=args.frontier_dtype, strict=args.strict,
+                       progress=not args.quiet)
+    for w in caught:
+        if issubclass(w.category, FxmergeWarning):
+            print(f"fxmerge: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     result.report["arch"] = args.arch
     save(result, args.output, arch=args.arch)
     r = result.report
@@ -217,7 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--positions", type=int, default=C.DEFAULT_POSITIONS, help="spatial positions (tokens) sampled per "
                    "image for the statistics; fewer is faster, the least-squares systems of wide layers want more; 0 "
                    f"keeps all (default {C.DEFAULT_POSITIONS})")
-    m.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP)
+    m.add_argument("--bn-stats", default=C.DEFAULT_BN_STATS, choices=C.BN_STATS,
+                   help="BatchNorm statistics of the merged model: sweep (re-estimated on its own activations while "
+                   "the layers are fitted), reset (once, after fitting) or source (the sources' own) "
+                   f"(default {C.DEFAULT_BN_STATS})")
+    m.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP + " (same as --bn-stats source)")
+    m.add_argument("--planner", default=C.DEFAULT_PLANNER, choices=C.PLANNER_SCORES,
+                   help="what the budget planner counts when it un-merges a pair: its disagreement (pairs) or that "
+                   f"times the layers reading its group (reach) (default {C.DEFAULT_PLANNER})")
+    m.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory for the fitting sweep's frontier and statistics, such as 2G or 512M; beyond it the "
+                   f"frontier spills to a temporary directory (default {C.DEFAULT_MEMORY_SHARE:.0%} of the memory "
+                   "available at the start)")
+    m.add_argument("--frontier-dtype", default="float32", choices=C.FRONTIER_DTYPES,
+                   help="precision the frontier is stored in between sweep waves (default float32)")
+    m.add_argument("--strict", action="store_true", help="exit 2 instead of warning when the budget cannot be reached "
+                   "or most weights cannot be permuted")
     m.add_argument("--labels", default="shared", choices=C.LABELS, help="shared head or both heads")
     m.add_argument("--input-size", help="C,H,W (default: the model's own)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -241,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # temporary files are removed on the way out
+
+
 def main(argv=None) -> int:
+    if argv is None and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _interrupt)  # the command line: a kill cleans up like Ctrl-C
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -249,6 +281,9 @@ def main(argv=None) -> int:
         # one line: torch.fx appends the failing node and a traceback to errors
         print(f"fxmerge: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fxmerge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ LS_INPUTS = ("merged", "ensemble")
 # BatchNorm statistics of the merged model: re-estimated inside the least-squares sweep on
 # the merged model's own activations, reset once after fitting, or the sources' own
 BN_STATS = ("sweep", "reset", "source")
+# what the budget planner counts when it un-merges a pair: its disagreement once, or once per
+# layer that reads its root
+PLANNER_SCORES = ("pairs", "reach")
 # storage of the least-squares frontier between sweep steps
 FRONTIER_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -30,6 +33,7 @@ DEFAULT_POSITIONS = 64
 DEFAULT_NORM_POLICY = "split"
 DEFAULT_LS_INPUTS = "merged"
 DEFAULT_BN_STATS = "reset"
+DEFAULT_PLANNER = "pairs"
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
 # a merge warns when more than this share of the conv/linear weights cannot be widened
 PINNED_SHARE_WARNING = 0.5

@@ -80,7 +80,7 @@ def cached_pair(arch: str = "resnet", *, cache_dir: str = ".cache/fxmerge-demo",
     cfg = {"arch": arch, "train": TRAIN[arch], "tasks": [TASK_A, TASK_B], "version": 1}
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     os.makedirs(cache_dir, exist_ok=True)
-    train_split = digits(train=True)
+    train_split = digits(split="train")
     models = []
     for name, classes, seed in (("a", TASK_A, 0), ("b", TASK_B, 1)):
         path = os.path.join(cache_dir, f"{arch}-{name}-{key}.pt")
@@ -124,7 +124,7 @@ def calibration(source: str = "digits", n: int = 512, seed: int = 0) -> list:
     """Calibration batches: task data (both tasks' training images) or the
     generic source (PLeaS-free)."""
     if source == "digits":
-        return digits(train=True).subset(n, seed=seed).batches(64, with_targets=False)
+        return digits(split="train").subset(n, seed=seed).batches(64, with_targets=False)
     if source == "generic":
         x = generic(n, 32, seed=seed)
         return [x[i:i + 64] for i in range(0, n, 64)]
@@ -147,7 +147,7 @@ def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS
     from .engine import merge
 
     a, b = cached_pair(arch, device=device, log=log)
-    test = digits(train=False)
+    test = digits(split="test")
     batches = calibration(data, calib)
     rows = []
     for name, model, which in (("model A (0-4)", a, "a"), ("model B (5-9)", b, "b")):

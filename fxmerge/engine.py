@@ -38,16 +38,16 @@ import torch.nn as nn
 
 from . import constants as C
 from .analysis import analyze
-from .budget import CostModel, Plan, frozen_roots, plan_budget, roots_within
+from .budget import CostModel, Plan, merged_only_roots, plan_budget
 from .batchnorm import batch_norm_points, reset_batch_norm
-from .errors import InputError, MemoryWarning
+from .errors import BudgetError, BudgetWarning, InputError, MemoryWarning
 from .groups import PermutationGroups
 from .inputs import Inputs, as_inputs, calibration_inputs, forward_inputs
 from .ir import Product, find
 from .lstsq import LeastSquaresPoint, layer_systems, regmean_layer, solve_layer
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .permute import permute_tensor
-from .rewrite import WidenGraph, check_shapes, in_axes_of, normalized_layouts, split_contractions, splittable
+from .rewrite import WidenGraph, check_shapes, in_axes_of, split_contractions
 from .runner import LockstepRunner
 from .sweep import Sweep, available_memory, parse_memory
 from .tensors import set_tensor
@@ -112,6 +112,8 @@ class MergeOptions:
     frontier_dtype: str = "float32"
     schedule: str = "frontier"
     spill_dir: Optional[str] = None
+    planner: str = C.DEFAULT_PLANNER
+    strict: bool = False
 
 
 @dataclass
@@ -140,6 +142,10 @@ class MergeState:
     least_squares: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
     skipped_layers: list = field(default_factory=list)
+    kept_merged: dict = field(default_factory=dict)  # root uid -> why it cannot widen
+    budget_reachable: bool = True
+    pinned_share: float = 0.0
+    warnings: list = field(default_factory=list)
     row_block_layers: int = 0
 
     def batches(self) -> Iterable[Inputs]:
@@ -204,17 +210,25 @@ def pass_align(st: MergeState) -> None:
 
 def _fixed_roots(st: MergeState, cost_model: CostModel) -> dict:
     """Roots whose merged count the plan may not choose: each model's own
-    output (never merged), and roots that must stay merged."""
-    fixed = {u: 0 for u in st.output_roots if u in cost_model.uids}
-    frozen = frozen_roots(st.pg) | _normalized_roots(st.pg, st.opts.norm_policy)
-    fixed.update({u: int(n) for u, n in zip(cost_model.uids, cost_model.sizes) if u in frozen})
+    output (never merged), and roots that must stay merged (with the reason
+    in ``st.kept_merged``)."""
+    outputs = {u for u in st.output_roots if u in cost_model.uids}
+    fixed = {u: 0 for u in outputs}
+    st.kept_merged = {u: why for u, why in merged_only_roots(st.pg, st.opts.norm_policy).items()
+                      if u in cost_model.uids}
+    clash = [why for u, why in st.kept_merged.items() if u in outputs]
+    if clash:
+        raise InputError(f"labels='disjoint' keeps each model's classes apart, but {clash[0]} across the classes "
+                         "(e.g. a softmax over the logits): merge with labels='shared' or remove it")
+    fixed.update({u: int(n) for u, n in zip(cost_model.uids, cost_model.sizes) if u in st.kept_merged})
     return fixed
 
 
 def pass_plan(st: MergeState) -> None:
     """Partial merging: how many pairs of every root merge, for the budget."""
     cost_model = CostModel.from_groups(st.pg)
-    st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=_fixed_roots(st, cost_model))
+    st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=_fixed_roots(st, cost_model),
+                          score=st.opts.planner)
 
 
 def pass_plan_full(st: MergeState) -> None:
@@ -484,20 +498,6 @@ def measure_macs(model: nn.Module, example_inputs) -> float:
     return counter.get_total_flops() / 2 / max(1, inputs.batch_size)
 
 
-def _normalized_roots(pg, policy: str) -> set:
-    """Roots that must stay merged because a normalisation reads them across
-    all features: all of them under the ``merged`` policy, those of
-    normalisations the rewrite cannot split under ``split``."""
-    nodes = {n.name: n for n in pg.gm.graph.nodes}
-    roots: set = set()
-    for name, norm in pg.normalizations.items():
-        node = nodes[name]
-        if policy == "merged" or not splittable(pg.gm, node, norm):
-            for lay in normalized_layouts(pg, node, norm):
-                roots_within(lay, roots)
-    return roots
-
-
 def _output_width(pg) -> int:
     for n in pg.gm.graph.nodes:
         if n.op == "output":
@@ -506,6 +506,36 @@ def _output_width(pg) -> int:
             meta = getattr(v, "meta", {}).get("fxm_value")
             return int(meta.shape[-1]) if hasattr(meta, "shape") else 0
     return 0
+
+
+def _check_budget(st: MergeState) -> None:
+    """No silent degradation: when the plan cannot reach the budget, or most
+    of the weights cannot be permuted, say so (a ``BudgetWarning``, a line
+    in ``report["warnings"]``) and name what blocks it; under ``strict``
+    raise ``BudgetError`` instead."""
+    o, plan = st.opts, st.plan
+    low, high = plan.feasible
+    tol = max(plan.resolution, 1e-3)
+    st.budget_reachable = low - tol <= o.budget <= high + tol
+    st.pinned_share = 1.0 - st.pg.covered_fraction()
+    blockers = [f"{p.kind} (pinned: {p.reason})" for p in st.pg.pinned]
+    blockers += sorted(set(st.kept_merged.values()))
+    messages = []
+    if not st.budget_reachable:
+        side = "at most" if o.budget > high else "at least"
+        messages.append(f"budget {o.budget:.2f}x is out of reach for this model: it can cost {side} "
+                        f"{high if o.budget > high else low:.2f}x" + (f"; kept from widening by: {'; '.join(blockers[:4])}"
+                                                                       + (f" (+{len(blockers) - 4} more)" if len(blockers) > 4 else "")
+                                                                       if blockers else ""))
+    if st.pinned_share > C.PINNED_SHARE_WARNING and o.method not in ("avg", "regmean", "ensemble"):
+        kinds = ", ".join(p.kind for p in st.pg.pinned[:3]) or "none"
+        messages.append(f"{100 * st.pinned_share:.0f}% of the conv/linear weights cannot be permuted (pinned op kinds: "
+                        f"{kinds}): the merge averages them index by index")
+    for m in messages:
+        if o.strict:
+            raise BudgetError(m + " (strict)")
+        warnings.warn(m, BudgetWarning, stacklevel=4)
+    st.warnings.extend(messages)
 
 
 def _describe_plan(st: MergeState) -> MergePlan:
@@ -525,6 +555,16 @@ def _describe_plan(st: MergeState) -> MergePlan:
     return MergePlan(o.method, o.budget, o.labels, groups, perms, masks)
 
 
+def _kept_merged_summary(st: MergeState) -> list:
+    """The reasons roots must stay merged, with how many channels each
+    keeps."""
+    sizes = {r.uid: r.size for g in st.pg.all_groups for r in g.roots}
+    count: dict = {}
+    for u, why in st.kept_merged.items():
+        count[why] = count.get(why, 0) + sizes.get(u, 0)
+    return [{"reason": why, "channels": n} for why, n in sorted(count.items(), key=lambda kv: -kv[1])]
+
+
 def _report(st: MergeState) -> dict:
     o = st.opts
     macs_a = measure_macs(st.gm_a, st.example_inputs)
@@ -538,6 +578,10 @@ def _report(st: MergeState) -> dict:
         "cost_planned": plan.ratio,
         "cost_measured": macs_m / macs_a if macs_a else float("nan"),
         "cost_feasible": list(plan.feasible),
+        "budget_reachable": st.budget_reachable,
+        "pinned_share": st.pinned_share,
+        "kept_merged": _kept_merged_summary(st),
+        "warnings": st.warnings,
         "cost_resolution": plan.resolution,
         "macs_source": macs_a,
         "macs_merged": macs_m,
@@ -561,7 +605,7 @@ def _report(st: MergeState) -> dict:
 
 def check_options(*, method, budget, labels, matching, ridge, positions, norm_policy, ls_inputs, device,
                   bn_stats=C.DEFAULT_BN_STATS, max_memory=None, frontier_dtype="float32",
-                  schedule="frontier") -> MergeOptions:
+                  schedule="frontier", planner=C.DEFAULT_PLANNER) -> MergeOptions:
     """The checked options of a merge (``InputError`` on bad values)."""
     if method not in METHODS:
         raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
@@ -588,6 +632,8 @@ def check_options(*, method, budget, labels, matching, ridge, positions, norm_po
         raise InputError(f"frontier_dtype must be one of {', '.join(C.FRONTIER_DTYPES)}, got '{frontier_dtype}'")
     if schedule not in ("frontier", "recompute"):
         raise InputError(f"schedule must be 'frontier' or 'recompute', got '{schedule}'")
+    if planner not in C.PLANNER_SCORES:
+        raise InputError(f"planner must be one of {', '.join(C.PLANNER_SCORES)}, got '{planner}'")
     try:
         max_memory = parse_memory(max_memory)
     except ValueError as e:
@@ -614,7 +660,8 @@ def check_options(*, method, budget, labels, matching, ridge, positions, norm_po
         raise InputError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
     return MergeOptions(method=method, budget=budget, labels=labels, matching=matching, ridge=ridge,
                         positions=positions, norm_policy=norm_policy, ls_inputs=ls_inputs, device=device,
-                        bn_stats=bn_stats, max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule)
+                        bn_stats=bn_stats, max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule,
+                        planner=planner)
 
 
 def merge(
@@ -639,6 +686,8 @@ def merge(
     frontier_dtype: str = "float32",
     schedule: str = "frontier",
     spill_dir: Optional[str] = None,
+    planner: str = C.DEFAULT_PLANNER,
+    strict: bool = False,
     batch_inputs: Optional[Callable] = None,
     progress: bool = False,
     on_least_squares: Optional[Callable] = None,
@@ -666,7 +715,13 @@ def merge(
     weights. ``max_memory`` (bytes or ``"2G"``; default a quarter of the
     available memory) caps the sweep's frontier and statistics: beyond it the
     frontier spills to a temporary directory (``spill_dir``), stored as
-    ``frontier_dtype``. ``on_least_squares(system, weight, bias)`` is called
+    ``frontier_dtype``. ``planner``: what the budget planner counts when it
+    un-merges a pair (``"pairs"``: its disagreement; ``"reach"``: its
+    disagreement times the layers reading its root). When the budget cannot
+    be reached or most weights cannot be permuted the merge warns
+    (``BudgetWarning``, ``report["warnings"]``) and goes on at the nearest
+    cost; ``strict=True`` raises ``BudgetError`` instead.
+    ``on_least_squares(system, weight, bias)`` is called
     with every layer's accumulated system before it is solved. The source
     models are never modified.
     """
@@ -675,8 +730,10 @@ def merge(
         bn_stats = "source" if reset_bn is False else C.DEFAULT_BN_STATS
     opts = check_options(method=method, budget=budget, labels=labels, matching=matching, ridge=ridge,
                          positions=positions, norm_policy=norm_policy, ls_inputs=ls_inputs, device=device,
-                         bn_stats=bn_stats, max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule)
+                         bn_stats=bn_stats, max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule,
+                         planner=planner)
     opts.seed, opts.progress, opts.on_least_squares, opts.spill_dir = seed, progress, on_least_squares, spill_dir
+    opts.strict = bool(strict)
     check_same_architecture(model_a, model_b)
     check_finite_state(model_a.state_dict(), "A")
     check_finite_state(model_b.state_dict(), "B")
@@ -694,6 +751,8 @@ def merge(
         PASSES[name](st)
         if name == "widen":
             check_shapes(st.merged, st.pg, st.widener, st.example_inputs)
+        if name.startswith("plan"):
+            _check_budget(st)
         phase = PHASES[name]
         st.timings[phase] = st.timings.get(phase, 0.0) + time.perf_counter() - t
     st.merged.eval()

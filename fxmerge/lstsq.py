@@ -125,20 +125,22 @@ def output_view(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 def gram_upper(X: torch.Tensor) -> torch.Tensor:
-    """The upper triangle of ``X^T X`` (float64; the strict lower triangle is
-    zero or, off the CPU, the full product) for ``X`` (samples, d). One
-    batch's product runs in X's precision, on the CPU as a symmetric rank-k
-    update (half the work of a general product); callers sum batches in
-    float64 and mirror the triangle once, with ``symmetric``."""
+    """The upper triangle of ``X^T X`` for ``X`` (samples, d), in X's
+    precision, with a zero strict lower triangle. On the CPU a symmetric
+    rank-k update (half the work of a general product). Callers add batches
+    into float64 sums and mirror the triangle once, with ``symmetric``."""
     if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64) and X.shape[0] > 0:
         syrk = blas.ssyrk if X.dtype == torch.float32 else blas.dsyrk
-        return torch.from_numpy(syrk(1.0, X.contiguous().numpy(), trans=1, lower=0)).double()
-    return torch.triu(X.T @ X).double()
+        return torch.from_numpy(syrk(1.0, X.detach().contiguous().numpy(), trans=1, lower=0))
+    return torch.triu(X.T @ X)
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``upper``'s."""
-    return torch.triu(upper) + torch.triu(upper, 1).transpose(-1, -2)
+    """The symmetric matrix whose upper triangle is ``upper``'s (its strict
+    lower triangle must be zero, as ``gram_upper`` leaves it)."""
+    full = upper + upper.transpose(-1, -2)
+    full.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+    return full
 
 
 class LeastSquaresPoint(Point):
@@ -252,14 +254,15 @@ def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optio
     if sysm.groups == 1:
         G = gram_upper(X[:, 0])[None]  # mirrored once, in ``finish``
     else:
-        G = torch.einsum("ngi,ngj->gij", X, X).double()
-    C = torch.einsum("ngi,ngo->gio", X, Y).double()
-    yy = (Y.double() ** 2).sum(0)
+        G = torch.einsum("ngi,ngj->gij", X, X)
+    C = torch.einsum("ngi,ngo->gio", X, Y)
+    yy = Y.pow(2).sum(0, dtype=torch.float64)
     if sysm.gram is None:
-        sysm.gram, sysm.cross, sysm.yy = G, C, yy
+        sysm.gram, sysm.cross, sysm.yy = G.double(), C.double(), yy
     else:
-        sysm.gram += G
-        sysm.cross += C
+        # float32 batch products added into float64 sums without a converted copy
+        sysm.gram.add_(G)
+        sysm.cross.add_(C)
         sysm.yy += yy
     if model is not None:
         if sysm.diag is None:
@@ -299,6 +302,14 @@ def solved_loss(G, C, yy, W0, W, ridge: float) -> float:
     return float(yy.sum() - torch.sum(W.T * C) + lam * torch.sum(W * (W0 - W)))
 
 
+def take_square(G: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """``G[index][:, index]``, a view when ``index`` is a contiguous range."""
+    if len(index) and np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+        return G[index[0]:index[0] + len(index), index[0]:index[0] + len(index)]
+    idx = torch.as_tensor(index, device=G.device)
+    return G.index_select(0, idx).index_select(1, idx)
+
+
 def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | None, ridge: float):
     """New (weight, bias) of one layer. ``weight`` is the dense widened
     weight (groups x per-group rows first)."""
@@ -318,7 +329,7 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
                 full = np.concatenate([full, [ncol - 1]])
             S = torch.as_tensor(full)
             R = torch.as_tensor(rows)
-            Gs = sysm.gram[0][S][:, S]
+            Gs = take_square(sysm.gram[0], full)
             Cs = sysm.cross[0][S][:, R]
             W0s = W0[0][R][:, S]
             Ws = solve_block(Gs, Cs, W0s, ridge)

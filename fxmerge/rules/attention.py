@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..ir import Dim, as_product, split_dim
 from .elementwise import broadcast_layouts
-from .registry import RESIZE, RULES, TL, Opaque
+from .registry import RESIZE, RULES, TL, Opaque, widening
 
 
 def _is_activation(t: TL) -> bool:
@@ -28,9 +28,12 @@ def _is_activation(t: TL) -> bool:
 
 @RULES.function(operator.matmul, torch.matmul, torch.bmm, torch.mm)
 @RULES.method("matmul", "bmm", "mm", "__matmul__")
+@widening("attention")
 def matmul(ctx, a, b):
     if not isinstance(a, TL) or not isinstance(b, TL):
         raise Opaque("matmul with a non-tensor operand")
+    if not (_is_activation(a) and _is_activation(b)):
+        return _matmul_weight(ctx, a, b)
     if a.ndim == 1 or b.ndim == 1:
         if a.ndim == 1 and b.ndim == 1:
             ctx.unify(a.lays[0], b.lays[0])
@@ -41,6 +44,9 @@ def matmul(ctx, a, b):
         ctx.unify(a.lays[-1], b.lays[0])
         return ctx.tl(a.lays[:-1])
     ctx.unify(a.lays[-1], b.lays[-2])
+    # the product sums over the contracted features: within a head they
+    # never widen; a contracted channel axis stays merged
+    ctx.mixing(a.lays[-1])
     if a.ndim >= 3 and b.ndim >= 3 and _is_activation(a) and _is_activation(b):
         # activation x activation: attention scores (q k^T) or mixing (attn v)
         ctx.hint(a.lays[-1], "qk")
@@ -53,7 +59,26 @@ def matmul(ctx, a, b):
     return ctx.tl(out)
 
 
+def _matmul_weight(ctx, a: TL, b: TL) -> TL:
+    """``x @ W`` or ``W @ x`` with a 2-d weight: a linear map of ``x``'s
+    contracted axis, recorded as a contraction (widened as row blocks)."""
+    if _is_activation(b) == _is_activation(a):
+        raise Opaque("matmul of two weights")
+    w, x = (b, a) if _is_activation(a) else (a, b)
+    if w.ndim != 2 or x.ndim < 2:
+        raise Opaque("matmul with a weight of rank other than 2")
+    out_shape = ctx.out_shape
+    if w is b:  # x (..., n, d) @ W (d, m): W's axis 0 is the input
+        ctx.unify(x.lays[-1], w.lays[0])
+        ctx.contraction(w, weight_in_axis=0, input_axis=x.ndim - 1, output_axis=len(out_shape) - 1)
+        return ctx.tl(x.lays[:-1] + (w.lays[1],))
+    ctx.unify(w.lays[1], x.lays[-2])  # W (m, d) @ x (..., d, n)
+    ctx.contraction(w, weight_in_axis=1, input_axis=x.ndim - 2, output_axis=len(out_shape) - 2)
+    return ctx.tl(x.lays[:-2] + (w.lays[0], x.lays[-1]))
+
+
 @RULES.function(F.scaled_dot_product_attention)
+@widening("attention")
 def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     q, k, v = query, key, value
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
@@ -63,6 +88,7 @@ def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         ctx.unify(q.lays[i], v.lays[i])
     ctx.unify(q.lays[-1], k.lays[-1])
     ctx.unify(k.lays[-2], v.lays[-2])
+    ctx.mixing(q.lays[-1])  # scores sum over the query/key features: they widen only with whole heads
     ctx.hint(q.lays[-1], "qk")
     ctx.hint(v.lays[-1], "v")
     if isinstance(attn_mask, TL):
@@ -79,11 +105,14 @@ _EINSUM_TERM = re.compile(r"^[a-zA-Z.]*$")
 
 
 @RULES.function(torch.einsum)
+@widening("attention")
 def einsum(ctx, equation, *operands):
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     if not all(isinstance(o, TL) for o in operands):
         raise Opaque("einsum with a non-tensor operand")
+    if not all(_is_activation(o) for o in operands):
+        raise Opaque("einsum with a weight operand")
     eq = equation.replace(" ", "")
     if "->" not in eq:
         raise Opaque("implicit einsum output")
@@ -102,8 +131,10 @@ def einsum(ctx, equation, *operands):
         real = [l for l, s in entries if s != 1]
         for other in real[1:]:
             ctx.unify(real[0], other)
-        if ch not in rhs and len(entries) > 1 and len(operands) > 1 and all(_is_activation(o) for o in operands):
-            ctx.hint(real[0], "qk") if real else None
+        if ch not in rhs and real:
+            ctx.mixing(real[0])  # summed over: stays merged
+            if len(entries) > 1 and len(operands) > 1:
+                ctx.hint(real[0], "qk")
     for ch in rhs:
         entries = letters[ch]
         real = [l for l, s in entries if s != 1]
@@ -115,6 +146,7 @@ def einsum(ctx, equation, *operands):
 
 
 @RULES.module(nn.MultiheadAttention)
+@widening("attention")
 def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                         average_attn_weights=True, is_causal=False):
     m = ctx.module

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ir import Dim
-from .registry import RULES, TL, Opaque, tensors_in
+from .registry import RULES, TL, Opaque, tensors_in, widening
 
 try:
     from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
@@ -20,17 +20,17 @@ UNARY_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish,
     nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.Softmax2d,
+    nn.Tanhshrink, nn.LogSigmoid,
 )
 
 UNARY_FUNCTIONS = [
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardsigmoid, F.hardswish, F.hardtanh,
     F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.softsign, F.logsigmoid,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softmax, F.log_softmax,
-    F.normalize, F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
     torch.abs, torch.neg, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip,
-    torch.softmax, torch.log_softmax, torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round,
+    torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round,
     torch.detach, torch.clone, torch.nan_to_num,
     operator.neg, operator.pos, operator.abs, _tv_stochastic_depth,
 ]
@@ -39,7 +39,7 @@ UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "sqrt", "rsqrt",
     "abs", "neg", "square", "sin", "cos", "erf", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
     "float", "half", "double", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach",
-    "softmax", "log_softmax", "cpu", "cuda", "requires_grad_", "sign", "floor", "ceil", "round",
+    "cpu", "cuda", "requires_grad_", "sign", "floor", "ceil", "round",
     "reciprocal", "nan_to_num", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "mish",
 ]
 
@@ -65,6 +65,7 @@ ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 @RULES.module(*UNARY_MODULES)
 @RULES.function(*[f for f in UNARY_FUNCTIONS if f is not None])
 @RULES.method(*UNARY_METHODS)
+@widening("elementwise")
 def unary(ctx, x, *args, **kwargs):
     if not isinstance(x, TL):
         raise Opaque("first argument is not a tensor")
@@ -99,6 +100,7 @@ def broadcast_layouts(ctx, operands, out_shape):
 
 @RULES.function(*BINARY_FUNCTIONS)
 @RULES.method(*BINARY_METHODS)
+@widening("elementwise")
 def broadcast(ctx, *args, **kwargs):
     operands = tensors_in((args, kwargs))
     if not operands:
@@ -112,3 +114,38 @@ def broadcast(ctx, *args, **kwargs):
         for lay in lays:
             ctx.hint(lay, "residual")
     return ctx.tl(lays)
+
+
+# ops shaped like their input that combine the entries along one axis
+ALONG_AXIS_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
+ALONG_AXIS_FUNCTIONS = [F.softmax, F.log_softmax, F.softmin, F.normalize, torch.softmax, torch.log_softmax]
+ALONG_AXIS_METHODS = ["softmax", "log_softmax"]
+
+
+def _along_axis_dim(ctx, x: TL, args, kwargs):
+    if ctx.module is not None:
+        if isinstance(ctx.module, nn.Softmax2d):
+            return -3
+        return ctx.module.dim if ctx.module.dim is not None else (0 if x.ndim in (0, 1, 3) else 1)
+    target = ctx.node.target
+    if target is F.normalize:
+        return kwargs.get("dim", args[1] if len(args) > 1 else 1)
+    dim = kwargs.get("dim", args[0] if args else None)
+    if dim is None:  # the legacy implicit dim of F.softmax
+        return 0 if x.ndim in (0, 1, 3) else 1
+    return dim
+
+
+@RULES.module(*ALONG_AXIS_MODULES)
+@RULES.function(*ALONG_AXIS_FUNCTIONS)
+@RULES.method(*ALONG_AXIS_METHODS)
+@widening("mixes")
+def along_axis(ctx, x, *args, **kwargs):
+    """softmax, log_softmax, softmin, normalize: the output is shaped like
+    the input and each entry is permuted with its input, but the values mix
+    every entry along ``dim``."""
+    if not isinstance(x, TL):
+        raise Opaque("first argument is not a tensor")
+    dim = _along_axis_dim(ctx, x, args, kwargs)
+    ctx.mixing(x.lays[dim % x.ndim])
+    return ctx.like(x)

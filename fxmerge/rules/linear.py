@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ir import Dim, Dep, as_product, make_dep
-from .registry import RESIZE, RULES, TL, Opaque
+from .registry import RESIZE, RULES, TL, Opaque, widening
 
 
 def linear_layout(ctx, x: TL, w: TL, b: TL | None) -> TL:
@@ -18,11 +18,13 @@ def linear_layout(ctx, x: TL, w: TL, b: TL | None) -> TL:
 
 
 @RULES.module(nn.Linear, "timm.layers.linear.Linear")
+@widening("contraction")
 def linear_module(ctx, x, *args, **kwargs):
     return linear_layout(ctx, x, ctx.param("weight"), ctx.param("bias"))
 
 
 @RULES.function(F.linear)
+@widening("contraction")
 def linear_function(ctx, input, weight, bias=None):
     return linear_layout(ctx, input, weight, bias)
 
@@ -79,6 +81,7 @@ def _dim(lay):
     "timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.StdConv2dSame",
     "timm.layers.std_conv.ScaledStdConv2d", "timm.layers.std_conv.ScaledStdConv2dSame",
 )
+@widening("contraction")
 def conv_module(ctx, x, *args, **kwargs):
     # Weight standardisation (StdConv) normalises each output filter over all
     # of its inputs: symmetric in the input channels, so the rule is the same.
@@ -92,11 +95,13 @@ def conv_module(ctx, x, *args, **kwargs):
 
 
 @RULES.module(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+@widening("contraction")
 def conv_transpose_module(ctx, x, *args, **kwargs):
     return conv_layout(ctx, x, ctx.param("weight"), ctx.param("bias"), ctx.module.groups, transposed=True)
 
 
 @RULES.function(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+@widening("contraction")
 def conv_function(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return conv_layout(ctx, input, weight, bias, groups)
 

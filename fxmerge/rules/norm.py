@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..ir import as_product
 from .elementwise import UNARY_MODULES
-from .registry import RESIZE, RULES, TL, Opaque
+from .registry import RESIZE, RULES, TL, Opaque, widening
 
 
 def _per_channel(ctx, x: TL, axis: int, *stats) -> TL:
@@ -22,16 +22,19 @@ def _per_channel(ctx, x: TL, axis: int, *stats) -> TL:
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )
+@widening("per_channel")
 def batch_norm_module(ctx, x, *args, **kwargs):
     return _per_channel(ctx, x, 1, *(ctx.param(n) for n in ("weight", "bias", "running_mean", "running_var")))
 
 
 @RULES.function(F.batch_norm)
+@widening("per_channel")
 def batch_norm_function(ctx, input, running_mean=None, running_var=None, weight=None, bias=None, *args, **kwargs):
     return _per_channel(ctx, input, 1, running_mean, running_var, weight, bias)
 
 
 @RULES.function(F.instance_norm)
+@widening("per_channel")
 def instance_norm_function(ctx, input, running_mean=None, running_var=None, weight=None, bias=None, *args, **kwargs):
     return _per_channel(ctx, input, 1, running_mean, running_var, weight, bias)
 
@@ -47,17 +50,20 @@ def _trailing(ctx, x: TL, k: int, *params, rms: bool = False) -> TL:
 
 
 @RULES.module(nn.LayerNorm, nn.RMSNorm)
+@widening("normalizes")
 def layer_norm_module(ctx, x, *args, **kwargs):
     k = len(ctx.module.normalized_shape)
     return _trailing(ctx, x, k, ctx.param("weight"), ctx.param("bias"), rms=isinstance(ctx.module, nn.RMSNorm))
 
 
 @RULES.function(F.layer_norm)
+@widening("normalizes")
 def layer_norm_function(ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return _trailing(ctx, input, len(normalized_shape), weight, bias)
 
 
 @RULES.function(getattr(F, "rms_norm", None))
+@widening("normalizes")
 def rms_norm_function(ctx, input, normalized_shape, weight=None, eps=None):
     return _trailing(ctx, input, len(normalized_shape), weight, rms=True)
 
@@ -69,15 +75,19 @@ def group_norm_layout(ctx, x: TL, groups: int, *params) -> TL:
     if 1 < groups < c:
         if as_product(x.lays[1], groups) is None:
             raise Opaque("channel layout does not factor into the norm's groups")
+    elif groups == 1 and c > 1:
+        ctx.mixing(x.lays[1])  # one group: statistics over every channel
     return _per_channel(ctx, x, 1, *params)
 
 
 @RULES.module(nn.GroupNorm)
+@widening("per_channel")
 def group_norm_module(ctx, x, *args, **kwargs):
     return group_norm_layout(ctx, x, ctx.module.num_groups, ctx.param("weight"), ctx.param("bias"))
 
 
 @RULES.function(F.group_norm)
+@widening("per_channel")
 def group_norm_function(ctx, input, num_groups, weight=None, bias=None, eps=1e-5):
     return group_norm_layout(ctx, input, num_groups, weight, bias)
 
@@ -97,18 +107,21 @@ def _elementwise_children(ctx) -> None:
     "timm.layers.norm_act.SyncBatchNormAct",
     "timm.layers.norm_act.FrozenBatchNormAct2d",
 )
+@widening("per_channel")
 def batch_norm_act(ctx, x, *args, **kwargs):
     _elementwise_children(ctx)
     return batch_norm_module(ctx, x)
 
 
 @RULES.module("timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act")
+@widening("per_channel")
 def group_norm_act(ctx, x, *args, **kwargs):
     _elementwise_children(ctx)
     return group_norm_layout(ctx, x, ctx.module.num_groups, ctx.param("weight"), ctx.param("bias"))
 
 
 @RULES.module("timm.layers.norm_act.LayerNormAct")
+@widening("normalizes")
 def layer_norm_act(ctx, x, *args, **kwargs):
     _elementwise_children(ctx)
     return layer_norm_module(ctx, x)

@@ -1,13 +1,14 @@
 """Reductions. A symmetric reduction (sum, mean, max, var, norm, ...) does not
 care about the order along the reduced axes, so it adds no constraint there;
-the kept axes pass through. Order-dependent scans (cumsum, argmax, sort, ...)
-pin the axis they scan."""
+the kept axes pass through. Under widening it would combine both models'
+features, so the reduced axes are kept merged (``mixes``). Order-dependent
+scans (cumsum, argmax, sort, ...) pin the axis they scan."""
 from __future__ import annotations
 
 import torch
 
 from ..ir import Dim
-from .registry import RULES, TL, Opaque
+from .registry import RULES, TL, Opaque, widening
 
 SYMMETRIC_METHODS = ["mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", "nansum", "nanmean", "all", "any"]
 SYMMETRIC_FUNCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.prod,
@@ -25,6 +26,8 @@ def _reduce(ctx, x: TL, dims, keepdim: bool, *, pin_reduced: bool = False) -> TL
         if i in dims:
             if pin_reduced:
                 ctx.pin(lay)
+            else:
+                ctx.mixing(lay)
             if keepdim:
                 lays.append(Dim(1))
         else:
@@ -41,6 +44,7 @@ def _dims_arg(args, kwargs, pos=0):
 
 @RULES.method(*SYMMETRIC_METHODS)
 @RULES.function(*SYMMETRIC_FUNCTIONS)
+@widening("mixes")
 def symmetric_reduction(ctx, x, *args, **kwargs):
     dims = _dims_arg(args, kwargs)
     keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 and isinstance(args[1], bool) else False)
@@ -49,6 +53,7 @@ def symmetric_reduction(ctx, x, *args, **kwargs):
 
 @RULES.method("norm")
 @RULES.function(torch.norm, torch.linalg.vector_norm)
+@widening("mixes")
 def norm_reduction(ctx, x, p="fro", dim=None, keepdim=False, *args, **kwargs):
     dim = kwargs.get("dim", dim)
     return _reduce(ctx, x, dim, kwargs.get("keepdim", keepdim))
@@ -56,6 +61,7 @@ def norm_reduction(ctx, x, p="fro", dim=None, keepdim=False, *args, **kwargs):
 
 @RULES.method("max", "min")
 @RULES.function(torch.max, torch.min)
+@widening("mixes")
 def max_min(ctx, x, *args, **kwargs):
     if args and isinstance(args[0], TL):  # elementwise maximum of two tensors
         from .elementwise import broadcast
@@ -73,6 +79,7 @@ def max_min(ctx, x, *args, **kwargs):
 @RULES.method("cumsum", "cumprod", "argmax", "argmin", "argsort", "sort", "topk", "flip", "roll")
 @RULES.function(torch.cumsum, torch.cumprod, torch.argmax, torch.argmin, torch.argsort, torch.sort,
                 torch.topk, torch.flip, torch.roll)
+@widening("pins")
 def order_dependent(ctx, x, *args, **kwargs):
     """Ops whose result depends on the order along some axes: pin those axes.
     Without a clear axis argument every axis is pinned."""

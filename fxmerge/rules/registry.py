@@ -39,6 +39,36 @@ class TL:
 
 Rule = Callable[..., Any]
 
+# How an op behaves when its channel axes are widened to [A-only | merged |
+# B-only] (every rule says which, with ``widening``):
+WIDENING = {
+    "elementwise": "acts entry by entry: widened axes pass through",
+    "layout": "moves, splits, joins or copies entries: the widened layout follows (its constants are rewritten)",
+    "spatial": "acts on each channel separately along spatial or token axes, which never widen",
+    "contraction": "a weighted sum over input channels: emitted as row blocks, each output reading only its model's "
+                   "and the merged inputs",
+    "per_channel": "statistics per channel (BatchNorm, InstanceNorm) or per block of channels (GroupNorm): widened "
+                   "channels keep their own",
+    "normalizes": "statistics over all features of an axis (LayerNorm, RMSNorm): split per model where the rewrite "
+                  "can (norm_policy='split'), otherwise kept merged",
+    "mixes": "combines the features along an axis (a reduction, softmax or normalisation over channels): the axis "
+             "is kept merged, never widened",
+    "attention": "heads widen or merge whole; within a head nothing widens",
+    "pins": "depends on the order along an axis: the axis is pinned (identity permutation)",
+}
+
+
+def widening(kind: str):
+    """Declare how a rule's op behaves under widening (see ``WIDENING``)."""
+    if kind not in WIDENING:
+        raise ValueError(f"unknown widening behaviour '{kind}'")
+
+    def deco(fn):
+        fn.widening = kind
+        return fn
+
+    return deco
+
 
 @dataclass(frozen=True)
 class Contraction:
@@ -270,7 +300,8 @@ class RuleContext:
 
     def mixing(self, *lays) -> None:
         """Record that this node combines the features along each of ``lays``
-        (see ``Mixing``); pinned layouts need no record."""
+        (see ``Mixing``); pinned layouts need no record. Rules tagged
+        ``widening("mixes")`` call it for the axes they combine."""
         from ..analysis import op_kind
 
         live = tuple(l for l in lays if not is_pinned(l))

@@ -11,7 +11,7 @@ from ..ir import (
     Dep, Dim, Layout, as_product, collapse, concat_dim, dep_keys, find, is_pinned, layout_size,
     make_dep, pin, product_dim, resolve, split_dim,
 )
-from .registry import RULES, TL, Opaque, tensors_in
+from .registry import RULES, TL, Opaque, tensors_in, widening
 
 # ----------------------------------------------------------------------------
 # reshape
@@ -83,6 +83,7 @@ def reshape_layouts(x: TL, out_shape: tuple) -> tuple:
 @RULES.method("reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze")
 @RULES.function(torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze)
 @RULES.module(nn.Flatten, nn.Unflatten)
+@widening("layout")
 def reshape(ctx, x, *args, **kwargs):
     return ctx.tl(reshape_layouts(x, ctx.out_shape))
 
@@ -99,6 +100,7 @@ def _norm_axes(dims, ndim):
 
 @RULES.method("permute")
 @RULES.function(torch.permute)
+@widening("layout")
 def permute(ctx, x, *dims, **kwargs):
     dims = _norm_axes(dims or kwargs.get("dims"), x.ndim)
     return ctx.tl(tuple(x.lays[d] for d in dims))
@@ -106,6 +108,7 @@ def permute(ctx, x, *dims, **kwargs):
 
 @RULES.method("transpose", "swapaxes", "swapdims")
 @RULES.function(torch.transpose, torch.swapaxes, torch.swapdims)
+@widening("layout")
 def transpose(ctx, x, dim0, dim1):
     a, b = _norm_axes((dim0, dim1), x.ndim)
     lays = list(x.lays)
@@ -115,6 +118,7 @@ def transpose(ctx, x, dim0, dim1):
 
 @RULES.method("movedim", "moveaxis")
 @RULES.function(torch.movedim, torch.moveaxis)
+@widening("layout")
 def movedim(ctx, x, source, destination):
     src = _norm_axes(source if isinstance(source, (list, tuple)) else [source], x.ndim)
     dst = _norm_axes(destination if isinstance(destination, (list, tuple)) else [destination], x.ndim)
@@ -126,11 +130,13 @@ def movedim(ctx, x, source, destination):
 
 @RULES.method("t")
 @RULES.function(torch.t)
+@widening("layout")
 def t_(ctx, x):
     return ctx.tl(tuple(reversed(x.lays)))
 
 
 @RULES.function(getattr)
+@widening("layout")
 def tensor_attribute(ctx, x, name):
     if name == "T":
         return ctx.tl(tuple(reversed(x.lays)))
@@ -147,6 +153,7 @@ def tensor_attribute(ctx, x, name):
 
 @RULES.method("expand", "expand_as", "broadcast_to")
 @RULES.function(torch.broadcast_to)
+@widening("layout")
 def expand(ctx, x, *args, **kwargs):
     out_shape = ctx.out_shape
     lead = len(out_shape) - x.ndim
@@ -160,6 +167,7 @@ def expand(ctx, x, *args, **kwargs):
 
 @RULES.method("repeat", "tile")
 @RULES.function(torch.tile)
+@widening("layout")
 def repeat(ctx, x, *args, **kwargs):
     out_shape = ctx.out_shape
     lead = len(out_shape) - x.ndim
@@ -177,6 +185,7 @@ def repeat(ctx, x, *args, **kwargs):
 
 @RULES.method("repeat_interleave")
 @RULES.function(torch.repeat_interleave)
+@widening("layout")
 def repeat_interleave(ctx, x, repeats, dim=None, **kwargs):
     if dim is None or not isinstance(repeats, int):
         raise Opaque("repeat_interleave without an axis or with tensor repeats")
@@ -192,6 +201,7 @@ def repeat_interleave(ctx, x, repeats, dim=None, **kwargs):
 
 
 @RULES.function(torch.cat, torch.concat, torch.concatenate)
+@widening("layout")
 def cat(ctx, tensors, dim=0, axis=None, **kwargs):
     if axis is not None:
         dim = axis
@@ -217,6 +227,7 @@ def cat(ctx, tensors, dim=0, axis=None, **kwargs):
 
 
 @RULES.function(torch.stack)
+@widening("layout")
 def stack(ctx, tensors, dim=0, **kwargs):
     ts = [t for t in tensors if isinstance(t, TL)]
     nd = ts[0].ndim
@@ -254,6 +265,7 @@ def split_outputs(ctx, x: TL, d: int, sizes: list) -> tuple:
 
 @RULES.method("split", "chunk", "tensor_split", "split_with_sizes")
 @RULES.function(torch.split, torch.chunk, torch.tensor_split)
+@widening("layout")
 def split(ctx, x, *args, dim=0, **kwargs):
     shapes = ctx.out_shapes()
     if len(args) >= 2:
@@ -275,6 +287,7 @@ def index_axis(x_lays: tuple, d: int, j: int) -> tuple:
 
 @RULES.method("unbind")
 @RULES.function(torch.unbind)
+@widening("layout")
 def unbind(ctx, x, dim=0):
     d = _norm_axes([dim], x.ndim)[0]
     shape = x.shape[:d] + x.shape[d + 1:]
@@ -283,6 +296,7 @@ def unbind(ctx, x, dim=0):
 
 @RULES.method("select")
 @RULES.function(torch.select)
+@widening("layout")
 def select(ctx, x, dim, index):
     d = _norm_axes([dim], x.ndim)[0]
     return ctx.tl(index_axis(x.lays, d, index % x.shape[d]))
@@ -290,6 +304,7 @@ def select(ctx, x, dim, index):
 
 @RULES.method("narrow")
 @RULES.function(torch.narrow)
+@widening("layout")
 def narrow(ctx, x, dim, start, length):
     d = _norm_axes([dim], x.ndim)[0]
     return ctx.tl(_slice_axis(x, d, slice(start, start + length)))
@@ -311,6 +326,7 @@ def _slice_axis(x: TL, d: int, sl: slice) -> tuple:
 
 
 @RULES.function(operator.getitem)
+@widening("layout")
 def getitem(ctx, x, idx):
     if not isinstance(x, TL):
         # a tuple/list of values (split, unbind, multi-output modules)

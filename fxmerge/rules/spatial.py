@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ir import Dim, as_product, product_dim
-from .registry import RULES, TL, Opaque
+from .registry import RULES, TL, Opaque, widening
 
 POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -36,6 +36,7 @@ def _spatial_from_input(x: TL) -> int:
 
 
 @RULES.module(*POOL_MODULES, "timm.layers.pool2d_same.MaxPool2dSame", "timm.layers.pool2d_same.AvgPool2dSame")
+@widening("spatial")
 def pool_module(ctx, x, *args, **kwargs):
     if getattr(ctx.module, "return_indices", False):
         raise Opaque("pooling that returns indices")
@@ -51,6 +52,7 @@ _POOL_FUNCTIONS = {
 
 
 @RULES.function(*_POOL_FUNCTIONS)
+@widening("spatial")
 def pool_function(ctx, input, *args, **kwargs):
     if kwargs.get("return_indices"):
         raise Opaque("pooling that returns indices")
@@ -58,6 +60,7 @@ def pool_function(ctx, input, *args, **kwargs):
 
 
 @RULES.function(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
+@widening("spatial")
 def resample_function(ctx, input, *args, **kwargs):
     return per_channel_spatial(ctx, input, _spatial_from_input(input))
 
@@ -77,6 +80,7 @@ def pad_layout(ctx, x: TL, pad) -> TL:
 
 
 @RULES.function(F.pad, torch.constant_pad_nd)
+@widening("spatial")
 def pad_function(ctx, input, pad, *args, **kwargs):
     return pad_layout(ctx, input, pad)
 
@@ -86,6 +90,7 @@ def pad_function(ctx, input, pad, *args, **kwargs):
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
     nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
+@widening("spatial")
 def pad_module(ctx, x, *args, **kwargs):
     return pad_layout(ctx, x, ctx.module.padding)
 
@@ -101,11 +106,13 @@ def unfold_layout(ctx, x: TL) -> TL:
 
 
 @RULES.module(nn.Unfold)
+@widening("spatial")
 def unfold_module(ctx, x, *args, **kwargs):
     return unfold_layout(ctx, x)
 
 
 @RULES.function(F.unfold)
+@widening("spatial")
 def unfold_function(ctx, input, *args, **kwargs):
     return unfold_layout(ctx, input)
 
@@ -122,10 +129,12 @@ def fold_layout(ctx, x: TL) -> TL:
 
 
 @RULES.module(nn.Fold)
+@widening("spatial")
 def fold_module(ctx, x, *args, **kwargs):
     return fold_layout(ctx, x)
 
 
 @RULES.function(F.fold)
+@widening("spatial")
 def fold_function(ctx, input, *args, **kwargs):
     return fold_layout(ctx, input)

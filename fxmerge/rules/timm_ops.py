@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .elementwise import broadcast
-from .registry import RULES, TL
+from .registry import RULES, TL, widening
 
 try:
     from timm.layers import attention as _timm_attention
@@ -15,6 +15,7 @@ def _fn(name):
 
 
 @RULES.function(_fn("maybe_add_mask"))
+@widening("elementwise")
 def maybe_add_mask(ctx, scores, attn_mask=None):
     # scores + mask when a mask is given, else scores unchanged
     if isinstance(attn_mask, TL):
@@ -23,6 +24,7 @@ def maybe_add_mask(ctx, scores, attn_mask=None):
 
 
 @RULES.function(_fn("resolve_self_attn_mask"))
+@widening("layout")
 def resolve_self_attn_mask(ctx, *args, **kwargs):
     # Builds the additive mask (from tokens only) or returns None.
     if ctx.out_value is None:
