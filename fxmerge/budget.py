@@ -104,6 +104,9 @@ class CostModel:
     uids: list  # column order of k
     sizes: np.ndarray
     products: list = field(default_factory=list)
+    # the cost of what the model cannot see into or widen (opaque modules,
+    # ops on pinned axes): the same in the source and the merged model
+    constant: float = 0.0
 
     @classmethod
     def from_groups(cls, pg) -> "CostModel":
@@ -159,11 +162,14 @@ class CostModel:
                 total += l.scale * (2 * l.d_out * l.d_in - ko * ki)
         for p in self.products:
             total += p.scale * float(np.prod([2 * d - self._K(form, kd) for d, form in p.dims]))
-        return total
+        return total + self.constant
 
-    def source_cost(self) -> float:
+    def modelled_source_cost(self) -> float:
         return (sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
                 + sum(p.scale * float(np.prod([d for d, _ in p.dims])) for p in self.products))
+
+    def source_cost(self) -> float:
+        return self.modelled_source_cost() + self.constant
 
 
 def roots_within(lay, into: set) -> set:

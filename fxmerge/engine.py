@@ -145,6 +145,7 @@ class MergeState:
     kept_merged: dict = field(default_factory=dict)  # root uid -> why it cannot widen
     budget_reachable: bool = True
     pinned_share: float = 0.0
+    macs_a: Optional[float] = None
     warnings: list = field(default_factory=list)
     row_block_layers: int = 0
 
@@ -224,16 +225,27 @@ def _fixed_roots(st: MergeState, cost_model: CostModel) -> dict:
     return fixed
 
 
+def cost_model_of(st: MergeState) -> CostModel:
+    """The planner's cost model of model A, with the cost of what it cannot
+    widen (opaque modules) as a constant: the measured multiply-accumulates
+    of A minus the modelled ones."""
+    cost_model = CostModel.from_groups(st.pg)
+    if st.macs_a is None:
+        st.macs_a = measure_macs(st.gm_a, st.example_inputs)
+    cost_model.constant = max(0.0, st.macs_a - cost_model.modelled_source_cost())
+    return cost_model
+
+
 def pass_plan(st: MergeState) -> None:
     """Partial merging: how many pairs of every root merge, for the budget."""
-    cost_model = CostModel.from_groups(st.pg)
+    cost_model = cost_model_of(st)
     st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=_fixed_roots(st, cost_model),
                           score=st.opts.planner)
 
 
 def pass_plan_full(st: MergeState) -> None:
     """Every root merged (1x): the methods without partial merging."""
-    cost_model = CostModel.from_groups(st.pg)
+    cost_model = cost_model_of(st)
     fixed = _fixed_roots(st, cost_model)
     fixed.update({u: int(s) for u, s in zip(cost_model.uids, cost_model.sizes) if u not in fixed})
     st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=fixed)
@@ -243,7 +255,7 @@ def pass_plan_zip(st: MergeState) -> None:
     """ZipIt!'s plan: the cut of the root order nearest the budget; zipped
     roots get merge/unmerge matrices, the others stay separate."""
     pg = st.pg
-    cost_model = CostModel.from_groups(pg)
+    cost_model = cost_model_of(st)
     fixed = _fixed_roots(st, cost_model)
     order = [r.uid for r in root_order(pg)]
     k, ratio, feasible = zip_cut(cost_model, order, st.opts.budget, fixed)
@@ -567,7 +579,7 @@ def _kept_merged_summary(st: MergeState) -> list:
 
 def _report(st: MergeState) -> dict:
     o = st.opts
-    macs_a = measure_macs(st.gm_a, st.example_inputs)
+    macs_a = st.macs_a if st.macs_a is not None else measure_macs(st.gm_a, st.example_inputs)
     macs_m = measure_macs(st.merged, st.example_inputs)
     plan = st.plan
     return {

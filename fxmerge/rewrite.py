@@ -22,6 +22,7 @@ zeros are neither stored nor computed.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Optional
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from .errors import RewriteError
 from .inputs import as_inputs
+from .ir import layout_size
 from .layers import PartialConv2d, PartialLinear, SplitLayerNorm
 from .rules.registry import RESIZE, tensors_in
 from .tracing import TensorInfo, ValueProp
@@ -159,6 +161,8 @@ class WidenGraph:
                 self._rewrite_split(node, old)
             elif (node.op == "call_method" and node.target == "narrow") or (node.op == "call_function" and node.target is torch.narrow):
                 self._rewrite_narrow(node, old)
+            elif node.op == "call_function" and node.target is operator.getitem:
+                self._rewrite_getitem(node, old)
 
     def _rewrite_shape_args(self, node, old, start):
         new_shape = self.new_shape(old)
@@ -213,15 +217,65 @@ class WidenGraph:
         node.args = (node.args[0], new_sizes, dim)
         node.kwargs = {}
 
+    def _segment(self, node, x_lay, out_lay, start: int, stop: int) -> Optional[tuple]:
+        """The widened ``[start, stop)`` of a slice: where the input's widened
+        axis carries the sliced entries (a slice takes whole parts of a
+        concatenation, so they sit side by side). None when nothing widened."""
+        wx, wo = self.widener.widen(x_lay), self.widener.widen(out_lay)
+        if wx.size == layout_size(x_lay) and wo.size == layout_size(out_lay):
+            return None
+        at = np.flatnonzero((wx.src >= start) & (wx.src < stop))
+        if len(at) != wo.size or (len(at) and at[-1] - at[0] + 1 != len(at)):
+            raise RewriteError(f"cannot rewrite the slice '{node.name}' over a widened axis: its entries are not "
+                               "contiguous after widening")
+        return (int(at[0]), int(at[-1]) + 1) if len(at) else (0, 0)
+
     def _rewrite_narrow(self, node, old):
         x_tl = tensors_in(self.pg.layouts.get(old.args[0]))
         out = tensors_in(self.pg.layouts.get(old))
         if not x_tl or not out:
             return
         dim = node.args[1] % len(out[0].lays)
-        if self.widener.size(x_tl[0].lays[dim]) == x_tl[0].shape[dim]:
+        start, length = node.args[2], node.args[3]
+        if not isinstance(start, int) or not isinstance(length, int):
             return
-        raise RewriteError(f"cannot rewrite '{node.name}': narrow over a widened axis")
+        start %= x_tl[0].shape[dim]
+        seg = self._segment(node, x_tl[0].lays[dim], out[0].lays[dim], start, start + length)
+        if seg is not None:
+            node.args = (node.args[0], node.args[1], seg[0], seg[1] - seg[0])
+
+    def _rewrite_getitem(self, node, old):
+        """Slices of a widened axis (``x[:, :c]``) take the widened range of
+        the entries they took."""
+        x_tl = tensors_in(self.pg.layouts.get(old.args[0]))
+        out = tensors_in(self.pg.layouts.get(old))
+        if len(x_tl) != 1 or len(out) != 1 or not isinstance(old.args[0].meta.get("fxm_value"), TensorInfo):
+            return
+        idx = node.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if any(not isinstance(it, (slice, int, type(None), type(Ellipsis))) for it in items):
+            return
+        x_shape = x_tl[0].shape
+        n_axes = sum(1 for it in items if it is not None and it is not Ellipsis)
+        if Ellipsis in items:
+            k = items.index(Ellipsis)
+            items[k:k + 1] = [slice(None)] * (len(x_shape) - n_axes)
+        changed, axis, out_axis = False, 0, 0
+        for j, it in enumerate(items):
+            if it is None:
+                out_axis += 1
+                continue
+            if isinstance(it, slice):
+                start, stop, step = it.indices(x_shape[axis])
+                if step == 1 and (it.start is not None or it.stop is not None):
+                    seg = self._segment(node, x_tl[0].lays[axis], out[0].lays[out_axis], start, stop)
+                    if seg is not None:
+                        items[j] = slice(seg[0], seg[1])
+                        changed = True
+                out_axis += 1
+            axis += 1
+        if changed:
+            node.args = (node.args[0], tuple(items) if isinstance(idx, tuple) else items[0])
 
 
 def _is_reshape(node: fx.Node) -> bool:
