@@ -137,9 +137,9 @@ def environment() -> str:
 def penultimate(model: nn.Module, split, batch: int = 256) -> np.ndarray:
     """Inputs of the classifier (the last linear or 1x1-convolution layer, as
     in timm's conv heads; a widened layer counts as one, not as its parts)."""
-    from fxmerge.layers import PartialConv2d, PartialLinear
+    from fxmerge.layers import PartialConv, PartialLinear
 
-    widened = (PartialLinear, PartialConv2d)
+    widened = (PartialLinear, PartialConv)
     inside: set = set()
     layers = []
     for name, m in model.named_modules():

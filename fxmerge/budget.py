@@ -125,6 +125,10 @@ class CostModel:
             out_ch = meta.shape[c.output_axis]
             positions = int(np.prod(meta.shape)) / max(1, batch * out_ch)
             taps = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+            if c.weight_in_axis == 0 and len(shape) > 2:
+                # a transposed convolution: every input position meets every tap once
+                x = nodes[c.node].args[0].meta.get("fxm_value")
+                positions = int(np.prod(x.shape)) / max(1, batch * x.shape[c.input_axis])
             out_lay, in_lay = lays[out_axis], lays[c.weight_in_axis]
             of, inf = linear_form(out_lay, sizes), linear_form(in_lay, sizes)
             for form in (of, inf):

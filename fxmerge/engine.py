@@ -44,13 +44,13 @@ from .errors import BudgetError, BudgetWarning, InputError, MemoryWarning
 from .groups import PermutationGroups
 from .inputs import Inputs, as_inputs, calibration_inputs, forward_inputs
 from .ir import Product, find
-from .lstsq import LeastSquaresPoint, layer_systems, regmean_layer, solve_layer
+from .lstsq import LeastSquaresPoint, conv_weight, from_conv_weight, layer_systems, regmean_layer, solve_layer
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .permute import permute_tensor
 from .rewrite import WidenGraph, check_shapes, in_axes_of, split_contractions
 from .runner import LockstepRunner
 from .sweep import Sweep, available_memory, parse_memory
-from .tensors import set_tensor
+from .tensors import owner_of, set_tensor
 from .widening import LayoutWidener
 from .zipit import JointCollector, ZipProjector, merge_matrices, root_order, zip_cut, zip_pairs
 
@@ -334,16 +334,20 @@ def _solver(st: MergeState, per_layer: dict) -> Callable:
     def solve(point) -> None:
         sysm = point.sysm
         merged = st.merged
-        weight = merged.get_parameter(sysm.weight)
+        module = owner_of(merged, sysm.weight) if sysm.taps is None else None
+        as_conv = (lambda w: conv_weight(module, w)) if module is not None else (lambda w: w)
+        weight = as_conv(merged.get_parameter(sysm.weight))
         bias = merged.get_parameter(sysm.bias) if sysm.bias is not None else None
         if o.on_least_squares is not None:
             o.on_least_squares(sysm, weight, bias)
         if point.inputs == "stacked":
-            src = [(gm.get_parameter(sysm.weight), gm.get_parameter(sysm.bias) if sysm.bias else None)
+            src = [(as_conv(gm.get_parameter(sysm.weight)), gm.get_parameter(sysm.bias) if sysm.bias else None)
                    for gm in (st.gm_a, st.gm_b)]
             w_new, bias = regmean_layer(sysm, [w for w, _ in src], [b for _, b in src], REGMEAN_ALPHA, o.ridge)
         else:
             w_new, bias = solve_layer(sysm, weight, bias, o.ridge)
+        if module is not None:
+            w_new = from_conv_weight(module, w_new)
         if not torch.isfinite(w_new).all():
             raise InputError(f"least squares for '{point.key}' produced non-finite weights: give more calibration data "
                              "or a larger ridge")

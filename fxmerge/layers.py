@@ -1,6 +1,6 @@
 """Modules the rewrite emits.
 
-``PartialConv2d`` and ``PartialLinear`` compute a widened contraction as row
+``PartialConv`` and ``PartialLinear`` compute a widened contraction as row
 blocks, each an ordinary ``nn.Conv2d`` / ``nn.Linear`` that reads only the
 input channels it may read. The structurally-zero blocks of the merged weight
 (A-only outputs x B-only inputs and the reverse) are neither stored nor
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -35,7 +37,7 @@ def _copy_rows(part: nn.Module, dense: nn.Module, in_idx, out_idx) -> nn.Module:
 
 
 class _RowBlocks(nn.Module):
-    channel_axis = 1
+    channel_axis = -1
 
     def _setup(self, parts: Sequence[nn.Module], in_index: Sequence[np.ndarray], out_index: Sequence[np.ndarray], n_in: int):
         self.parts = nn.ModuleList(parts)
@@ -67,21 +69,28 @@ class _RowBlocks(nn.Module):
         return y
 
 
-class PartialConv2d(_RowBlocks):
-    """A widened ``Conv2d`` computed as row blocks over input-channel subsets."""
+class PartialConv(_RowBlocks):
+    """A widened convolution (1-3 spatial dims, plain or transposed) computed
+    as row blocks over input-channel subsets: each part is a copy of the
+    convolution restricted to its rows and the input channels they read."""
 
-    channel_axis = -3
-
-    def __init__(self, conv: nn.Conv2d, in_index, out_index):
+    def __init__(self, conv: nn.modules.conv._ConvNd, in_index, out_index):
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding, self.dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        parts = [
-            _copy_rows(nn.Conv2d(len(ii), len(oi), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                                 bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                                 device=conv.weight.device, dtype=conv.weight.dtype), conv, ii, oi)
-            for ii, oi in zip(in_index, out_index)
-        ]
+        self.transposed = conv.transposed
+        self.channel_axis = -(len(conv.kernel_size) + 1)
+        parts = []
+        for ii, oi in zip(in_index, out_index):
+            part = copy.deepcopy(conv)
+            part.in_channels, part.out_channels = len(ii), len(oi)
+            ii_t, oi_t = torch.as_tensor(np.asarray(ii)), torch.as_tensor(np.asarray(oi))
+            with torch.no_grad():
+                w = conv.weight[ii_t][:, oi_t] if conv.transposed else conv.weight[oi_t][:, ii_t]
+                part.weight = nn.Parameter(w.clone(), requires_grad=conv.weight.requires_grad)
+                if conv.bias is not None:
+                    part.bias = nn.Parameter(conv.bias[oi_t].clone(), requires_grad=conv.bias.requires_grad)
+            parts.append(part)
         self._setup(parts, in_index, out_index, conv.in_channels)
 
 

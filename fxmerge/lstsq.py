@@ -47,7 +47,25 @@ def supports(mod: nn.Module) -> bool:
     """Layers whose forward is a plain convolution or linear map of their weight."""
     if isinstance(mod, nn.Linear):
         return type(mod).forward is nn.Linear.forward or type(mod).__module__.startswith("timm.layers.linear")
+    if type(mod) is nn.ConvTranspose2d:
+        return mod.padding_mode == "zeros" and mod.groups == 1
     return type(mod) is nn.Conv2d and mod.padding_mode == "zeros"
+
+
+def conv_weight(mod: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A layer's weight as the ``(out, in, taps...)`` matrix least squares
+    fits: a transposed convolution is the convolution of its zero-inserted
+    input with the flipped, transposed kernel."""
+    if isinstance(mod, nn.ConvTranspose2d):
+        return weight.transpose(0, 1).flip(-1, -2)
+    return weight
+
+
+def from_conv_weight(mod: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``conv_weight``."""
+    if isinstance(mod, nn.ConvTranspose2d):
+        return weight.flip(-1, -2).transpose(0, 1)
+    return weight
 
 
 @dataclass
@@ -101,8 +119,9 @@ def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, 
             x_lay, y_lay = lays[1], lays[0]
         if stacked and tuple(merged.get_parameter(weight_name).shape) != tuple(gm_a.get_parameter(weight_name).shape):
             continue  # RegMean merges same-shape layers; a widened one (both heads kept) stays as widened
+        out_axis = 1 if c.weight_in_axis == 0 else 0
         systems[key] = LayerSystem(name, weight_name, bias_name, getattr(mod, "groups", 1) if c.taps is None else 1,
-                                   widener.widen(lays[1]), widener.widen(lays[0]),
+                                   widener.widen(lays[c.weight_in_axis]), widener.widen(lays[out_axis]),
                                    widener.widen(x_lay), widener.widen(y_lay), taps=c.taps)
         modules[key] = mod
     return systems, modules
@@ -112,6 +131,18 @@ def sample_rows(mod: nn.Module, x: torch.Tensor, idx) -> torch.Tensor:
     """One layer's sampled input rows ``(rows, channels, taps)``: for a
     convolution the im2col patch of every kept output position (any stride,
     padding, dilation), for a linear layer the features (one tap)."""
+    if isinstance(mod, nn.ConvTranspose2d):
+        # the zero-inserted input, padded so a stride-1 convolution with the
+        # flipped kernel gives the transposed convolution's output
+        (sh, sw), (kh, kw), (dh, dw) = mod.stride, mod.kernel_size, mod.dilation
+        (ph, pw), (oh, ow) = mod.padding, mod.output_padding
+        b, c, h, w = x.shape
+        up = x.new_zeros(b, c, (h - 1) * sh + 1, (w - 1) * sw + 1)
+        up[:, :, ::sh, ::sw] = x
+        up = F.pad(up, (dw * (kw - 1) - pw, dw * (kw - 1) - pw + ow, dh * (kh - 1) - ph, dh * (kh - 1) - ph + oh))
+        cols = F.unfold(up, mod.kernel_size, dilation=mod.dilation)
+        X = rows(cols.permute(0, 2, 1), idx)
+        return X.reshape(X.shape[0], x.shape[1], -1)
     if isinstance(mod, nn.Conv2d):
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
         X = rows(cols.permute(0, 2, 1), idx)  # (rows, in x taps)
@@ -121,7 +152,7 @@ def sample_rows(mod: nn.Module, x: torch.Tensor, idx) -> torch.Tensor:
 
 def output_view(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """A layer's output as ``(batch, positions, channels)``."""
-    return positions_view(y, 1 if isinstance(mod, nn.Conv2d) else y.ndim - 1)
+    return positions_view(y, 1 if isinstance(mod, nn.modules.conv._ConvNd) else y.ndim - 1)
 
 
 def gram_upper(X: torch.Tensor) -> torch.Tensor:
@@ -239,6 +270,8 @@ def system_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
     """Bytes of one layer's float64 statistics (Gram matrix and cross
     products), from its weight's shape."""
     w = gm.get_parameter(sysm.weight)
+    if sysm.taps is None:
+        w = conv_weight(gm.get_submodule(sysm.weight.rsplit(".", 1)[0]), w)
     g = sysm.groups
     rows_per_group = w.shape[0] // g if sysm.taps is None else w.shape[0]
     cols = int(np.prod(w.shape[1:])) + (sysm.bias is not None)

@@ -16,7 +16,7 @@
    the planned one.
 
 ``split_contractions`` then turns every widened convolution and linear layer
-into row blocks (``PartialConv2d``, ``PartialLinear``) so that structural
+into row blocks (``PartialConv``, ``PartialLinear``) so that structural
 zeros are neither stored nor computed.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn as nn
 from .errors import RewriteError
 from .inputs import as_inputs
 from .ir import layout_size
-from .layers import PartialConv2d, PartialLinear, SplitLayerNorm
+from .layers import PartialConv, PartialLinear, SplitLayerNorm
 from .rules.registry import RESIZE, tensors_in
 from .tracing import TensorInfo, ValueProp
 from .tensors import replace_module, row_blocks, set_tensor, split_name
@@ -347,18 +347,21 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
     count = 0
     nodes = {n.name: n for n in gm.graph.nodes}
     for c in pg.contractions.values():
-        if c.groups != 1 or c.weight_in_axis != 1:
+        if c.groups != 1:
             continue
         node = nodes[c.node]
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         packed = hasattr(mod, "split_projection")  # a module with several projections (packed attention)
-        if not packed and type(mod) not in (nn.Conv2d, nn.Linear) and not (
-                isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward):
+        conv = type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        linear = isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
+        if not (packed or conv or linear):
+            continue
+        if c.weight_in_axis != (0 if conv and mod.transposed else 1):
             continue
         lays = pg.members[c.weight]
-        w_out, w_in = widener.widen(lays[0]), widener.widen(lays[1])
+        w_out, w_in = widener.widen(lays[1 - c.weight_in_axis]), widener.widen(lays[c.weight_in_axis])
         blocks = row_blocks(w_out, w_in)
         if all(len(cols) == w_in.size for cols, _ in blocks):
             continue  # every row reads every column: nothing to skip
@@ -368,7 +371,7 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
             mod.split_projection(c.weight[len(node.target) + 1:], in_index, out_index)
             count += 1
             continue
-        new = PartialConv2d(mod, in_index, out_index) if isinstance(mod, nn.Conv2d) else PartialLinear(mod, in_index, out_index)
+        new = PartialConv(mod, in_index, out_index) if conv else PartialLinear(mod, in_index, out_index)
         replace_module(gm, node.target, new)
         count += 1
     gm.recompile()

@@ -8,6 +8,7 @@ and checks that the GraphModule reproduces the eager model.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import traceback
@@ -32,9 +33,63 @@ def _timm_notrace():
     return mods, fns
 
 
+def _encoder_layer(layer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    """``nn.TransformerEncoderLayer.forward`` without its fused fast path
+    (whose checks are python control flow on tensor properties): the
+    same computation, traceable."""
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+def _encoder(encoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """``nn.TransformerEncoder.forward`` without the nested-tensor fast path."""
+    out = src
+    for mod in encoder.layers:
+        out = mod(out, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
+    return encoder.norm(out) if encoder.norm is not None else out
+
+
+def _decoder_layer(layer, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                   memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+    """``nn.TransformerDecoderLayer.forward``, traceable."""
+    x = tgt
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+        x = x + layer._mha_block(layer.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+        return x + layer._ff_block(layer.norm3(x))
+    x = layer.norm1(x + layer._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+    x = layer.norm2(x + layer._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+    return layer.norm3(x + layer._ff_block(x))
+
+
+def _decoder(decoder, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    """``nn.TransformerDecoder.forward``, traceable."""
+    out = tgt
+    for mod in decoder.layers:
+        out = mod(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                  memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
+                  memory_is_causal=memory_is_causal)
+    return decoder.norm(out) if decoder.norm is not None else out
+
+
+# torch.nn containers traced through with a forward of the same computation
+TRACEABLE_FORWARDS = {
+    torch.nn.TransformerEncoderLayer: _encoder_layer,
+    torch.nn.TransformerEncoder: _encoder,
+    torch.nn.TransformerDecoderLayer: _decoder_layer,
+    torch.nn.TransformerDecoder: _decoder,
+}
+
+
 class FxTracer(fx.Tracer):
-    """A tracer that treats timm's registered no-trace modules as leaves and
-    autowraps its registered functions."""
+    """A tracer that treats timm's registered no-trace modules as leaves,
+    autowraps its registered functions, and traces through the
+    ``torch.nn`` transformer containers (``TRACEABLE_FORWARDS``)."""
 
     def __init__(self, leaf_modules: Sequence[type] = (), autowrap_functions: Sequence = ()):
         timm_mods, timm_fns = _timm_notrace()
@@ -45,7 +100,15 @@ class FxTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        if type(m) in TRACEABLE_FORWARDS:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        traceable = TRACEABLE_FORWARDS.get(type(m))
+        if traceable is not None and not (self.leaf_types and isinstance(m, self.leaf_types)):
+            forward = functools.partial(traceable, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _user_frame(tb) -> Optional[str]:
