@@ -175,12 +175,52 @@ class SplitLayerNorm(nn.Module):
         return f"{self.normalized_shape}, a_only={self.n_a_only}, merged={self.n_merged}, rms={self.rms}"
 
 
+def _additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """An ``nn.MultiheadAttention`` mask as an additive float mask (a bool
+    mask marks the positions that may *not* be attended)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key_padding_mask=None, attn_mask=None,
+                     is_causal: bool = False) -> torch.Tensor:
+    """Self-attention of a module with packed ``[q | k | v]`` projections
+    (``nn.MultiheadAttention`` or ``WidenedMultiheadAttention``): the heads'
+    weighted values, concatenated, before the output projection, in the
+    module's batch layout. Masks as ``nn.MultiheadAttention`` takes them:
+    ``attn_mask`` (L, S), ``key_padding_mask`` (batch, S)."""
+    x = query if module.batch_first else query.transpose(0, 1)
+    b, n, _ = x.shape
+    if getattr(module, "in_proj", None) is not None:
+        qkv = module.in_proj(x)
+    else:
+        qkv = torch.nn.functional.linear(x, module.in_proj_weight, module.in_proj_bias)
+    heads = module.num_heads
+    head_dim = qkv.shape[-1] // 3 // heads
+    q, k, v = (t.reshape(b, n, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dim() != 2:
+            raise NotImplementedError("per-head attention masks are not supported once heads are merged")
+        mask = _additive_mask(attn_mask, q.dtype)
+    if key_padding_mask is not None:
+        pad = _additive_mask(key_padding_mask, q.dtype)[:, None, None, :]
+        mask = pad if mask is None else mask + pad
+    dropout = module.dropout if module.training else 0.0
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                         is_causal=bool(is_causal) and mask is None)
+    o = o.transpose(1, 2).reshape(b, n, heads * head_dim)
+    return o if module.batch_first else o.transpose(0, 1)
+
+
 class WidenedMultiheadAttention(nn.Module):
     """Self-attention with packed q/k/v projections whose input width, number
     of heads and output width are independent (``nn.MultiheadAttention``
     requires the input width to equal heads x head_dim, which a widened
     residual stream with partially merged heads breaks). Same parameter names
-    as ``nn.MultiheadAttention``; attention masks are not supported."""
+    as ``nn.MultiheadAttention``; 2-d attention masks and key padding masks
+    are supported."""
 
     def __init__(self, mha: nn.MultiheadAttention, head_dim: int):
         super().__init__()
@@ -214,16 +254,7 @@ class WidenedMultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise NotImplementedError("widened attention supports self-attention without masks")
-        x = query if self.batch_first else query.transpose(0, 1)
-        b, n, _ = x.shape
-        if self.in_proj is not None:
-            qkv = self.in_proj(x)
-        else:
-            qkv = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        o = self.out_proj(o.transpose(1, 2).reshape(b, n, self.embed_dim))
-        return (o if self.batch_first else o.transpose(0, 1)), None
+        if key is not query or value is not query:
+            raise NotImplementedError("widened attention is self-attention: key and value must be the query")
+        o = packed_attention(self, query, key_padding_mask, attn_mask, is_causal)
+        return self.out_proj(o), None

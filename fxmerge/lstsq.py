@@ -199,9 +199,7 @@ class LeastSquaresPoint(Point):
         self.solve = solve
 
     def reads(self, node: fx.Node) -> list:
-        args = [a for a in node.args if isinstance(a, fx.Node)]
-        if self.sysm.taps is None:
-            args = args[:1]
+        args = list(node.all_input_nodes) if self.sysm.taps is not None else [node.args[0]]
         out = [(A, node), (B, node)]
         if self.sysm.taps is not None or not self.merged_inputs:
             out += [(m, a) for a in args for m in (A, B)]
@@ -218,8 +216,8 @@ class LeastSquaresPoint(Point):
         else:
             xs, ys = [], []
             for s in slots:
-                args = [value(s, a) if isinstance(a, fx.Node) else a for a in node.args]
-                x, y = self.sysm.taps(self.models[s].get_submodule(node.target), *args,
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: value(s, a))
+                x, y = self.sysm.taps(self.models[s].get_submodule(node.target), *args, **kwargs,
                                       output=value(s, node) if s != M else None)
                 xs.append(x)
                 ys.append(y)

@@ -7,6 +7,7 @@ and checks that the GraphModule reproduces the eager model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -263,6 +264,21 @@ def trace(
     return Traced(gm=gm, example_inputs=inputs, concrete_args=concrete)
 
 
+@contextlib.contextmanager
+def without_fast_path():
+    """Run ``torch.nn``'s attention and transformer layers on their plain
+    path. Their fused eval-mode fast path computes the same function except
+    at padded positions (zeros under a key padding mask), which a traced
+    graph, like the layers in training, computes."""
+    mha = torch.backends.mha
+    enabled = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(enabled)
+
+
 def _check_against_eager(gm, eager, inputs, traced_out, *, atol, rtol):
     captured: dict[str, Any] = {}
     hooks = []
@@ -277,7 +293,8 @@ def _check_against_eager(gm, eager, inputs, traced_out, *, atol, rtol):
         if name in module_nodes:
             hooks.append(mod.register_forward_hook(keep_first(name)))
     try:
-        eager_out = inputs.call(eager)
+        with without_fast_path():
+            eager_out = inputs.call(eager)
     finally:
         for h in hooks:
             h.remove()

@@ -152,6 +152,10 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     m = ctx.module
     if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         raise Opaque("MultiheadAttention with separate q/k/v projections or extra key/value bias")
+    if key is not query or value is not query:
+        raise Opaque("cross-attention (key or value other than the query)")
+    if isinstance(attn_mask, TL) and attn_mask.ndim != 2:
+        raise Opaque("per-head attention mask")
     E, H = m.embed_dim, m.num_heads
     w_in = ctx.param("in_proj_weight")
     b_in = ctx.param("in_proj_bias")
@@ -216,27 +220,19 @@ def _packed_projection(module, query, *rest):
     return F.linear(query, module.in_proj_weight, module.in_proj_bias)
 
 
-def _attention_context(module, query):
-    """The heads' weighted values, concatenated: the output projection's
-    input inside a packed self-attention module (no masks)."""
-    x = query if module.batch_first else query.transpose(0, 1)
-    b, n, _ = x.shape
-    qkv = _packed_projection(module, x)
-    heads = module.num_heads
-    head_dim = qkv.shape[-1] // 3 // heads
-    q, k, v = (t.reshape(b, n, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * head_dim)
-    return o if module.batch_first else o.transpose(0, 1)
-
-
-def _in_proj_taps(module, query, *rest, output):
+def _in_proj_taps(module, query, *rest, output, **kwargs):
     """Input and output of the packed q/k/v projection."""
     return query, _packed_projection(module, query)
 
 
-def _out_proj_taps(module, query, *rest, output):
-    """Input and output of the output projection."""
-    return _attention_context(module, query), output[0] if isinstance(output, (tuple, list)) else output
+def _out_proj_taps(module, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                   average_attn_weights=True, is_causal=False, *, output):
+    """Input and output of the output projection: the heads' attention
+    context, computed with the node's masks, and the node's output."""
+    from ..layers import packed_attention
+
+    context = packed_attention(module, query, key_padding_mask, attn_mask, is_causal)
+    return context, (output[0] if isinstance(output, (tuple, list)) else output) if output is not None else None
 
 
 @RESIZE.register(nn.MultiheadAttention)
