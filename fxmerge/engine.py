@@ -182,16 +182,19 @@ def pass_match(st: MergeState) -> None:
     if o.matching == "weight":
         st.match = weight_matching(st.pg, st.state_a, st.gm_b.state_dict(), seed=o.seed, exclude=st.output_roots)
         return
-    collector = ActivationCollector(st.pg, o.positions, o.seed, o.device, models=(st.gm_a, st.gm_b))
+    collector = ActivationCollector(st.pg, o.positions, o.seed, o.device, models=(st.gm_a, st.gm_b),
+                                    max_memory=o.max_memory)
     lockstep_pass(LockstepRunner([st.gm_a, st.gm_b]), collector, st.batches(), o.progress, "matching")
+    collector.reduce()
     st.match = activation_matching(collector, exclude=st.output_roots)
 
 
 def pass_zip_match(st: MergeState) -> None:
     """ZipIt!'s statistics: the pooled correlation of both models' features."""
     o = st.opts
-    collector = JointCollector(st.pg, o.positions, o.seed, o.device)
+    collector = JointCollector(st.pg, o.positions, o.seed, o.device, max_memory=o.max_memory)
     lockstep_pass(LockstepRunner([st.gm_a, st.gm_b]), collector, st.batches(), o.progress, "matching")
+    collector.reduce()
     outputs = st.output_roots
     st.zip_sims = {u: c for u, c in collector.similarities().items() if u not in outputs}
     st.zip_keys = collector.keys

@@ -164,11 +164,115 @@ class CorrelationStats:
         self.saa += (a * a).sum(0)
         self.sbb += (b * b).sum(0)
 
+    @staticmethod
+    def nbytes(d: int) -> int:
+        return 8 * (d * d + 4 * d)
+
+    def reduce(self) -> None:
+        _reduce_moments(self)
+
     def correlation(self) -> np.ndarray:
         n = max(self.n, 1)
         ma, mb = self.sa / n, self.sb / n
         cov = self.sab / n - ma[:, None] * mb[None, :]
         return correlation_from_moments(cov, self.saa / n - ma * ma, self.sbb / n - mb * mb)
+
+
+class BlockDiagonal:
+    """The part of a product root's correlation that matching reads when its
+    blocks share one within-block order (a flattened ``C x H x W`` map: the
+    spatial taps are fixed): per pair of blocks ``(a, b)`` the correlations
+    of their entries at the same inner position, ``(blocks, blocks, inner)``.
+    A full ``(C H W)^2`` matrix would be ``inner`` times larger."""
+
+    def __init__(self, diag: np.ndarray):
+        self.diag = diag
+
+    @property
+    def shape(self) -> tuple:
+        g, _, n = self.diag.shape
+        return (g * n, g * n)
+
+    def __add__(self, other: "BlockDiagonal") -> "BlockDiagonal":
+        return BlockDiagonal(self.diag + other.diag)
+
+    def __truediv__(self, k) -> "BlockDiagonal":
+        return BlockDiagonal(self.diag / k)
+
+
+class BlockDiagonalStats:
+    """Streaming float64 sums for ``BlockDiagonal`` correlations: A's and B's
+    features ``(samples, blocks x inner)``, correlated block by block at equal
+    inner positions (shifted by the first batch's mean, as
+    ``CorrelationStats``)."""
+
+    __slots__ = ("g", "n_inner", "n", "shift_a", "shift_b", "sa", "sb", "saa", "sbb", "sab")
+
+    def __init__(self, blocks: int, inner: int, device):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.g, self.n_inner, self.n = blocks, inner, 0
+        self.shift_a = self.shift_b = None
+        d = blocks * inner
+        self.sa, self.sb, self.saa, self.sbb = z(d), z(d), z(d), z(d)
+        self.sab = z(inner, blocks, blocks)
+
+    @staticmethod
+    def nbytes(blocks: int, inner: int) -> int:
+        return 8 * (inner * blocks * blocks + 4 * blocks * inner)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
+        a, b = a - self.shift_a, b - self.shift_b
+        self.n += a.shape[0]
+        ab = torch.einsum("sat,sbt->tab", a.reshape(-1, self.g, self.n_inner), b.reshape(-1, self.g, self.n_inner))
+        self.sab += ab.double()
+        a, b = a.double(), b.double()
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+
+    def reduce(self) -> None:
+        _reduce_moments(self)
+
+    def correlation(self) -> BlockDiagonal:
+        n = max(self.n, 1)
+        ma, mb = self.sa / n, self.sb / n
+        va, vb = self.saa / n - ma * ma, self.sbb / n - mb * mb
+        g, t = self.g, self.n_inner
+        ma, mb, va, vb = (v.reshape(g, t).T for v in (ma, mb, va, vb))  # (inner, blocks)
+        cov = self.sab / n - ma[:, :, None] * mb[:, None, :]
+        sd_a, sd_b = va.clamp_min(0).sqrt(), vb.clamp_min(0).sqrt()
+        corr = (cov / (sd_a[:, :, None] * sd_b[:, None, :] + 1e-8)).clamp(-1.0, 1.0)
+        return BlockDiagonal(corr.permute(1, 2, 0).cpu().numpy())
+
+
+def _reduce_moments(st) -> None:
+    """Sum a statistic's moments across ranks: every rank's sums move to
+    rank 0's shift first (the sums are of features minus the shift)."""
+    from .distributed import all_sum, broadcast_object, sum_int, world_size
+
+    if world_size() <= 1:
+        return
+    ref_a, ref_b = broadcast_object((st.shift_a.cpu(), st.shift_b.cpu()) if st.shift_a is not None else (None, None))
+    if ref_a is not None and st.shift_a is not None:
+        da, db = (st.shift_a - ref_a.to(st.shift_a.device)).double(), (st.shift_b - ref_b.to(st.shift_b.device)).double()
+        n = st.n
+        # sums of (x - ref) from sums of (x - shift): x - ref = (x - shift) + d
+        if isinstance(st, BlockDiagonalStats):
+            g, t = st.g, st.n_inner
+            sa, sb = st.sa.reshape(g, t).T, st.sb.reshape(g, t).T
+            dA, dB = da.reshape(g, t).T, db.reshape(g, t).T
+            st.sab += sa[:, :, None] * dB[:, None, :] + dA[:, :, None] * sb[:, None, :] + n * dA[:, :, None] * dB[:, None, :]
+        else:
+            st.sab += st.sa[:, None] * db[None, :] + da[:, None] * st.sb[None, :] + n * da[:, None] * db[None, :]
+        st.saa += 2 * da * st.sa + n * da * da
+        st.sbb += 2 * db * st.sb + n * db * db
+        st.sa += n * da
+        st.sb += n * db
+    st.n = sum_int(st.n)
+    all_sum(st.sa, st.sb, st.saa, st.sbb, st.sab)
 
 
 class ActivationCollector:
@@ -177,8 +281,10 @@ class ActivationCollector:
     stats_class = CorrelationStats
     structured_outers = True  # collect the inner dims of products over structured dims
 
-    def __init__(self, pg, positions: int, seed: int, device, models: tuple = ()):
+    def __init__(self, pg, positions: int, seed: int, device, models: tuple = (), max_memory: int = 1 << 62):
         self.pg = pg
+        self.max_memory = max_memory
+        self.skipped: list = []  # sites whose statistics would not fit
         self.models = models  # (A, B) GraphModules: probes compute from their modules
         self.positions = positions
         self.seed = seed
@@ -249,10 +355,49 @@ class ActivationCollector:
                 key = (name, axis, root.uid, int(pos[0]))
                 st = self.stats.get(key)
                 if st is None:
-                    st = self.stats[key] = self.stats_class(len(pos), self.device)
+                    st = self._new_stats(key, root, len(pos))
+                    if st is None:
+                        continue
                     self.keys[root.uid] = root
                 p = torch.as_tensor(pos, device=ra.device)
                 st.add(ra.index_select(1, p), rb.index_select(1, p))
+
+    def _new_stats(self, key, root, d: int):
+        """The statistic of one site, or None (with a warning) when it would
+        not fit in ``max_memory``. A product whose blocks share one
+        within-block order keeps only its block diagonals."""
+        s = root.structure
+        shared = False
+        if isinstance(s, Product) and s.inner_size > 1:
+            inners = {find(i).uid: find(i) for i in s.inners}
+            outer = find(s.outer)
+            # matching reads only the block diagonals: within-block orders fixed,
+            # or one order shared by blocks that move freely
+            shared = all(r.pinned for r in inners.values()) or (outer.structure is None and len(inners) < outer.size)
+        if shared and self.stats_class is CorrelationStats:
+            g, t = find(s.outer).size, s.inner_size
+            size = BlockDiagonalStats.nbytes(g, t)
+            make = lambda: BlockDiagonalStats(g, t, self.device)  # noqa: E731
+        else:
+            size = self.stats_class.nbytes(d)
+            make = lambda: self.stats_class(d, self.device)  # noqa: E731
+        if size > self.max_memory:
+            if key[:3] not in {k[:3] for k in self.skipped}:
+                self.skipped.append(key)
+                import warnings
+
+                from .errors import MemoryWarning
+
+                warnings.warn(f"matching skips '{key[0]}' axis {key[1]}: its statistics need {size / 2**30:.1f} GiB, "
+                              f"above max_memory ({self.max_memory / 2**30:.1f} GiB)", MemoryWarning, stacklevel=4)
+            return None
+        st = self.stats[key] = make()
+        return st
+
+    def reduce(self) -> None:
+        """Sum every statistic across ranks (before ``similarities``)."""
+        for st in self.stats.values():
+            st.reduce()
 
     def similarities(self) -> dict:
         """Mean correlation matrix per root over all of its sites."""
@@ -313,8 +458,11 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
         inner: dict = {}
         for fam, sim in families.items():
             n = sim.shape[0] // g
-            blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
             free = len(set(fam)) == g  # one inner root per block: free within-block permutations
+            if isinstance(sim, BlockDiagonal):  # shared within-block order: only the diagonals were kept
+                score += sim.diag.sum(-1)
+                continue
+            blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
             for a in range(g):
                 for b in range(g):
                     if free and n > 1:

@@ -53,6 +53,25 @@ class JointStats:
         self.ss += gram_upper(x)  # mirrored in correlation()
         self.s += x.double().sum(0)
 
+    @staticmethod
+    def nbytes(d: int) -> int:
+        return 8 * (4 * d * d + 2 * d)
+
+    def reduce(self) -> None:
+        from .distributed import all_sum, broadcast_object, sum_int, world_size
+
+        if world_size() <= 1:
+            return
+        ref = broadcast_object(self.shift.cpu() if self.shift is not None else None)
+        if ref is not None and self.shift is not None:
+            d = (self.shift - ref.to(self.shift.device)).double()
+            # sums of (x - ref) from sums of (x - shift), upper triangle as accumulated
+            full = self.s[:, None] * d[None, :] + d[:, None] * self.s[None, :] + self.n * d[:, None] * d[None, :]
+            self.ss += torch.triu(full)
+            self.s += self.n * d
+        self.n = sum_int(self.n)
+        all_sum(self.s, self.ss)
+
     def correlation(self) -> np.ndarray:
         n = max(self.n, 1)
         m = self.s / n
