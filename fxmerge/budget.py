@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .ir import Concat, Dep, Product, find
+from .rules.registry import weight_layouts, weight_shape
 from .errors import InputError
 
 
@@ -114,8 +115,8 @@ class CostModel:
         batch = _batch_size(pg)
         layers, uids, sizes = [], {}, {}
         for c in pg.contractions.values():
-            lays = pg.members[c.weight]
-            shape = pg.member_shapes[c.weight]
+            lays = weight_layouts(pg, c)
+            shape = weight_shape(pg, c)
             out_axis = 1 if c.weight_in_axis == 0 else 0
             meta = nodes[c.node].meta.get("fxm_value")
             if isinstance(meta, (list, tuple)) and meta:
@@ -250,7 +251,7 @@ def frozen_roots(pg) -> set:
     # blocks (groups cut through a concatenation)
     for c in pg.contractions.values():
         if c.groups > 1:
-            lays = pg.members[c.weight]
+            lays = weight_layouts(pg, c)
             out = find(lays[0]) if not isinstance(lays[0], Dep) else None
             movable = out is not None and isinstance(out.structure, Product) and not find(out.structure.outer).pinned
             if not movable and out is not None and out.size != c.groups:

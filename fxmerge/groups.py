@@ -408,7 +408,7 @@ class PermutationGroups:
         # weights of every other contraction (functional convolutions and
         # linears on get_attr weights, projections inside attention modules)
         for c in self.contractions.values():
-            if c.weight in counted:
+            if c.weight is None or c.weight in counted:
                 continue
             counted.add(c.weight)
             n = int(np.prod(self.member_shapes.get(c.weight, (0,))))

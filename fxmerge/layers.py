@@ -110,6 +110,47 @@ class PartialLinear(_RowBlocks):
         self._setup(parts, in_index, out_index, linear.in_features)
 
 
+class PartialFunctional(_RowBlocks):
+    """A functional contraction over a widened weight (``F.linear``,
+    ``F.conv1d/2d/3d``, or ``x @ W``) as row blocks. The weight is an input,
+    not a parameter (the graph may compute it, as a standardised
+    convolution weight does), so each block slices it at run time."""
+
+    def __init__(self, op: str, in_index, out_index, n_in: int, channel_axis: int, **op_kwargs):
+        super().__init__()
+        if op not in ("linear", "conv", "matmul"):
+            raise ValueError(f"unknown functional contraction '{op}'")
+        self.op = op
+        self.channel_axis = channel_axis
+        self.op_kwargs = op_kwargs
+        self._setup([], in_index, out_index, n_in)
+        for i, idx in enumerate(out_index):
+            self.register_buffer(f"out_index_{i}", torch.as_tensor(np.asarray(idx), dtype=torch.long), persistent=False)
+        self.n_blocks = len(in_index)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        axis = self.channel_axis if self.channel_axis >= 0 else x.ndim + self.channel_axis
+        outs = []
+        for i in range(self.n_blocks):
+            ii, oi = getattr(self, f"in_index_{i}"), getattr(self, f"out_index_{i}")
+            sl = self._slices[i]
+            xi = x if sl == "all" else (x.narrow(axis, sl[0], sl[1]) if sl is not None else x.index_select(axis, ii))
+            if self.op == "matmul":  # x @ W, W: (in, out)
+                outs.append(xi @ weight.index_select(1, oi).index_select(0, ii))
+                continue
+            w = weight.index_select(0, oi).index_select(1, ii)
+            b = bias.index_select(0, oi) if bias is not None else None
+            if self.op == "linear":
+                outs.append(torch.nn.functional.linear(xi, w, b))
+            else:
+                conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[w.ndim + 1]
+                outs.append(conv(xi, w, b, **self.op_kwargs))
+        y = torch.cat(outs, dim=axis) if len(outs) > 1 else outs[0]
+        if self.reorder:
+            y = y.index_select(axis, self.out_order)
+        return y
+
+
 class SplitLayerNorm(nn.Module):
     """LayerNorm (or RMSNorm) over a widened feature axis whose statistics are
     taken per source model.

@@ -99,7 +99,7 @@ def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, 
     for key, c in pg.contractions.items():
         name = c.node
         node = nodes[name]
-        if node.op != "call_module" or key in systems:
+        if node.op != "call_module" or key in systems or c.weight is None:
             continue
         mod = merged.get_submodule(node.target)
         lays = pg.members[c.weight]

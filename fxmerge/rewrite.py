@@ -33,8 +33,8 @@ import torch.nn as nn
 from .errors import RewriteError
 from .inputs import as_inputs
 from .ir import layout_size
-from .layers import PartialConv, PartialLinear, SplitLayerNorm
-from .rules.registry import RESIZE, tensors_in
+from .layers import PartialConv, PartialFunctional, PartialLinear, SplitLayerNorm
+from .rules.registry import RESIZE, tensors_in, weight_layouts
 from .tracing import TensorInfo, ValueProp
 from .tensors import replace_module, row_blocks, set_tensor, split_name
 from .widening import LayoutWidener, widen_tensor
@@ -44,7 +44,8 @@ def in_axes_of(pg) -> dict:
     """Member name -> contracted axes (weights of convolutions and linears)."""
     out: dict = {}
     for c in pg.contractions.values():
-        out.setdefault(c.weight, set()).add(c.weight_in_axis)
+        for name, axis in c.contracted:
+            out.setdefault(name, set()).add(axis)
     return out
 
 
@@ -341,6 +342,50 @@ def check_shapes(gm: fx.GraphModule, pg, widener: LayoutWidener, example_inputs)
             raise RewriteError(f"node '{node.name}' has shape {list(v.shape)} after widening, planned {want}")
 
 
+_FUNCTIONAL = {
+    torch.nn.functional.linear: ("linear", ("input", "weight", "bias")),
+    torch.nn.functional.conv1d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.nn.functional.conv2d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.nn.functional.conv3d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv1d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv2d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv3d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    operator.matmul: ("matmul", ("input", "weight")),
+    torch.matmul: ("matmul", ("input", "weight")),
+}
+
+
+def _split_functional(gm: fx.GraphModule, node: fx.Node, c, pg, widener: LayoutWidener) -> int:
+    """A functional contraction (``F.linear``, ``F.conv2d``, ``x @ W``) as a
+    ``PartialFunctional`` node wherever its weight has structural zeros."""
+    spec = _FUNCTIONAL.get(node.target)
+    if spec is None:
+        return 0
+    op, names = spec
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    if op == "matmul" and c.weight_in_axis != 0:
+        return 0  # W @ x: rows of W are the output, left dense
+    lays = weight_layouts(pg, c)
+    out_axis = 1 if c.weight_in_axis == 0 else 0
+    w_out, w_in = widener.widen(lays[out_axis]), widener.widen(lays[c.weight_in_axis])
+    blocks = row_blocks(w_out, w_in)
+    if all(len(cols) == w_in.size for cols, _ in blocks):
+        return 0
+    x = bound["input"]
+    x_meta = x.meta.get("fxm_value") if isinstance(x, fx.Node) else None
+    ndim = len(x_meta.shape) if isinstance(x_meta, TensorInfo) else None
+    channel_axis = c.input_axis - ndim if ndim is not None else -1
+    op_kwargs = {k: bound[k] for k in ("stride", "padding", "dilation") if k in bound}
+    module = PartialFunctional(op, [b[0] for b in blocks], [b[1] for b in blocks], w_in.size, channel_axis, **op_kwargs)
+    target = f"fxm_rows_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target = "call_module", target
+    node.args = (x, bound["weight"]) + ((bound["bias"],) if bound.get("bias") is not None else ())
+    node.kwargs = {}
+    return 1
+
+
 def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
     """Replace widened dense convolutions and linears with row-block modules
     wherever their weight has structural zeros. Returns how many."""
@@ -350,6 +395,9 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
         if c.groups != 1:
             continue
         node = nodes[c.node]
+        if node.op == "call_function":
+            count += _split_functional(gm, node, c, pg, widener)
+            continue
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
@@ -360,7 +408,7 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
             continue
         if c.weight_in_axis != (0 if conv and mod.transposed else 1):
             continue
-        lays = pg.members[c.weight]
+        lays = weight_layouts(pg, c)
         w_out, w_in = widener.widen(lays[1 - c.weight_in_axis]), widener.widen(lays[c.weight_in_axis])
         blocks = row_blocks(w_out, w_in)
         if all(len(cols) == w_in.size for cols, _ in blocks):

@@ -29,6 +29,7 @@ from scipy.linalg import block_diag
 from .ir import Concat, Dep, Product, find
 from .lstsq import gram_upper, symmetric
 from .matching import ActivationCollector, correlation_from_moments, occurrences
+from .rules.registry import weight_layouts
 
 
 class JointStats:
@@ -209,7 +210,7 @@ def root_order(pg) -> list:
     nodes = [n for n in pg.gm.graph.nodes if n.name in pg.contractions]
     for node in nodes:
         c = pg.contractions[node.name]
-        for r, _ in occurrences(pg.members[c.weight][0]):
+        for r, _ in occurrences(weight_layouts(pg, c)[1 if c.weight_in_axis == 0 else 0]):
             if r.uid not in seen and r.structure is None:
                 seen.add(r.uid)
                 order.append(r)

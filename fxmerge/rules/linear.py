@@ -84,10 +84,14 @@ def _dim(lay):
 @widening("contraction")
 def conv_module(ctx, x, *args, **kwargs):
     # Weight standardisation (StdConv) normalises each output filter over all
-    # of its inputs: symmetric in the input channels, so the rule is the same.
+    # of its inputs: symmetric in the input channels, so the rule is the same
+    # for permutations, but a widened input would be standardised over both
+    # models' weights at once: the input channels stay merged.
     m = ctx.module
     w = ctx.param("weight")
     out = conv_layout(ctx, x, w, ctx.param("bias"), m.groups)
+    if "std_conv" in type(m).__module__:
+        ctx.mixing(x.lays[x.ndim - 1 - (w.ndim - 2)])
     gain = ctx.param("gain")
     if gain is not None:
         ctx.unify(gain.lays[0], w.lays[0])

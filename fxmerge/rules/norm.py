@@ -15,6 +15,11 @@ def _per_channel(ctx, x: TL, axis: int, *stats) -> TL:
     for s in stats:
         if s is not None:
             ctx.unify(s.lays[0], x.lays[axis])
+    # the statistics run over every other axis: batch and positions for
+    # activations, but the input channels of a weight standardised this way
+    for i, lay in enumerate(x.lays):
+        if i != axis:
+            ctx.mixing(lay)
     return ctx.like(x)
 
 

@@ -72,10 +72,14 @@ def widening(kind: str):
 
 @dataclass(frozen=True)
 class Contraction:
-    """A node that contracts a channel axis of its input with a weight."""
+    """A node that contracts a channel axis of its input with a weight. The
+    weight is a member (a parameter or buffer), or computed in the graph from
+    members (a standardised convolution weight): then ``weight`` is None and
+    ``lays``/``shape`` describe it, and ``contracted`` names the members
+    whose axes it contracts."""
 
     node: str
-    weight: str  # member name of the weight
+    weight: Optional[str]  # member name of the weight
     weight_in_axis: int
     input_axis: int  # channel axis of the input tensor
     output_axis: int  # channel axis of the output tensor
@@ -86,6 +90,9 @@ class Contraction:
     # values and its output, so least squares can fit it; None: the node's
     # own input and output
     taps: Optional[Callable] = None
+    lays: tuple = ()
+    shape: tuple = ()
+    contracted: tuple = ()  # (member, axis) pairs whose axis is the contracted one
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,16 @@ class Mixing:
     node: str
     kind: str
     lays: tuple
+
+
+def weight_layouts(pg, c: Contraction) -> tuple:
+    """A contraction's weight layouts: the member's final ones, or those the
+    rule saw for a computed weight."""
+    return pg.members[c.weight] if c.weight is not None else c.lays
+
+
+def weight_shape(pg, c: Contraction) -> tuple:
+    return pg.member_shapes[c.weight] if c.weight is not None else c.shape
 
 
 class RuleRegistry:
@@ -281,11 +298,16 @@ class RuleContext:
         merge engine widens such weights block by block, counts their cost and
         fits them by least squares. A node with several weights (packed
         attention) names each ``part`` and gives its ``taps`` (see ``Contraction``)."""
+        key = f"{self.node.name}#{part}" if part else self.node.name
+        in_lay = weight.lays[weight_in_axis]
         if weight.member is not None:
-            key = f"{self.node.name}#{part}" if part else self.node.name
-            self.analysis.contractions[key] = Contraction(
-                self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups, taps
-            )
+            contracted = ((weight.member, weight_in_axis),)
+        else:  # computed from members: those whose axis is this very layout
+            contracted = tuple((name, i) for name, lays in self.analysis.members.items()
+                               for i, lay in enumerate(lays) if lay is in_lay)
+        self.analysis.contractions[key] = Contraction(
+            self.node.name, weight.member, weight_in_axis, input_axis, output_axis, groups, taps,
+            tuple(weight.lays), tuple(weight.shape), contracted)
 
     def activation_product(self, lays, sizes, *, part: str = "") -> None:
         """Record a product of two activations spanning axes ``lays`` of sizes
