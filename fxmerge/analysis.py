@@ -187,11 +187,23 @@ class ChannelAnalysis(fx.Interpreter):
             _check_structure(result, meta)
             return result
         except (Opaque, IRConflict) as e:
-            return self._opaque(n, kind, tensor_args, meta, getattr(e, "reason", str(e)))
+            return self._opaque(n, kind, tensor_args + self._module_members(n, module), meta,
+                                getattr(e, "reason", str(e)))
         except Exception as e:  # a rule that does not understand this instance fails closed
             if strict_rules():
                 raise
-            return self._opaque(n, kind, tensor_args, meta, f"rule failed: {type(e).__name__}: {e}")
+            return self._opaque(n, kind, tensor_args + self._module_members(n, module), meta,
+                                f"rule failed: {type(e).__name__}: {e}")
+
+    def _module_members(self, n, module) -> list:
+        """The layouts of a module's parameters and buffers: an opaque module
+        pins them too (a rule may have structured them before giving up)."""
+        if module is None:
+            return []
+        out = []
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            out.append(self.member(f"{n.target}.{name}", t))
+        return out
 
     def _is_shape_query(self, n, tensor_args) -> bool:
         if not tensor_args:

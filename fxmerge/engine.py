@@ -534,7 +534,7 @@ def _check_budget(st: MergeState) -> None:
     raise ``BudgetError`` instead."""
     o, plan = st.opts, st.plan
     low, high = plan.feasible
-    tol = max(plan.resolution, 1e-3)
+    tol = 1e-6  # the cost range is exact; a budget inside it is met to within one step
     st.budget_reachable = low - tol <= o.budget <= high + tol
     st.pinned_share = 1.0 - st.pg.covered_fraction()
     blockers = [f"{p.kind} (pinned: {p.reason})" for p in st.pg.pinned]

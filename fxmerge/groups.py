@@ -138,7 +138,7 @@ def axis_slices(lay, offset: int = 0, depth: int = 0):
         return
     s = r.structure
     if s is None:
-        if r.size > 1:
+        if r.size >= 1:
             yield r, offset, offset + r.size, None, depth
         return
     if isinstance(s, Concat):
@@ -185,7 +185,7 @@ def build_groups(members: dict, member_shapes: dict, member_is_param: dict, layo
     inner_edges: list = []
 
     def on_atom(r):
-        if not r.pinned and r.size > 1:
+        if not r.pinned:  # size 1: a widenable segment (nothing to permute)
             atoms[r.uid] = r
 
     def on_product(r, s: Product):

@@ -41,10 +41,13 @@ _ids = itertools.count()
 class Dim:
     __slots__ = ("parent", "size", "pinned", "structure", "hints", "uid", "rank", "touched")
 
-    def __init__(self, size: int, *, pinned: bool = False, hints: Iterable[str] = ()):
+    def __init__(self, size: int, *, pinned: bool = False, hints: Iterable[str] = (), segment: bool = False):
         self.parent: Optional[Dim] = None
         self.size = int(size)
-        self.pinned = pinned or self.size <= 1
+        # A dim of one entry has nothing to permute and is pinned, except a
+        # segment of a channel axis (a concatenation cut at an odd place): it
+        # still widens, each model keeping its own channel.
+        self.pinned = pinned or (self.size <= 1 and not segment)
         self.structure: Optional[Union[Concat, Product]] = None
         self.hints = set(hints)
         self.uid = next(_ids)
@@ -245,7 +248,7 @@ def split_dim(d: Dim, cuts: Sequence[int]) -> list[Dim]:
     edges = [0, *cuts, r.size]
     s = r.structure
     if s is None:
-        parts = tuple(Dim(b - a, pinned=r.pinned) for a, b in zip(edges, edges[1:]))
+        parts = tuple(Dim(b - a, pinned=r.pinned, segment=True) for a, b in zip(edges, edges[1:]))
         r.structure = Concat(parts)
         return list(parts)
     if isinstance(s, Product):

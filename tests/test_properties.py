@@ -17,11 +17,16 @@ def test_random_networks_verify(stem, spec, seed):
     model = build(stem, spec).eval()
     x = torch.randn(2, 3, 6, 6)
     groups = fxmerge.analyze(model, x)
-    assert not groups.pinned, [p.kind for p in groups.pinned]
     report = fxmerge.verify(model, x, groups, seed=seed)
     assert report.ok, (spec, str(report))
-    # every conv/linear weight except the fixed stem input/head output has a group
-    assert groups.covered_fraction() > 0.5
+    # a grouped convolution whose groups cut through a concatenation is the
+    # one pattern the analysis pins (and says so); everything else is
+    # understood, and every conv/linear weight except the fixed stem
+    # input/head output has a group
+    known = [p for p in groups.pinned if "groups cut through a concatenation" in p.reason]
+    assert len(known) == len(groups.pinned), [(p.kind, p.reason) for p in groups.pinned]
+    if not known:
+        assert groups.covered_fraction() > 0.5
 
 
 @settings(max_examples=10, deadline=None)

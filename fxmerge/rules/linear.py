@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ir import Dim, Dep, as_product, make_dep
+from ..ir import Dim, Dep, as_product, find, make_dep
 from .registry import RESIZE, RULES, TL, Opaque, widening
 
 
@@ -59,6 +59,11 @@ def conv_layout(ctx, x: TL, w: TL, b: TL | None, groups: int, *, transposed: boo
                 p_in = as_product(_dim(x.lays[ca]), groups)
                 if p_in is None:
                     raise Opaque("input channels do not factor into the convolution's groups")
+                if find(p_in.outer).pinned and len({find(i).uid for i in p_in.inners}) > 1:
+                    # the groups cut through a concatenation: each block of
+                    # weights reads differently structured inputs, which the
+                    # output axis cannot index once it is unified with them
+                    raise Opaque("groups cut through a concatenation of its inputs")
                 ctx.unify(p_in.outer, p_out.outer)
                 # weight axis 1 of output block g reads the inputs of block g
                 ctx.set_member_axis(w, 1, make_dep(p_out.outer, p_in.inners))

@@ -1,0 +1,318 @@
+"""Networks written the way users write them, in the style of a pruning
+library's test suite (one op pattern per network): concatenation, cascaded
+concatenation, split, reshape, transposed convolution, a customised layer
+that normalises over channels, a cosine classifier, a softmax over channels,
+multiple inputs and outputs, unused parameters, a flattened map into a
+linear layer.
+
+For every one: the groups verify; a permuted copy merges back to the same
+function at 1x; at 2x the merged model is the ensemble, or, where an op
+combines the channels it would widen, the budget is reported out of reach
+with that op named; at 1.5x the measured cost is the planned one; the
+merge's statistics stay far below 4 GB.
+"""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxmerge
+from fxmerge.tracing import without_fast_path
+
+
+class ConvBN(nn.Module):
+    def __init__(self, cin, cout, k=3, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Head(nn.Module):
+    def __init__(self, c, classes=4):
+        super().__init__()
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ConvBN(3, 6), ConvBN(3, 4)
+        self.c = ConvBN(10, 8)
+        self.head = Head(8)
+
+    def forward(self, x):
+        return self.head(self.c(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+class CascadedConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ConvBN(3, 4), ConvBN(4, 4)
+        self.c = ConvBN(8, 6)
+        self.d = ConvBN(14, 8)
+        self.head = Head(8)
+
+    def forward(self, x):
+        a = self.a(x)
+        ab = torch.cat([a, self.b(a)], 1)
+        return self.head(self.d(torch.cat([ab, self.c(ab)], 1)))
+
+
+class SplitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 12)
+        self.left, self.right = ConvBN(4, 4), ConvBN(8, 6)
+        self.head = Head(10)
+
+    def forward(self, x):
+        a, b = torch.split(self.stem(x), [4, 8], dim=1)
+        return self.head(torch.cat([self.left(a), self.right(b)], 1))
+
+
+class ReshapeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 8)
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)  # (batch, positions, channels)
+        t = F.gelu(self.fc1(t)).reshape(t.shape[0], -1, 3, 4).flatten(2)
+        return self.fc2(t).mean(1)
+
+
+class UNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = ConvBN(3, 6, stride=2)
+        self.up = nn.ConvTranspose2d(6, 5, 4, stride=2, padding=1)
+        self.mix = ConvBN(8, 6)
+        self.head = Head(6)
+
+    def forward(self, x):
+        skip = x
+        return self.head(self.mix(torch.cat([F.relu(self.up(self.down(x))), skip], 1)))
+
+
+class CustomizedLayer(nn.Module):
+    """Normalises each position over its channels, then scales them."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+        self.bias = nn.Parameter(torch.randn(c) * 0.1)
+
+    def forward(self, x):
+        norm = x.pow(2).sum(dim=1, keepdim=True).sqrt()
+        x = torch.div(x, norm + 1e-3)
+        return x * self.scale[:, None, None] + self.bias[:, None, None]
+
+
+class CustomizedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(3, 8)
+        self.custom = CustomizedLayer(8)
+        self.b = ConvBN(8, 6)
+        self.head = Head(6)
+
+    def forward(self, x):
+        return self.head(self.b(self.custom(self.a(x))))
+
+
+class CosineClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ConvBN(3, 6), ConvBN(6, 8)
+        self.weight = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        f = F.normalize(self.b(self.a(x)).mean((2, 3)), dim=1)
+        return 10 * f @ F.normalize(self.weight, dim=1).t()
+
+
+class ChannelSoftmaxNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ConvBN(3, 6), ConvBN(6, 6)
+        self.head = Head(6)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.head(self.b(a * torch.softmax(a, dim=1)))
+
+
+class TwoInputsTwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ConvBN(3, 6), ConvBN(1, 4)
+        self.c = ConvBN(10, 8)
+        self.head, self.aux = Head(8), Head(6, 2)
+        self.unused = nn.Linear(5, 5)  # never called
+
+    def forward(self, x1, x2):
+        a = self.a(x1)
+        y = self.c(torch.cat([a, self.b(x2)], 1))
+        return self.head(y), self.aux(a)
+
+
+class FlattenNet(nn.Module):
+    """A final linear layer reads a flattened 64 x 16 x 16 map (16384
+    features): matching must not build a 16384^2 correlation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(3, 64)
+        self.fc = nn.Linear(64 * 16 * 16, 4)
+
+    def forward(self, x):
+        return self.fc(self.a(x).flatten(1))
+
+
+# net, example inputs, whether an op combines channels the merge would widen
+SIZE = 16
+NETS = {
+    "concat": (ConcatNet, None, False),
+    "cascaded_concat": (CascadedConcatNet, None, False),
+    "split": (SplitNet, None, False),
+    "reshape": (ReshapeNet, None, False),
+    "conv_transpose": (UNetLike, None, False),
+    "customized_layer": (CustomizedNet, None, True),
+    "cosine_classifier": (CosineClassifier, None, True),
+    "channel_softmax": (ChannelSoftmaxNet, None, True),
+    "two_inputs_two_outputs": (TwoInputsTwoOutputs, "two", False),
+    "flatten_linear": (FlattenNet, None, False),
+}
+
+
+def inputs(kind, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    if kind == "two":
+        return (x, torch.randn(n, 1, SIZE, SIZE, generator=g))
+    return (x,)
+
+
+def data(kind, seed=0):
+    return [inputs(kind, 16, seed + i) for i in range(3)]
+
+
+def call(model, xs):
+    with torch.no_grad(), without_fast_path():
+        return model(*xs)
+
+
+def assert_outputs_close(a, b, **tol):
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **tol)
+
+
+def pair(name):
+    cls, kind, _ = NETS[name]
+    torch.manual_seed(0)
+    a = cls().eval()
+    torch.manual_seed(1)
+    b = cls().eval()
+    return a, b, kind
+
+
+def with_bn_stats(model, batches):
+    m = copy.deepcopy(model).train()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = None
+    with torch.no_grad():
+        for xs in batches:
+            m(*xs)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_groups_verify_and_a_permuted_copy_merges_back(name):
+    a, _, kind = pair(name)
+    batches = data(kind)
+    a = with_bn_stats(a, batches)
+    x = inputs(kind, 4, 99)
+    groups = fxmerge.analyze(a, x)
+    assert len(groups) > 0 and not groups.pinned
+    assert fxmerge.verify(a, x, groups).ok
+    sampler = groups.sampler(np.random.default_rng(3))
+    state = a.state_dict()
+    state.update(groups.permute_state(state, sampler))
+    b = copy.deepcopy(a)
+    b.load_state_dict(state)
+    res = fxmerge.merge(a, b, batches, budget=1.0, method="pleas", bn_stats="source", max_memory="3G")
+    assert_outputs_close(call(res.model, x), call(a, x), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_two_x_is_the_ensemble_or_says_why_not(name):
+    a, b, kind = pair(name)
+    mixes = NETS[name][2]
+    x = inputs(kind, 4, 99)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fxmerge.merge(a, b, data(kind), budget=2.0, method="perm", bn_stats="source", max_memory="3G")
+    r = res.report
+    if mixes:
+        assert not r["budget_reachable"] and r["cost_measured"] < 2.0
+        assert r["kept_merged"] and any(issubclass(w.category, fxmerge.BudgetWarning) for w in caught)
+        assert any("combines" in k["reason"] for k in r["kept_merged"])
+        return
+    assert r["budget_reachable"] and r["cost_measured"] == pytest.approx(2.0, rel=1e-6)
+    ya, yb = call(a, x), call(b, x)
+    want = tuple((p + q) / 2 for p, q in zip(ya, yb)) if isinstance(ya, tuple) else (ya + yb) / 2
+    assert_outputs_close(call(res.model, x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_partial_merge_costs_what_was_planned_and_stays_small(name):
+    a, b, kind = pair(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxmerge.merge(a, b, data(kind), budget=1.5, method="pleas", max_memory="3G")
+    r = res.report
+    assert r["cost_measured"] == pytest.approx(r["cost_planned"], rel=1e-6)
+    if r["budget_reachable"]:
+        assert r["cost_measured"] == pytest.approx(1.5, abs=max(r["cost_resolution"], 0.02))
+    assert r["sweep"]["statistics_peak_bytes"] + r["sweep"]["frontier_peak_bytes"] < 4 << 30
+    out = call(res.model, inputs(kind, 2, 5))
+    for y in (out if isinstance(out, tuple) else (out,)):
+        assert torch.isfinite(y).all()
+
+
+def test_multiple_inputs_from_dicts_and_a_custom_item_reader():
+    a, b, kind = pair("two_inputs_two_outputs")
+    batches = data(kind)
+    as_dicts = [{"x1": x1, "x2": x2, "label": torch.zeros(len(x1))} for x1, x2 in batches]
+    r1 = fxmerge.merge(a, b, batches, budget=1.3, method="pleas")
+    r2 = fxmerge.merge(a, b, as_dicts, budget=1.3, method="pleas", example_inputs={"x1": batches[0][0][:2],
+                                                                                   "x2": batches[0][1][:2]})
+    r3 = fxmerge.merge(a, b, [(xs, torch.zeros(16)) for xs in batches], budget=1.3, method="pleas")
+    r4 = fxmerge.merge(a, b, [{"pair": xs} for xs in batches], budget=1.3, method="pleas",
+                       batch_inputs=lambda item: item["pair"])
+    x = inputs(kind, 4, 7)
+    for other in (r2, r3, r4):
+        assert_outputs_close(call(other.model, x), call(r1.model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_items_that_do_not_name_the_inputs_are_a_clear_error():
+    a, b, kind = pair("two_inputs_two_outputs")
+    with pytest.raises(fxmerge.InputError, match="batch_inputs"):
+        fxmerge.merge(a, b, [{"image": torch.randn(4, 3, SIZE, SIZE)}] * 2)
+    with pytest.raises(fxmerge.InputError, match="2 inputs"):
+        fxmerge.merge(a, b, [(torch.randn(4, 3, SIZE, SIZE),)] * 2)
