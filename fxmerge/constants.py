@@ -18,6 +18,10 @@ MATCHINGS = ("activation", "weight")
 NORM_POLICIES = ("split", "merged")
 # inputs least squares fits each layer on: the merged model's own, or the permuted ensemble's
 LS_INPUTS = ("merged", "ensemble")
+# what least squares fits a layer to when a BatchNorm follows it: the averaged outputs
+# (the paper's), or the outputs averaged after each model's normalisation and mapped back
+# through the merged model's (only with bn_stats="source", which fixes that normalisation)
+LS_TARGETS = ("output", "normalized")
 # BatchNorm statistics of the merged model: re-estimated inside the least-squares sweep on
 # the merged model's own activations, reset once after fitting, or the sources' own
 BN_STATS = ("sweep", "reset", "source")
@@ -32,8 +36,9 @@ DEFAULT_RIDGE = 1e-2
 DEFAULT_POSITIONS = 64
 DEFAULT_NORM_POLICY = "split"
 DEFAULT_LS_INPUTS = "merged"
-DEFAULT_BN_STATS = "reset"
+DEFAULT_BN_STATS = "source"
 DEFAULT_PLANNER = "pairs"
+DEFAULT_LS_TARGETS = "output"
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
 # a merge warns when more than this share of the conv/linear weights cannot be widened
 PINNED_SHARE_WARNING = 0.5

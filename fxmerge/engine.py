@@ -44,7 +44,8 @@ from .errors import BudgetError, BudgetWarning, InputError, MemoryWarning
 from .groups import PermutationGroups
 from .inputs import Inputs, as_inputs, calibration_inputs, forward_inputs
 from .ir import Product, find
-from .lstsq import LeastSquaresPoint, conv_weight, from_conv_weight, layer_systems, regmean_layer, solve_layer
+from .lstsq import (LeastSquaresPoint, conv_weight, following_batch_norm, from_conv_weight, layer_systems,
+                    regmean_layer, solve_layer)
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .permute import permute_tensor
 from .rewrite import WidenGraph, check_shapes, in_axes_of, split_contractions
@@ -114,6 +115,7 @@ class MergeOptions:
     spill_dir: Optional[str] = None
     planner: str = C.DEFAULT_PLANNER
     strict: bool = False
+    ls_targets: str = C.DEFAULT_LS_TARGETS
 
 
 @dataclass
@@ -310,7 +312,10 @@ def pass_fit(st: MergeState) -> None:
         per_layer: dict = {}
         models = [st.gm_a, st.gm_b, st.merged]
         solve = _solver(st, per_layer)
-        points += [LeastSquaresPoint(key, sysm, models, inputs, o.positions, o.seed, solve)
+        normalized = o.ls_targets == "normalized" and o.bn_stats == "source" and inputs != "stacked"
+        points += [LeastSquaresPoint(key, sysm, models, inputs, o.positions, o.seed, solve,
+                                     norm=following_batch_norm(st.merged, sysm.node) if normalized and sysm.taps is None
+                                     else None)
                    for key, sysm in systems.items()]
         points = _within_memory(points, st)
     if o.bn_stats == "sweep":
@@ -706,6 +711,7 @@ def merge(
     schedule: str = "frontier",
     spill_dir: Optional[str] = None,
     planner: str = C.DEFAULT_PLANNER,
+    ls_targets: str = C.DEFAULT_LS_TARGETS,
     strict: bool = False,
     batch_inputs: Optional[Callable] = None,
     progress: bool = False,
@@ -753,6 +759,9 @@ def merge(
                          planner=planner)
     opts.seed, opts.progress, opts.on_least_squares, opts.spill_dir = seed, progress, on_least_squares, spill_dir
     opts.strict = bool(strict)
+    if ls_targets not in C.LS_TARGETS:
+        raise InputError(f"ls_targets must be one of {', '.join(C.LS_TARGETS)}, got '{ls_targets}'")
+    opts.ls_targets = ls_targets
     check_same_architecture(model_a, model_b)
     check_finite_state(model_a.state_dict(), "A")
     check_finite_state(model_b.state_dict(), "B")

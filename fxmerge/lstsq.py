@@ -187,8 +187,12 @@ class LeastSquaresPoint(Point):
     and hands them to ``solve(point)``."""
 
     def __init__(self, key: str, sysm: LayerSystem, models: list, inputs: str, positions: int, seed: int,
-                 solve: Callable):
+                 solve: Callable, norm: Optional[str] = None):
         self.key = key
+        # the BatchNorm right after the layer (``ls_targets="normalized"``):
+        # targets are averaged after each model's normalisation and mapped
+        # back through the merged model's (fixed) one
+        self.norm = norm
         self.sysm = sysm
         self.node = sysm.node
         self.models = models
@@ -237,11 +241,30 @@ class LeastSquaresPoint(Point):
                     X = sample_rows(mod, xs[2], idx)
                 else:
                     X = widen_features(sample_rows(mod, xs[0], idx), sample_rows(mod, xs[1], idx), 1, sysm.w_x)
-                Y = widen_features(rows(yv[0], idx), rows(yv[1], idx), 1, sysm.w_y)
+                if self.norm is None:
+                    Y = widen_features(rows(yv[0], idx), rows(yv[1], idx), 1, sysm.w_y)
+                else:
+                    Y = self._normalized_target(rows(yv[0], idx), rows(yv[1], idx))
             g = sysm.groups
             accumulate(sysm, X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1), m if stacked else None)
 
     _node = None
+
+    def _normalized_target(self, ya: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The merged layer's target when a BatchNorm follows: A's and B's
+        outputs normalised by their own BatchNorm, averaged where merged, and
+        mapped back through the merged model's BatchNorm (identical to the
+        plain target on A-only and B-only channels)."""
+        za, zb = (_batch_norm_rows(self.models[s].get_submodule(self.norm), y) for s, y in ((A, ya), (B, yb)))
+        z = widen_features(za, zb, 1, self.sysm.w_y)
+        bn = self.models[M].get_submodule(self.norm)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        scale = torch.sqrt(bn.running_var + bn.eps)
+        safe = gamma.abs() > 1e-6
+        y = (z - beta) / torch.where(safe, gamma, torch.ones_like(gamma)) * scale + bn.running_mean
+        plain = widen_features(ya, yb, 1, self.sysm.w_y)
+        return torch.where(safe, y, plain)
 
     def finish(self) -> None:
         sysm = self.sysm
@@ -255,6 +278,29 @@ class LeastSquaresPoint(Point):
 
     def nbytes(self) -> int:
         return system_bytes(self.sysm, self.models[M] if self.models[M] is not None else self.models[A])
+
+
+def _batch_norm_rows(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """An eval-mode BatchNorm (its affine part included, no activation) on
+    rows ``(samples, channels)``."""
+    z = (y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        z = z * bn.weight + bn.bias
+    return z
+
+
+def following_batch_norm(gm: fx.GraphModule, node_name: str) -> Optional[str]:
+    """The BatchNorm module that is the only reader of a layer's output."""
+    from .batchnorm import is_batch_norm
+
+    for n in gm.graph.nodes:
+        if n.name == node_name:
+            users = list(n.users)
+            if len(users) == 1 and users[0].op == "call_module" and users[0].args and users[0].args[0] is n:
+                if is_batch_norm(gm.get_submodule(users[0].target)):
+                    return users[0].target
+            return None
+    return None
 
 
 def _find_node(gm: fx.GraphModule, name: str) -> fx.Node:
