@@ -228,10 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--positions", type=int, default=C.DEFAULT_POSITIONS, help="spatial positions (tokens) sampled per "
                    "image for the statistics; fewer is faster, the least-squares systems of wide layers want more; 0 "
                    f"keeps all (default {C.DEFAULT_POSITIONS})")
-    m.add_argument("--bn-stats", default=C.DEFAULT_BN_STATS, choices=C.BN_STATS,
+    m.add_argument("--bn-stats", default=None, choices=C.BN_STATS,
                    help="BatchNorm statistics of the merged model: sweep (re-estimated on its own activations while "
-                   "the layers are fitted), reset (once, after fitting) or source (the sources' own) "
-                   f"(default {C.DEFAULT_BN_STATS})")
+                   "the layers are fitted), reset (once, after fitting) or source (the sources' own) (default: "
+                   f"{C.BN_STATS_OF['pleas']} for pleas, reset for the baselines)")
     m.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP + " (same as --bn-stats source)")
     m.add_argument("--planner", default=C.DEFAULT_PLANNER, choices=C.PLANNER_SCORES,
                    help="what the budget planner counts when it un-merges a pair: its disagreement (pairs) or that "

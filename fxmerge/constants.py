@@ -36,7 +36,10 @@ DEFAULT_RIDGE = 1e-2
 DEFAULT_POSITIONS = 64
 DEFAULT_NORM_POLICY = "split"
 DEFAULT_LS_INPUTS = "merged"
-DEFAULT_BN_STATS = "source"
+DEFAULT_BN_STATS = "source"  # PLeaS's, chosen on the validation split (docs/bn-stats.md)
+# the baselines recompute BatchNorm statistics after merging, as their papers do (REPAIR's reset)
+BN_STATS_OF = {"pleas": DEFAULT_BN_STATS, "perm": "reset", "zipit": "reset", "rebasin": "reset", "regmean": "reset",
+               "avg": "reset", "ensemble": "source"}
 DEFAULT_PLANNER = "pairs"
 DEFAULT_LS_TARGETS = "output"
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts

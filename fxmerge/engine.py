@@ -736,7 +736,7 @@ def merge(
     ``"sweep"`` re-estimates each BatchNorm on the merged model's own
     activations inside the fitting sweep, ``"reset"`` once after fitting,
     ``"source"`` keeps the sources' statistics (``reset_bn=False`` is the
-    same). ``ridge`` pulls each least-squares solution toward the permuted
+    same); the default is the method's (``constants.BN_STATS_OF``). ``ridge`` pulls each least-squares solution toward the permuted
     weights. ``max_memory`` (bytes or ``"2G"``; default a quarter of the
     available memory) caps the sweep's frontier and statistics: beyond it the
     frontier spills to a temporary directory (``spill_dir``), stored as
@@ -752,7 +752,7 @@ def merge(
     """
     t_start = time.perf_counter()
     if bn_stats is None:
-        bn_stats = "source" if reset_bn is False else C.DEFAULT_BN_STATS
+        bn_stats = "source" if reset_bn is False else C.BN_STATS_OF.get(method, C.DEFAULT_BN_STATS)
     opts = check_options(method=method, budget=budget, labels=labels, matching=matching, ridge=ridge,
                          positions=positions, norm_policy=norm_policy, ls_inputs=ls_inputs, device=device,
                          bn_stats=bn_stats, max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule,
