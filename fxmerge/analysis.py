@@ -107,6 +107,7 @@ class ChannelAnalysis(fx.Interpreter):
         self.probes: dict = {}
         self.normalizations: dict = {}
         self.mixings: list = []
+        self.rule_pins: dict = {}  # op kind -> why a rule pinned one of its axes
         self.node: Optional[fx.Node] = None
 
     @property

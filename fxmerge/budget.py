@@ -266,7 +266,7 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
     normalisation reads across the whole axis (all of them under
     ``norm_policy="merged"``, those the rewrite cannot split otherwise), and
     features an op combines (``Mixing``: reductions, softmax, normalize over
-    channels)."""
+    channels). Each root maps to the list of its reasons."""
     from .analysis import op_kind
     from .rewrite import normalized_layouts, splittable
 
@@ -274,10 +274,11 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
 
     def keep(lay, reason):
         for u in roots_within(lay, set()):
-            why.setdefault(u, reason)
+            if reason not in why.setdefault(u, []):
+                why[u].append(reason)
 
     for u in frozen_roots(pg):
-        why.setdefault(u, "a grouped op over a concatenation keeps its blocks")
+        why.setdefault(u, []).append("a grouped op over a concatenation keeps its blocks")
     nodes = {n.name: n for n in pg.gm.graph.nodes}
     for name, norm in pg.normalizations.items():
         node = nodes[name]

@@ -144,7 +144,7 @@ class MergeState:
     least_squares: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
     skipped_layers: list = field(default_factory=list)
-    kept_merged: dict = field(default_factory=dict)  # root uid -> why it cannot widen
+    kept_merged: dict = field(default_factory=dict)  # root uid -> why it cannot widen (reasons)
     budget_reachable: bool = True
     pinned_share: float = 0.0
     macs_a: Optional[float] = None
@@ -222,7 +222,7 @@ def _fixed_roots(st: MergeState, cost_model: CostModel) -> dict:
     fixed = {u: 0 for u in outputs}
     st.kept_merged = {u: why for u, why in merged_only_roots(st.pg, st.opts.norm_policy).items()
                       if u in cost_model.uids}
-    clash = [why for u, why in st.kept_merged.items() if u in outputs]
+    clash = [why[0] for u, why in st.kept_merged.items() if u in outputs]
     if clash:
         raise InputError(f"labels='disjoint' keeps each model's classes apart, but {clash[0]} across the classes "
                          "(e.g. a softmax over the logits): merge with labels='shared' or remove it")
@@ -543,7 +543,8 @@ def _check_budget(st: MergeState) -> None:
     st.budget_reachable = low - tol <= o.budget <= high + tol
     st.pinned_share = 1.0 - st.pg.covered_fraction()
     blockers = [f"{p.kind} (pinned: {p.reason})" for p in st.pg.pinned]
-    blockers += sorted(set(st.kept_merged.values()))
+    blockers += [f"{kind} (pinned: {why})" for kind, why in st.pg.rule_pins.items()]
+    blockers += sorted({why for reasons in st.kept_merged.values() for why in reasons})
     messages = []
     if not st.budget_reachable:
         side = "at most" if o.budget > high else "at least"
@@ -584,8 +585,9 @@ def _kept_merged_summary(st: MergeState) -> list:
     keeps."""
     sizes = {r.uid: r.size for g in st.pg.all_groups for r in g.roots}
     count: dict = {}
-    for u, why in st.kept_merged.items():
-        count[why] = count.get(why, 0) + sizes.get(u, 0)
+    for u, reasons in st.kept_merged.items():
+        for why in reasons:
+            count[why] = count.get(why, 0) + sizes.get(u, 0)
     return [{"reason": why, "channels": n} for why, n in sorted(count.items(), key=lambda kv: -kv[1])]
 
 
@@ -619,7 +621,7 @@ def _report(st: MergeState) -> dict:
         "least_squares_skipped": st.skipped_layers,
         "sweep": st.sweep,
         "bn_stats": o.bn_stats if "batch_norm" in METHOD_PASSES[o.method] else "source",
-        "pinned_ops": [p.kind for p in st.pg.pinned],
+        "pinned_ops": [p.kind for p in st.pg.pinned] + list(st.pg.rule_pins),
         "norm_policy": o.norm_policy,
     }
 

@@ -333,6 +333,7 @@ class PermutationGroups:
         self.activation_products = {k: p for k, p in analysis.activation_products.items() if p.node not in opaque_nodes}
         self.probes = {k: p for k, p in analysis.probes.items() if k not in opaque_nodes}
         self.mixings = [m for m in analysis.mixings if m.node not in opaque_nodes]
+        self.rule_pins = dict(analysis.rule_pins)
         self.all_groups = build_groups(self.members, self.member_shapes, self.member_is_param, self.layouts, self.gm)
         # only groups that own parameter axes are reported as groups
         self.groups = [g for g in self.all_groups if any(self.member_is_param[m] for m, _ in g.members)]

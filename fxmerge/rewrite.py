@@ -120,6 +120,10 @@ class WidenGraph:
     def _split_normalizations(self, gm: fx.GraphModule) -> None:
         old_nodes = {n.name: n for n in self.pg.gm.graph.nodes}
         nodes = {n.name: n for n in gm.graph.nodes}
+        calls: dict = {}  # module -> how many nodes call it (a shared LayerNorm may widen differently at each)
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
         for name, norm in self.pg.normalizations.items():
             ws = [self.widener.widen(lay) for lay in normalized_layouts(self.pg, old_nodes[name], norm)]
             if all((w.role == 3).all() for w in ws):
@@ -131,10 +135,23 @@ class WidenGraph:
                     f"cannot widen the features normalised by '{name}': only single-axis LayerNorm/RMSNorm can be split; "
                     "merge with norm_policy='merged'"
                 )
-            if node.op == "call_module":
+            if node.op == "call_module" and calls[node.target] == 1:
                 mod = gm.get_submodule(node.target)
                 new = SplitLayerNorm(w.role, mod.eps, norm.rms, getattr(mod, "weight", None), getattr(mod, "bias", None))
                 replace_module(gm, node.target, new)
+                continue
+            if node.op == "call_module":
+                # a module called at several nodes: each call gets its own
+                # split, reading the module's affine parameters
+                mod = gm.get_submodule(node.target)
+                target = f"fxm_split_{name}"
+                gm.add_submodule(target, SplitLayerNorm(w.role, mod.eps, norm.rms))
+                with gm.graph.inserting_before(node):
+                    params = [gm.graph.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None
+                              for p in ("weight", "bias")]
+                node.op, node.target = "call_module", target
+                node.args = (node.args[0], *params)
+                node.kwargs = {}
                 continue
             # F.layer_norm(input, normalized_shape, weight, bias, eps) / F.rms_norm(input, shape, weight, eps)
             names = ["input", "normalized_shape", "weight"] + ([] if norm.rms else ["bias"]) + ["eps"]
@@ -318,7 +335,7 @@ def splittable(gm: fx.GraphModule, node: fx.Node, norm) -> bool:
         return node.target in (torch.nn.functional.layer_norm, getattr(torch.nn.functional, "rms_norm", None))
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        return type(mod).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward)
+        return type(mod).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward, SplitLayerNorm.forward)
     return False
 
 

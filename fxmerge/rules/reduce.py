@@ -99,11 +99,10 @@ def order_dependent(ctx, x, *args, **kwargs):
     if name in ("sort", "argsort") and dims is None:
         dims = -1
     if dims is None:
-        ctx.pin(x)
         dims = list(range(x.ndim))
     dims = [dims] if isinstance(dims, int) else list(dims)
     for d in dims:
-        ctx.pin(x.lays[d])
+        ctx.pin_axis(x.lays[d], "depends on the order of the entries")
     out = ctx.out_value
     if isinstance(out, (tuple, list)):
         return tuple(ctx.tl(_same_rank(x, o.shape), o.shape) for o in out)

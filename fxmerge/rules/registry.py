@@ -330,6 +330,15 @@ class RuleContext:
         if live:
             self.analysis.mixings.append(Mixing(self.node.name, op_kind(self.node, self.module), live))
 
+    def pin_axis(self, lay, reason: str) -> None:
+        """Pin a layout for this op kind's ``reason``, and record it when it
+        was free (the merge report names what keeps channels from widening)."""
+        from ..analysis import op_kind
+
+        if not is_pinned(lay):
+            self.analysis.rule_pins.setdefault(op_kind(self.node, self.module), reason)
+        pin(lay)
+
     def normalization(self, axes: int, *, rms: bool = False) -> None:
         """Record that this node normalises its input over its ``axes``
         trailing axes (mean and variance, or only the RMS)."""
