@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("demo", help="train two small models on digits and compare every merging method")
-    d.add_argument("--arch", default="resnet", choices=("resnet", "vit"))
+    d.add_argument("--arch", default="resnet", choices=C.DEMO_ARCHS,
+                   help="resnet (half-width ResNet-18), vit (timm ViT) or torch-vit (the same ViT written with "
+                   "nn.TransformerEncoder) (default resnet)")
     d.add_argument("--budgets", default="1,1.2,1.5,2", help="comma-separated budgets (default 1,1.2,1.5,2)")
     d.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
     d.add_argument("--data", default="digits", choices=("digits", "generic"), help="calibration source")

@@ -45,3 +45,6 @@ DEFAULT_LS_TARGETS = "output"
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
 # a merge warns when more than this share of the conv/linear weights cannot be widened
 PINNED_SHARE_WARNING = 0.5
+
+# the demo's architectures: a half-width ResNet-18, a timm ViT, the same ViT written with nn.TransformerEncoder
+DEMO_ARCHS = ("resnet", "vit", "torch-vit")

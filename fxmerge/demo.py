@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constants import BUDGETED_METHODS, FIXED_BUDGET, METHODS
+from .constants import BUDGETED_METHODS, DEMO_ARCHS, FIXED_BUDGET, METHODS
 from .data import Split, augment, digit_task, digits, generic
 
 TASK_A, TASK_B = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -31,12 +31,38 @@ DEFAULT_BUDGETS = (1.0, 1.2, 1.5, 2.0)
 TRAIN = {
     "resnet": {"epochs": 20, "lr": 0.05, "batch": 64, "weight_decay": 5e-4},
     "vit": {"epochs": 60, "lr": 1e-3, "batch": 64, "weight_decay": 0.05},
+    "torch-vit": {"epochs": 60, "lr": 1e-3, "batch": 64, "weight_decay": 0.05},
 }
+assert tuple(TRAIN) == DEMO_ARCHS
+
+
+class TorchViT(nn.Module):
+    """A ViT written the common way with ``torch.nn`` only:
+    ``nn.TransformerEncoder`` over pre-norm ``nn.TransformerEncoderLayer``s
+    (batch first, GELU), a convolutional patch embedding, a class token and
+    learned position embeddings."""
+
+    def __init__(self, num_classes: int = 5, img_size: int = 32, patch: int = 8, dim: int = 192, depth: int = 6,
+                 heads: int = 3, mlp: int = 768):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2 + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed
+        return self.head(self.encoder(t)[:, 0])
 
 
 def demo_model(arch: str = "resnet", num_classes: int = 5) -> nn.Module:
-    """The demo architectures: a ResNet-18 layout at half width, and a small
-    ViT (depth 6, width 192, 3 heads, patch 8) for 32x32 inputs."""
+    """The demo architectures: a ResNet-18 layout at half width, a small timm
+    ViT (depth 6, width 192, 3 heads, patch 8) for 32x32 inputs, and the same
+    ViT written with ``nn.TransformerEncoder`` (``torch-vit``)."""
     if arch == "resnet":
         from timm.models.resnet import BasicBlock, ResNet
 
@@ -45,7 +71,9 @@ def demo_model(arch: str = "resnet", num_classes: int = 5) -> nn.Module:
         from timm.models.vision_transformer import VisionTransformer
 
         return VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=num_classes)
-    raise ValueError(f"unknown demo architecture '{arch}': choose 'resnet' or 'vit'")
+    if arch == "torch-vit":
+        return TorchViT(num_classes)
+    raise ValueError(f"unknown demo architecture '{arch}': choose one of {', '.join(DEMO_ARCHS)}")
 
 
 def train(model: nn.Module, split: Split, *, seed: int, epochs: int, lr: float, batch: int, weight_decay: float,
@@ -77,7 +105,7 @@ def train(model: nn.Module, split: Split, *, seed: int, epochs: int, lr: float, 
 
 def cached_pair(arch: str = "resnet", *, cache_dir: str = ".cache/fxmerge-demo", device="cpu", log=print):
     """Models A (digits 0-4, seed 0) and B (digits 5-9, seed 1), trained once."""
-    cfg = {"arch": arch, "train": TRAIN[arch], "tasks": [TASK_A, TASK_B], "version": 1}
+    cfg = {"arch": arch, "train": TRAIN[arch], "tasks": [TASK_A, TASK_B], "version": 2, "split": "train 1006"}
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     os.makedirs(cache_dir, exist_ok=True)
     train_split = digits(split="train")

@@ -159,3 +159,22 @@ def test_merge_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, p
     assert err.startswith("fxmerge: error:") and "\n" not in err
     assert not out.exists()
     assert not list(tmp_path.glob(".fxmerge-*"))
+
+
+def test_an_unreachable_budget_is_one_warning_line_and_exit_2_under_strict(tmp_path, capsys):
+    # mobilevit's transformer blocks are opaque to the analysis: most of the
+    # model cannot widen, so 1.8x is out of reach
+    a, b = _ckpts(tmp_path, "mobilevit_xxs")
+    out = tmp_path / "m.pt"
+    argv = ["merge", "--arch", "mobilevit_xxs", "--a", a, "--b", b, "--data", "generic", "--calib", "8",
+            "--batch-size", "4", "--input-size", "3,64,64", "--method", "perm", "--budget", "1.8", "--quiet"]
+    assert main(argv + ["-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("fxmerge: warning: budget 1.80x is out of reach")]
+    assert len(warning) == 1 and "MobileVitBlock" in warning[0]
+    assert out.exists()
+    strict = tmp_path / "s.pt"
+    assert main(argv + ["--strict", "-o", str(strict)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fxmerge: error: budget 1.80x is out of reach")
+    assert not strict.exists()
