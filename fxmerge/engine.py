@@ -43,7 +43,6 @@ from .batchnorm import batch_norm_points, reset_batch_norm
 from .errors import BudgetError, BudgetWarning, InputError, MemoryWarning
 from .groups import PermutationGroups
 from .inputs import Inputs, as_inputs, calibration_inputs, forward_inputs
-from .ir import Product, find
 from .lstsq import (LeastSquaresPoint, conv_weight, following_batch_norm, from_conv_weight, layer_systems,
                     regmean_layer, solve_layer)
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
@@ -53,7 +52,8 @@ from .runner import LockstepRunner
 from .sweep import Sweep, available_memory, parse_memory
 from .tensors import owner_of, set_tensor
 from .widening import LayoutWidener
-from .zipit import JointCollector, ZipProjector, merge_matrices, root_order, zip_cut, zip_pairs
+from .zipit import (JointCollector, ZipProjector, align_products, choose_cut, emit_partial_zip, node_costs,
+                    zipped_atoms)
 
 METHODS = C.METHODS
 LABELS = C.LABELS
@@ -141,6 +141,8 @@ class MergeState:
     zip_sims: dict = field(default_factory=dict)
     zip_keys: dict = field(default_factory=dict)
     projector: Optional[ZipProjector] = None
+    zip_cut: int = 0
+    zip_cut_node: Optional[str] = None
     least_squares: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
     skipped_layers: list = field(default_factory=list)
@@ -257,31 +259,21 @@ def pass_plan_full(st: MergeState) -> None:
 
 
 def pass_plan_zip(st: MergeState) -> None:
-    """ZipIt!'s plan: the cut of the root order nearest the budget; zipped
-    roots get merge/unmerge matrices, the others stay separate."""
-    pg = st.pg
-    cost_model = cost_model_of(st)
-    fixed = _fixed_roots(st, cost_model)
-    order = [r.uid for r in root_order(pg)]
-    k, ratio, feasible = zip_cut(cost_model, order, st.opts.budget, fixed)
-    sizes = dict(zip(cost_model.uids, cost_model.sizes.tolist()))
-    zipped = {}
-    for uid, corr in st.zip_sims.items():
-        r = st.zip_keys[uid]
-        s = r.structure
-        if s is None:
-            unit = r
-        elif isinstance(s, Product) and s.inner_size == 1:
-            unit = find(s.outer)  # one channel per block (depthwise): zip the blocks
-        else:
-            continue  # heads: ZipIt! has no notion of them; they are averaged
-        if k.get(unit.uid, unit.size) == unit.size and corr.shape[0] == 2 * r.size:
-            zipped[uid] = merge_matrices(zip_pairs(corr), r.size)
-    separate = {u for u, kk in k.items() if kk == 0}
-    masks = {u: np.full(sizes[u], kk == sizes[u]) for u, kk in k.items()}
-    src = cost_model.source_cost()
-    st.plan = Plan(k, masks, st.opts.budget, ratio * src, src, feasible, 0.0)
-    st.projector = ZipProjector(zipped, separate)
+    """ZipIt!'s plan: heads and convolution groups aligned as units (B's
+    weights permuted), every other feature zipped within or across models;
+    the planned widths are all merged but each model's own outputs; the cut
+    of partial zipping chosen for the budget."""
+    outputs = st.output_roots
+    st.match = align_products(st.pg, st.zip_sims, st.zip_keys, outputs)
+    pass_align(st)
+    zipped = zipped_atoms(st.zip_sims, st.zip_keys, outputs)
+    st.projector = ZipProjector(zipped, set())
+    pass_plan_full(st)
+    full = st.plan.ratio
+    st.zip_cut, ratio, feasible = choose_cut(st.pg, node_costs(st.gm_a, st.example_inputs), st.opts.budget, full)
+    st.plan.feasible = feasible
+    st.plan.achieved = ratio * st.plan.source_cost
+    st.plan.target = st.opts.budget * st.plan.source_cost
 
 
 def pass_widen(st: MergeState) -> None:
@@ -291,7 +283,8 @@ def pass_widen(st: MergeState) -> None:
 
 
 def pass_zip_weights(st: MergeState) -> None:
-    """ZipIt!'s weights: merge and unmerge matrices applied to both models."""
+    """ZipIt!'s weights: merge and unmerge matrices applied to both models
+    (aligned blocks averaged)."""
     contracted = in_axes_of(st.pg)
     state_a, state_b = st.state_a, st.gm_b.state_dict()
     for name, lays in st.pg.members.items():
@@ -382,6 +375,19 @@ def _within_memory(points: list, st: MergeState) -> list:
     return keep
 
 
+def pass_zip_cut(st: MergeState) -> None:
+    """Partial zipping: the model after the cut is both source models, side
+    by side, reading the zipped features unzipped to their own."""
+    nodes = list(st.pg.gm.graph.nodes)
+    if st.zip_cut < len(nodes):
+        model_b = copy.deepcopy(st.gm_a)
+        model_b.load_state_dict({k: v for k, v in st.model_b.state_dict().items() if k in model_b.state_dict()})
+        st.merged = emit_partial_zip(st.merged, st.gm_a, model_b, st.pg, st.zip_cut, st.projector.zipped,
+                                     st.match.sampler(), st.opts.labels)
+        st.zip_cut_node = next((n.name for n in nodes[st.zip_cut:] if n.name in {c.node for c in st.pg.contractions.values()}),
+                               None)
+
+
 def pass_row_blocks(st: MergeState) -> None:
     """Widened convolutions and linears as row blocks (no structural zeros)."""
     st.row_block_layers = split_contractions(st.merged, st.pg, st.widener)
@@ -404,6 +410,7 @@ PASSES: dict[str, Callable[[MergeState], None]] = {
     "plan_zip": pass_plan_zip,
     "widen": pass_widen,
     "zip_weights": pass_zip_weights,
+    "zip_cut": pass_zip_cut,
     "fit": pass_fit,
     "row_blocks": pass_row_blocks,
     "batch_norm": pass_batch_norm,
@@ -413,7 +420,7 @@ PASSES: dict[str, Callable[[MergeState], None]] = {
 METHOD_PASSES: dict[str, tuple] = {
     "pleas": ("analyze", "match", "align", "plan", "widen", "fit", "row_blocks", "batch_norm"),
     "perm": ("analyze", "match", "align", "plan", "widen", "fit", "row_blocks", "batch_norm"),
-    "zipit": ("analyze", "zip_match", "plan_zip", "widen", "zip_weights", "fit", "row_blocks", "batch_norm"),
+    "zipit": ("analyze", "zip_match", "plan_zip", "widen", "zip_weights", "row_blocks", "zip_cut", "fit", "batch_norm"),
     "rebasin": ("analyze", "match", "align", "plan_full", "widen", "fit", "row_blocks", "batch_norm"),
     "regmean": ("analyze", "plan_full", "widen", "fit", "row_blocks", "batch_norm"),
     "avg": ("analyze", "plan_full", "widen", "fit", "row_blocks", "batch_norm"),
@@ -424,7 +431,7 @@ assert set(METHOD_PASSES) == set(METHODS) and all(p in PASSES for ps in METHOD_P
 # the pass whose time the report lists under each phase name
 PHASES = {"analyze": "analysis", "match": "matching", "zip_match": "matching", "align": "matching",
           "plan": "plan", "plan_full": "plan", "plan_zip": "plan", "widen": "widen", "zip_weights": "widen",
-          "fit": "fit", "row_blocks": "widen", "batch_norm": "batchnorm_reset"}
+          "fit": "fit", "row_blocks": "widen", "zip_cut": "widen", "batch_norm": "batchnorm_reset"}
 
 
 # ----------------------------------------------------------------------------
@@ -540,18 +547,17 @@ def _check_budget(st: MergeState) -> None:
     o, plan = st.opts, st.plan
     low, high = plan.feasible
     tol = 1e-6  # the cost range is exact; a budget inside it is met to within one step
-    st.budget_reachable = low - tol <= o.budget <= high + tol
+    # (below the range only by what each model's own classifier costs: both label spaces are kept)
+    st.budget_reachable = o.budget <= high + tol
     st.pinned_share = 1.0 - st.pg.covered_fraction()
     blockers = [f"{p.kind} (pinned: {p.reason})" for p in st.pg.pinned]
     blockers += [f"{kind} (pinned: {why})" for kind, why in st.pg.rule_pins.items()]
     blockers += sorted({why for reasons in st.kept_merged.values() for why in reasons})
     messages = []
     if not st.budget_reachable:
-        side = "at most" if o.budget > high else "at least"
-        messages.append(f"budget {o.budget:.2f}x is out of reach for this model: it can cost {side} "
-                        f"{high if o.budget > high else low:.2f}x" + (f"; kept from widening by: {'; '.join(blockers[:4])}"
-                                                                       + (f" (+{len(blockers) - 4} more)" if len(blockers) > 4 else "")
-                                                                       if blockers else ""))
+        listed = "; ".join(blockers[:4]) + (f" (+{len(blockers) - 4} more)" if len(blockers) > 4 else "")
+        messages.append(f"budget {o.budget:.2f}x is out of reach for this model: it can cost at most {high:.3f}x"
+                        + (f"; kept from widening by: {listed}" if blockers else ""))
     if st.pinned_share > C.PINNED_SHARE_WARNING and o.method not in ("avg", "regmean", "ensemble"):
         kinds = ", ".join(p.kind for p in st.pg.pinned[:3]) or "none"
         messages.append(f"{100 * st.pinned_share:.0f}% of the conv/linear weights cannot be permuted (pinned op kinds: "
@@ -623,6 +629,7 @@ def _report(st: MergeState) -> dict:
         "bn_stats": o.bn_stats if "batch_norm" in METHOD_PASSES[o.method] else "source",
         "pinned_ops": [p.kind for p in st.pg.pinned] + list(st.pg.rule_pins),
         "norm_policy": o.norm_policy,
+        **({"zip_cut": st.zip_cut_node} if o.method == "zipit" else {}),
     }
 
 

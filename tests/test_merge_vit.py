@@ -191,3 +191,33 @@ def test_attention_products_enter_the_cost_model_and_measured_cost_equals_the_pl
         r = fxmerge.merge(a, b, data, budget=budget, method="perm").report
         assert r["cost_measured"] == pytest.approx(r["cost_planned"], rel=1e-3)
         assert abs(r["cost_measured"] - budget) <= max(0.01 * budget, r["cost_resolution"] / 2) + 1e-9
+
+
+@pytest.mark.parametrize("variant", ["cls-token", "unfused attention"])
+def test_zipit_aligns_heads_as_units(variant):
+    """ZipIt! with heads aligned as units (as its successors do): a copy with
+    heads and within-head orders permuted zips back to the same function;
+    averaging heads index to index would not."""
+    a = vit(variant, 3)
+    b = permuted_copy(a, 4, example=X)
+    res = fxmerge.merge(a, b, calib(3), budget=1.0, method="zipit", bn_stats="source")
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(X), a(X), rtol=1e-3, atol=1e-4)
+
+
+def test_zipit_partial_zipping_cuts_the_graph_and_keeps_everything_after_it_separate():
+    a, b = vit("cls-token", 5), vit("cls-token", 6)
+    costs = []
+    for budget in (1.0, 1.3, 1.6, 2.0):
+        res = fxmerge.merge(a, b, calib(), budget=budget, method="zipit")
+        r = res.report
+        assert r["cost_measured"] == pytest.approx(r["cost_planned"], rel=1e-4)
+        assert r["cost_measured"] <= budget + 1e-6  # the deepest cut that fits
+        costs.append(r["cost_measured"])
+        names = {n for n, _ in res.model.named_modules()}
+        separate = any(n.startswith("side_a.") for n in names) and any(n.startswith("side_b.") for n in names)
+        assert separate == (r["zip_cut"] is not None) == (budget > 1.0)
+    assert costs == sorted(costs) and costs[-1] == pytest.approx(2.0)
+    # at 2x the cut is before the first layer: both models whole, averaged
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(X), (a(X) + b(X)) / 2, rtol=1e-4, atol=1e-5)
