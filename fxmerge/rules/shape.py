@@ -335,7 +335,7 @@ def getitem(ctx, x, idx):
         raise Opaque("indexing a non-tensor value")
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(it, (TL, list)) or tensors_in(it) for it in items):
-        raise Opaque("advanced (tensor) indexing")
+        return _index_by_tensor(ctx, x, items)
     # expand the ellipsis
     n_axes = sum(1 for it in items if it is not None and it is not Ellipsis)
     if Ellipsis in items:
@@ -382,3 +382,39 @@ def getitem(ctx, x, idx):
         elif p[0] == "slice":
             out.append(_slice_axis(sliced, p[1], p[2])[p[1]])
     return ctx.tl(out)
+
+
+def _index_by_tensor(ctx, x: TL, items: list) -> TL:
+    """``x[idx]`` / ``x[:, idx]`` with one integer tensor of positions (a
+    relative position bias table read by an index buffer): the indexed axis
+    is read at fixed positions (pinned), the index's own axes are new
+    positions, every other axis passes through."""
+    index_nodes = ctx.node.args[1] if isinstance(ctx.node.args[1], tuple) else (ctx.node.args[1],)
+    tensors = [(i, it) for i, it in enumerate(items) if isinstance(it, TL)]
+    rest = [it for it in items if not isinstance(it, TL)]
+    if len(tensors) != 1 or any(not (it == slice(None) or it is Ellipsis) for it in rest) or items.count(Ellipsis) > 1:
+        raise Opaque("advanced indexing other than one integer tensor along one axis")
+    pos, index = tensors[0]
+    meta = getattr(index_nodes[pos], "meta", {}).get("fxm_value")
+    if meta is None or meta.dtype in (torch.bool, torch.uint8) or meta.dtype.is_floating_point:
+        raise Opaque("indexing by a mask or a non-integer tensor")
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        items = items[:k] + [slice(None)] * (x.ndim - (len(items) - 1)) + items[k + 1:]
+        pos = next(i for i, it in enumerate(items) if isinstance(it, TL))
+    ctx.pin(x.lays[pos], index)  # which entries are read depends on the positions in the index
+    out = x.lays[:pos] + tuple(Dim(sz, pinned=True) for sz in index.shape) + x.lays[pos + 1:]
+    return ctx.tl(out)
+
+
+@RULES.method("unfold")
+@widening("layout")
+def tensor_unfold(ctx, x, dimension, size, step):
+    """``x.unfold(dim, size, step)``: windows along one (spatial) axis, which
+    is pinned; the window axis is new and pinned; other axes pass through."""
+    d = _norm_axes([dimension], x.ndim)[0]
+    ctx.pin(x.lays[d])
+    out_shape = ctx.out_shape
+    lays = list(x.lays)
+    lays[d] = Dim(out_shape[d], pinned=True)
+    return ctx.tl(lays + [Dim(size, pinned=True)])

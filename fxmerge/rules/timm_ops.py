@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 from .elementwise import broadcast
+from ..ir import Dim
 from .registry import RULES, TL, widening
 
 try:
     from timm.layers import attention as _timm_attention
+    from timm.layers import pos_embed as _timm_pos_embed
 except Exception:  # pragma: no cover - timm missing or without these helpers
-    _timm_attention = None
+    _timm_attention = _timm_pos_embed = None
 
 
-def _fn(name):
-    return getattr(_timm_attention, name, None) if _timm_attention is not None else None
+def _fn(name, module="attention"):
+    mod = _timm_attention if module == "attention" else _timm_pos_embed
+    return getattr(mod, name, None) if mod is not None else None
 
 
 @RULES.function(_fn("maybe_add_mask"))
@@ -30,3 +33,22 @@ def resolve_self_attn_mask(ctx, *args, **kwargs):
     if ctx.out_value is None:
         return None
     return ctx.fresh(pinned=True)
+
+
+@RULES.function(_fn("resample_abs_pos_embed", "pos_embed"))
+@widening("spatial")
+def resample_abs_pos_embed(ctx, posemb, *args, **kwargs):
+    """Position embeddings resized to another grid (dynamic-size ViTs): each
+    channel is interpolated over the token grid on its own; the channels
+    pass through, the tokens are new positions."""
+    out = ctx.out_shape
+    ctx.pin(*posemb.lays[:-1])
+    return ctx.tl(tuple(Dim(s, pinned=True) for s in out[:-1]) + (posemb.lays[-1],))
+
+
+@RULES.function(_fn("resample_abs_pos_embed_nhwc", "pos_embed"))
+@widening("spatial")
+def resample_abs_pos_embed_nhwc(ctx, posemb, *args, **kwargs):
+    out = ctx.out_shape
+    ctx.pin(*posemb.lays[:-1])
+    return ctx.tl(tuple(Dim(s, pinned=True) for s in out[:-1]) + (posemb.lays[-1],))

@@ -1,0 +1,59 @@
+"""Elementwise ops (activations, arithmetic with broadcasting, clamps):
+every axis of the output is the matching axis of the inputs."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rulecheck import check, kinds
+
+X = torch.randn(2, 3, 8, 8)
+
+
+class Activations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 5, 1)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        y = F.silu(self.a(x)) + self.act(self.a(x)).clamp(-1, 1) * torch.tanh(self.a(x)).abs()
+        return self.b(torch.sigmoid(y) - y.neg().exp() / 4).mean((2, 3))
+
+
+class Broadcasting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 5, 1)
+        self.gamma = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.shift = nn.Parameter(torch.randn(1, 6, 1, 1))
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y * self.gamma + self.shift + x.mean(1, keepdim=True)  # a per-position scalar broadcast over channels
+        return self.b(F.relu(y)).mean((2, 3))
+
+
+class ResidualJoin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(4, 6, 1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        return self.head((s + self.b(F.relu(self.a(s)))).mean((2, 3)))
+
+
+def test_activations_keep_channels_permutable():
+    # the sum of full tensors is read as a residual join
+    assert kinds(check(Activations, X)) == {"residual": 1}
+
+
+def test_broadcast_operands_join_the_channel_group():
+    groups = check(Broadcasting, X)
+    members = {m for g in groups.groups for m, _ in g.members}
+    assert {"gamma", "shift"} <= members
+
+
+def test_a_residual_add_ties_both_branches():
+    assert kinds(check(ResidualJoin, X)) == {"residual": 1, "hidden": 1}

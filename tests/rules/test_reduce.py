@@ -1,0 +1,50 @@
+"""Reductions: symmetric ones keep the kept axes (over channels they keep
+them merged when widened); order-dependent ones pin what they scan."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rulecheck import check, kinds
+
+X = torch.randn(2, 3, 8, 8)
+
+
+class SpatialPooling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return self.head(y.mean((2, 3)) + y.amax((2, 3)) + y.std((2, 3)))
+
+
+class ChannelReduction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return self.head((y / (y.norm(dim=1, keepdim=True) + 1)).mean((2, 3)))
+
+
+class Scan(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.b(F.relu(self.a(x)).cumsum(dim=1)).mean((2, 3)))
+
+
+def test_pooling_over_positions_keeps_channels_free():
+    assert kinds(check(SpatialPooling, X)) == {"residual": 1}  # three pooled sums joined
+
+
+def test_a_reduction_over_channels_keeps_them_merged_when_widened():
+    check(ChannelReduction, X, exact_two_x=False)
+
+
+def test_an_order_dependent_scan_pins_its_axis_and_says_so():
+    check(Scan, X, min_groups=1, pinned={"call_method:cumsum"}, exact_two_x=False)

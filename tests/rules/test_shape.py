@@ -1,0 +1,114 @@
+"""Layout ops: reshape, permute, cat, split/chunk, slicing, repeat, expand,
+stack/unbind, integer-tensor indexing, Tensor.unfold."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rulecheck import check, kinds
+
+X = torch.randn(2, 3, 8, 8)
+
+
+class CatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.c, self.d = nn.Conv2d(5, 4, 1), nn.Conv2d(5, 4, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        p, q = y.split([5, 5], dim=1)
+        return self.head(torch.cat([self.c(p), self.d(q)], 1).mean((2, 3)))
+
+
+class ReshapeHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 2, stride=2)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        t = self.a(x).flatten(2).transpose(1, 2)  # (b, n, 12)
+        b, n, c = t.shape
+        u = t.reshape(b, n, 3, 4).permute(0, 2, 1, 3)  # (b, 3, n, 4)
+        return self.head(u.permute(0, 2, 1, 3).reshape(b, n, c).mean(1))
+
+
+class Slices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(10, 5, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        y = torch.cat([y[:, :4], y.narrow(1, 4, 4), y[:, 2:4].repeat(1, 1, 1, 1)], 1)
+        return self.head(self.c(F.relu(y)).mean((2, 3)))
+
+
+class StackUnbind(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        s = torch.stack([self.a(x), self.b(x)], 0)
+        p, q = s.unbind(0)
+        return self.head(F.relu(p + q).mean((2, 3)))
+
+
+class BiasTable(nn.Module):
+    """A relative position bias table read through an index buffer (beit, swin)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.table = nn.Parameter(torch.randn(7, 2) * 0.1)
+        self.register_buffer("index", (torch.arange(16) * 5) % 7)  # the same in every instance, as a real one
+        self.embed, self.head = nn.Conv2d(3, 8, 2, stride=2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)[:, :4]  # 4 tokens
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].reshape(4, 4, 2).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        return self.head((attn @ v).transpose(1, 2).reshape(b, n, c).mean(1))
+
+
+class Windows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        w = F.relu(self.a(x)).unfold(2, 4, 4).unfold(3, 4, 4)  # (b, 6, 2, 2, 4, 4)
+        return self.head(w.mean((2, 3, 4, 5)))
+
+
+def test_cat_and_split_keep_each_part_apart():
+    assert kinds(check(CatSplit, X)).get("concat", 0) >= 2
+
+
+def test_reshape_into_heads_and_back():
+    check(ReshapeHeads, X)
+
+
+def test_slices_and_repeat_of_concatenated_parts():
+    check(Slices, X)
+
+
+def test_stack_and_unbind():
+    check(StackUnbind, X)
+
+
+def test_integer_tensor_indexing_keeps_heads_free():
+    groups = check(BiasTable, X)
+    assert "heads" in kinds(groups)
+    assert any(("table", 1) in g.members for g in groups.groups if g.kind == "heads")
+
+
+def test_tensor_unfold_windows_keep_channels_free():
+    assert kinds(check(Windows, X)) == {"hidden": 1}
