@@ -41,7 +41,7 @@ DEFAULT_BN_STATS = "source"  # PLeaS's, chosen on the validation split (docs/bn-
 BN_STATS_OF = {"pleas": DEFAULT_BN_STATS, "perm": "reset", "zipit": "reset", "rebasin": "reset", "regmean": "reset",
                "avg": "reset", "ensemble": "source"}
 DEFAULT_PLANNER = "pairs"
-DEFAULT_LS_TARGETS = "output"
+DEFAULT_LS_TARGETS = "normalized"  # chosen on the validation split (docs/ls-targets.md)
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
 # a merge warns when more than this share of the conv/linear weights cannot be widened
 PINNED_SHARE_WARNING = 0.5
