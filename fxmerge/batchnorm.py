@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .distributed import all_sum, world_size
+from .distributed import all_sum, sync, world_size
 from .inputs import Inputs
 from .sweep import M, Point
 
@@ -181,6 +181,7 @@ def reset_batch_norm(model: nn.Module, batches: Iterable) -> int:
             m.momentum = mom
             m.train(tr)
     if world_size() > 1:
+        sync()
         total = torch.tensor([float(count)], dtype=torch.float64)
         stats = [t for m in bns for t in (m.running_mean, m.running_var)]
         weighted = [t.double() * count for t in stats]

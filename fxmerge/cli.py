@@ -89,17 +89,25 @@ def cmd_groups(args) -> int:
 
 
 def _calibration(args, size):
+    """This rank's calibration batches (all of them in a single process):
+    batch ``i`` of the whole set goes to rank ``i % world_size``; a folder of
+    images is read only where its batches go."""
     from . import data as fxdata
+    from . import distributed
 
-    if args.data == "digits":
-        x = fxdata.digits(size[-1], split="train").subset(args.calib, seed=args.seed).x
-        if size[0] != 3:
-            x = x[:, :1].repeat(1, size[0], 1, 1)
-    elif args.data == "generic":
-        x = fxdata.generic(args.calib, size[-1], seed=args.seed, channels=size[0])
-    else:
-        x = fxdata.image_folder(args.data, size[-1], limit=args.calib)
-    return [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+    rank, world = distributed.rank(), distributed.world_size()
+    if args.data in ("digits", "generic"):
+        if args.data == "digits":
+            x = fxdata.digits(size[-1], split="train").subset(args.calib, seed=args.seed).x
+            if size[0] != 3:
+                x = x[:, :1].repeat(1, size[0], 1, 1)
+        else:
+            x = fxdata.generic(args.calib, size[-1], seed=args.seed, channels=size[0])
+        batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+        return batches[rank::world]
+    files = fxdata.image_files(args.data, limit=args.calib)
+    groups = [files[i:i + args.batch_size] for i in range(0, len(files), args.batch_size)]
+    return [fxdata.image_folder(args.data, size[-1], files=g) for g in groups[rank::world]]
 
 
 def _check_writable(path: str) -> None:
@@ -115,11 +123,13 @@ def _check_writable(path: str) -> None:
 def cmd_merge(args) -> int:
     import json
 
-    from . import models
+    from . import distributed, models
     from .io import save
     from .engine import merge
 
     _check_writable(args.output)
+    distributed.init_from_env(args.device)  # under torchrun: this rank's part of the group
+    device = distributed.local_device(args.device)
     a = models.load(args.arch, args.a)
     b = models.load(args.arch, args.b)
     size = models.parse_input_size(args.input_size) if args.input_size else models.default_input_size(a)
@@ -128,10 +138,12 @@ def cmd_merge(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FxmergeWarning)
         result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
-                       device=args.device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
+                       device=device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
                        ridge=args.ridge, positions=args.positions, bn_stats=bn_stats, planner=args.planner,
                        max_memory=args.max_memory, frontier_dtype=args.frontier_dtype, strict=args.strict,
-                       progress=not args.quiet)
+                       progress=not args.quiet and distributed.is_main(), shard=False)
+    if not distributed.is_main():
+        return EXIT_OK  # rank 0 writes the model and the report
     for w in caught:
         if issubclass(w.category, FxmergeWarning):
             print(f"fxmerge: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
@@ -286,6 +298,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fxmerge: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if "torch.distributed" in sys.modules:
+            from .distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

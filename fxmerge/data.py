@@ -139,11 +139,8 @@ def generic(n: int, size: int = 32, *, seed: int = 0, channels: int = 3) -> torc
     return out
 
 
-def image_folder(path: str, size: int, *, limit: Optional[int] = None) -> torch.Tensor:
-    """Every image below ``path`` (png, jpg, jpeg, bmp), resized to ``size``
-    and standardised with ImageNet statistics."""
-    from torchvision.io import ImageReadMode, read_image
-
+def image_files(path: str, *, limit: Optional[int] = None) -> list:
+    """The image files below ``path`` (png, jpg, jpeg, bmp), sorted."""
     if not os.path.isdir(path):
         raise InputError(f"data directory '{path}' does not exist: pass 'digits', 'generic' or a folder of images")
     files = []
@@ -155,6 +152,15 @@ def image_folder(path: str, size: int, *, limit: Optional[int] = None) -> torch.
         files = files[:limit]
     if not files:
         raise InputError(f"no images (png, jpg, jpeg, bmp) found under '{path}'")
+    return files
+
+
+def image_folder(path: str, size: int, *, limit: Optional[int] = None, files: Optional[list] = None) -> torch.Tensor:
+    """Every image below ``path`` (or the given ``files``), resized to
+    ``size`` and standardised with ImageNet statistics."""
+    from torchvision.io import ImageReadMode, read_image
+
+    files = image_files(path, limit=limit) if files is None else files
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     out = []

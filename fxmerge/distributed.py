@@ -59,6 +59,12 @@ def init_from_env(device: str = "cpu") -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group (the command line, at its end)."""
+    if available():
+        torch.distributed.destroy_process_group()
+
+
 def local_device(device) -> torch.device:
     """Under torchrun, ``cuda`` means this rank's local GPU."""
     device = torch.device(device)
@@ -134,12 +140,21 @@ def agree(error: Optional[BaseException]) -> None:
     raise (InputError if ours else FxmergeError)(message if ours else f"{name}: {message}")
 
 
+def sync() -> None:
+    """A checkpoint before a collective: if another rank failed since the
+    last one, raise its error here instead of waiting for it forever (a rank
+    that fails calls ``agree(error)``, which meets this call)."""
+    if available():
+        agree(None)
+
+
 def shard(data: Iterable, index: Optional[int] = None, count: Optional[int] = None):
     """This rank's share of the calibration data, split by whole batches:
-    batch ``i`` goes to rank ``i % world_size``. Lists and tuples are sliced;
-    a ``torch.utils.data.DataLoader`` over a map-style dataset is rebuilt
-    with a ``DistributedSampler`` (same batch size, no shuffling); any other
-    iterable is read by every rank, each keeping its own batches."""
+    batch ``i`` goes to rank ``i % world_size`` (so the union of the shards is
+    the single-process data, batch for batch). Lists and tuples are sliced; a
+    sequential ``torch.utils.data.DataLoader`` is rebuilt to load only this
+    rank's batches; any other iterable is read by every rank, each keeping
+    its own batches."""
     index = rank() if index is None else index
     count = world_size() if count is None else count
     if count <= 1:
@@ -148,11 +163,16 @@ def shard(data: Iterable, index: Optional[int] = None, count: Optional[int] = No
         return list(data[index::count])
     from torch.utils.data import DataLoader
 
-    if isinstance(data, DataLoader) and hasattr(data.dataset, "__getitem__") and hasattr(data.dataset, "__len__"):
-        from torch.utils.data import DistributedSampler
+    from torch.utils.data import SequentialSampler
 
-        sampler = DistributedSampler(data.dataset, num_replicas=count, rank=index, shuffle=False, drop_last=False)
-        return DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,
+    if (isinstance(data, DataLoader) and data.batch_size is not None and isinstance(data.sampler, SequentialSampler)
+            and hasattr(data.dataset, "__len__")):
+        # a sequential loader: this rank loads only its own batches
+        n, bs = len(data.dataset), data.batch_size
+        batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        if data.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        return DataLoader(data.dataset, batch_sampler=batches[index::count], num_workers=data.num_workers,
                           collate_fn=data.collate_fn, pin_memory=data.pin_memory)
     return _Strided(data, index, count)
 

@@ -40,7 +40,8 @@ from . import constants as C
 from .analysis import analyze
 from .budget import CostModel, Plan, merged_only_roots, plan_budget
 from .batchnorm import batch_norm_points, reset_batch_norm
-from .errors import BudgetError, BudgetWarning, InputError, MemoryWarning
+from . import distributed as dist
+from .errors import BudgetError, BudgetWarning, FxmergeError, InputError, MemoryWarning
 from .groups import PermutationGroups
 from .inputs import Inputs, as_inputs, calibration_inputs, forward_inputs
 from .lstsq import (LeastSquaresPoint, conv_weight, following_batch_norm, from_conv_weight, layer_systems,
@@ -130,6 +131,7 @@ class MergeState:
     n_images: int
     input_names: list = field(default_factory=list)
     batch_inputs: Optional[Callable] = None
+    images_per_rank: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     pg: Optional[PermutationGroups] = None
     gm_a: Optional[fx.GraphModule] = None
@@ -620,6 +622,8 @@ def _report(st: MergeState) -> dict:
         "params_source": sum(p.numel() for p in st.gm_a.parameters()),
         "params_merged": sum(p.numel() for p in st.merged.parameters()),
         "calibration_inputs": st.n_images,
+        "world_size": len(st.images_per_rank) or 1,
+        "images_per_rank": st.images_per_rank,
         "source_num_classes": int(_output_width(st.pg)),
         "row_block_layers": st.row_block_layers,
         "timings": st.timings,
@@ -722,6 +726,7 @@ def merge(
     planner: str = C.DEFAULT_PLANNER,
     ls_targets: str = C.DEFAULT_LS_TARGETS,
     strict: bool = False,
+    shard: bool = True,
     batch_inputs: Optional[Callable] = None,
     progress: bool = False,
     on_least_squares: Optional[Callable] = None,
@@ -755,7 +760,10 @@ def merge(
     be reached or most weights cannot be permuted the merge warns
     (``BudgetWarning``, ``report["warnings"]``) and goes on at the nearest
     cost; ``strict=True`` raises ``BudgetError`` instead.
-    ``on_least_squares(system, weight, bias)`` is called
+    Under an initialised ``torch.distributed`` process group every rank
+    reads its own shard of ``data`` (``shard=False``: the caller gives each
+    rank its own), statistics are summed across ranks and every rank gets
+    the same merged model. ``on_least_squares(system, weight, bias)`` is called
     with every layer's accumulated system before it is solved. The source
     models are never modified.
     """
@@ -775,23 +783,41 @@ def merge(
     check_finite_state(model_a.state_dict(), "A")
     check_finite_state(model_b.state_dict(), "B")
     data = _as_reiterable(data)
+    if shard and dist.world_size() > 1:
+        data = dist.shard(data)
     names = forward_inputs(model_a)
     batches = lambda: calibration_inputs(data, names, opts.device, batch_inputs)  # noqa: E731
-    n_images = _count_images(batches())
+    error, local = None, 0
+    try:
+        local = _count_images(batches())
+        if local < 1 and dist.world_size() > 1:
+            raise InputError(f"the calibration data has no inputs for rank {dist.rank()} of {dist.world_size()}: "
+                             f"give at least {dist.world_size()} batches")
+    except FxmergeError as e:
+        error = e
+    dist.agree(error)
+    per_rank = dist.gather_objects(local)
+    n_images = sum(per_rank)
     if n_images < 2:
         raise InputError(f"the calibration data has {n_images} input(s): give at least two (a few hundred for least squares)")
     example = _example_from(batches()) if example_inputs is None else as_inputs(example_inputs).to(opts.device)
     st = MergeState(opts, copy.deepcopy(model_a).to(opts.device).eval(), copy.deepcopy(model_b).to(opts.device).eval(),
-                    data, example, n_images, input_names=names, batch_inputs=batch_inputs)
-    for name in METHOD_PASSES[opts.method]:
-        t = time.perf_counter()
-        PASSES[name](st)
-        if name == "widen":
-            check_shapes(st.merged, st.pg, st.widener, st.example_inputs)
-        if name.startswith("plan"):
-            _check_budget(st)
-        phase = PHASES[name]
-        st.timings[phase] = st.timings.get(phase, 0.0) + time.perf_counter() - t
+                    data, example, n_images, input_names=names, batch_inputs=batch_inputs, images_per_rank=per_rank)
+    try:
+        for name in METHOD_PASSES[opts.method]:
+            t = time.perf_counter()
+            PASSES[name](st)
+            if name == "widen":
+                check_shapes(st.merged, st.pg, st.widener, st.example_inputs)
+            if name.startswith("plan"):
+                _check_budget(st)
+            phase = PHASES[name]
+            st.timings[phase] = st.timings.get(phase, 0.0) + time.perf_counter() - t
+    except Exception as e:
+        if dist.world_size() > 1:
+            dist.agree(e)  # every rank ends with the same error
+        raise
+    dist.sync()
     st.merged.eval()
     st.timings["total"] = time.perf_counter() - t_start
     return MergeResult(st.merged, _describe_plan(st), _report(st), st.pg)

@@ -395,9 +395,13 @@ class ActivationCollector:
         return st
 
     def reduce(self) -> None:
-        """Sum every statistic across ranks (before ``similarities``)."""
-        for st in self.stats.values():
-            st.reduce()
+        """Sum every statistic across ranks (before ``similarities``): each
+        rank holds the same sites, so the collectives pair up."""
+        from .distributed import sync
+
+        sync()
+        for key in sorted(self.stats, key=str):
+            self.stats[key].reduce()
 
     def similarities(self) -> dict:
         """Mean correlation matrix per root over all of its sites."""

@@ -306,7 +306,7 @@ class Sweep:
     @torch.no_grad()
     def run(self, batches: Callable[[], Iterable]) -> dict:
         """``batches()`` yields this rank's calibration ``Inputs`` of one pass."""
-        from .distributed import rank, world_size
+        from .distributed import rank, sync, world_size
 
         t0 = time.perf_counter()
         sched = self.schedule
@@ -346,6 +346,7 @@ class Sweep:
                     count += 1
                 if n_batches is None:
                     n_batches = count
+                sync()  # every rank reached the end of the wave
                 for p in points:
                     p.finish()
                 if bar is not None:
