@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -25,9 +26,11 @@ from .inputs import Inputs, as_inputs
 
 
 def _timm_notrace():
+    if "timm" not in sys.modules:  # a model without timm's layers (timm loads slowly)
+        return (), ()
     try:
         from timm.layers import _fx as timm_fx
-    except Exception:  # timm missing or too old: plain tracing
+    except Exception:  # timm too old: plain tracing
         return (), ()
     mods = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
     fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))

@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from ..ir import Dim
 from .registry import RULES, TL, Opaque, tensors_in, widening
 
-try:
-    from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
-except Exception:  # pragma: no cover
-    _tv_stochastic_depth = None
+_tv_stochastic_depth = "torchvision.ops.stochastic_depth.stochastic_depth"  # by name: torchvision loads lazily
 
 UNARY_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,

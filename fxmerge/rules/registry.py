@@ -168,6 +168,9 @@ class RuleRegistry:
         return deco
 
     def function(self, *fns):
+        """Register a rule for functions: objects, or ``"module.qualname"``
+        strings for functions of libraries that need not be imported."""
+
         def deco(fn):
             for f in fns:
                 if f is not None:
@@ -193,9 +196,12 @@ class RuleRegistry:
 
     def for_function(self, fn) -> Optional[Rule]:
         try:
-            return self.functions.get(fn)
+            rule = self.functions.get(fn)
         except TypeError:  # unhashable target
             return None
+        if rule is None:  # registered by qualified name (a library fxmerge does not import)
+            rule = self.functions.get(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}")
+        return rule
 
 
 RULES = RuleRegistry()

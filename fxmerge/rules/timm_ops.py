@@ -5,16 +5,10 @@ from .elementwise import broadcast
 from ..ir import Dim
 from .registry import RULES, TL, widening
 
-try:
-    from timm.layers import attention as _timm_attention
-    from timm.layers import pos_embed as _timm_pos_embed
-except Exception:  # pragma: no cover - timm missing or without these helpers
-    _timm_attention = _timm_pos_embed = None
-
 
 def _fn(name, module="attention"):
-    mod = _timm_attention if module == "attention" else _timm_pos_embed
-    return getattr(mod, name, None) if mod is not None else None
+    """A timm function by qualified name: timm is not imported for this."""
+    return f"timm.layers.{module}.{name}"
 
 
 @RULES.function(_fn("maybe_add_mask"))
