@@ -34,7 +34,7 @@ from fxmerge.data import digit_task, digits, generic, styled  # noqa: E402
 from fxmerge.demo import TASK_A, TASK_B, TRAIN, demo_model, evaluate, train  # noqa: E402
 
 CACHE = os.path.join(ROOT, ".cache", "fxmerge-bench")
-FAMILIES = ("resnet18", "resnet50", "resnetv2", "mobilenetv3", "vit")
+FAMILIES = ("resnet18", "resnet50", "resnetv2", "mobilenetv3", "mbnet", "vit")
 SCENARIOS = ("disjoint", "domain")
 STYLE_A, STYLE_B = "clean", "edges"
 DATA_VERSION = "train/val/test 1006/251/540"  # part of every cache key: the sources never saw val or test
@@ -42,6 +42,44 @@ DATA_VERSION = "train/val/test 1006/251/540"  # part of every cache key: the sou
 
 def log(s: str) -> None:
     print(s, flush=True)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3's block, written with torch.nn: 1x1 expansion, depthwise
+    3x3, squeeze-excitation with a hard-sigmoid gate, 1x1 projection, a
+    residual when the shape allows."""
+
+    def __init__(self, cin: int, hidden: int, cout: int, stride: int):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                nn.BatchNorm2d(hidden), nn.Hardswish())
+        squeeze = max(8, hidden // 4)
+        self.se_reduce, self.se_expand = nn.Conv2d(hidden, squeeze, 1), nn.Conv2d(squeeze, hidden, 1)
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = self.dw(self.expand(x))
+        h = h * torch.nn.functional.hardsigmoid(self.se_expand(torch.relu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
+        y = self.project(h)
+        return x + y if self.residual else y
+
+
+class MBNet(nn.Module):
+    """A MobileNet-style network of fxmerge's own (not timm's): depthwise
+    convolutions, squeeze-excitation, hard-swish, BatchNorm."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        cfg = [(16, 48, 24, 2), (24, 72, 24, 1), (24, 96, 40, 2), (40, 120, 40, 1), (40, 160, 64, 1)]
+        self.blocks = nn.Sequential(*[InvertedResidual(*c) for c in cfg])
+        self.head = nn.Sequential(nn.Conv2d(64, 128, 1, bias=False), nn.BatchNorm2d(128), nn.Hardswish())
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
 
 
 def family_model(name: str, num_classes: int) -> nn.Module:
@@ -65,6 +103,8 @@ def family_model(name: str, num_classes: int) -> nn.Module:
         import timm
 
         return timm.create_model("mobilenetv3_small_050", num_classes=num_classes)
+    if name == "mbnet":
+        return MBNet(num_classes)
     if name == "vit":
         return demo_model("vit", num_classes)
     raise SystemExit(f"unknown family '{name}'")
@@ -73,7 +113,7 @@ def family_model(name: str, num_classes: int) -> nn.Module:
 def train_config(name: str, quick: bool = False) -> dict:
     if name == "vit":
         cfg = dict(TRAIN["vit"])
-    elif name == "mobilenetv3":
+    elif name in ("mobilenetv3", "mbnet"):
         cfg = {"epochs": 30, "lr": 0.05, "batch": 64, "weight_decay": 5e-4}
     else:
         cfg = dict(TRAIN["resnet"])

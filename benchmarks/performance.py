@@ -1,21 +1,22 @@
 """Merge-engine performance, as ratios measured within one run.
 
-1. Least squares: the closed form versus 400 Adam steps on the same Gram
-   statistics, layer by layer (time and final objective). Adam's cost per
-   step is one ``W G`` product, so the comparison runs on the layers with at
-   most ``--adam-max-cols`` input columns (the largest resnet50 layers would
-   take hours of Adam on two cores); the closed form is also timed on all.
-2. Whole merge time over the time of running both source models across the
-   calibration data, for least-squares inputs ``ensemble`` (one pass) and
-   ``merged`` (one pass per wave of layers; on ``--merged-calib`` images).
-3. Peak memory (max RSS of a fresh process) of a merge at two calibration
-   sizes; the images are generated batch by batch, so the data itself never
-   sits in memory.
+1. Whole merge time over the time of running both source models across the
+   same calibration images, for PLeaS with least-squares inputs ``merged``
+   (the default) and ``ensemble``: both run the fitting sweep once over the
+   graph.
+2. Peak memory (max RSS of a fresh process) of a merge without a frontier
+   (``schedule="recompute"``, every wave recomputed from the inputs) and with
+   one under ``--max-memory``, at two calibration sizes; the images are
+   generated batch by batch, so the data itself never sits in memory.
+3. Least squares: the closed form versus 400 Adam steps on the same Gram
+   statistics, layer by layer (time and final objective), on the layers with
+   at most ``--adam-max-cols`` input columns (Adam's cost per step is one
+   ``W G`` product).
 
-Writes docs/performance.md with the command that produced it.
+Writes the report (``--out``) with the command that produced it.
 
-    python benchmarks/performance.py [--arch resnet50] [--size 224] [--calib 512]
-        [--memory-calib 256,2048] [--memory-size 64] [--budget 1.2]
+    python benchmarks/performance.py [--arch resnet50] [--size 224] [--calib 512] [--device cpu]
+        [--memory-calib 256,2048] [--memory-size 64] [--max-memory 2G] [--budget 1.2]
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def least_squares_vs_adam(arch, size, calib, budget, max_cols):
 
     a, b = models(arch)
     fxmerge.merge(a, b, batches(calib, size), budget=budget, method="pleas", ls_inputs="ensemble", ridge=ridge,
-                  on_least_squares=capture)
+                  bn_stats="reset", ls_targets="output", on_least_squares=capture)
     out = {"layers": len(captured), "closed_all_s": 0.0, "subset": 0, "closed_s": 0.0, "adam_s": 0.0,
            "closed_obj": 0.0, "adam_obj": 0.0, "max_cols": max_cols, "largest_cols": 0}
     for sysm, w, bias, ridge, G, C, yy in captured.values():
@@ -173,31 +174,47 @@ def least_squares_vs_adam(arch, size, calib, budget, max_cols):
     return out
 
 
-def merge_vs_forward(arch, size, calib, budget, ls_inputs):
+def merge_vs_forward(arch, size, calib, budget, ls_inputs, device="cpu"):
     import fxmerge
 
-    a, b = models(arch)
-    data = batches(calib, size)
+    a, b = (m.to(device) for m in models(arch))
+    data = [x.to(device) for x in batches(calib, size)]
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     t = time.perf_counter()
     with torch.no_grad():
         for x in data:
             a(x)
             b(x)
+    sync()
     t_fwd = time.perf_counter() - t
     t = time.perf_counter()
-    res = fxmerge.merge(a, b, data, budget=budget, method="pleas", ls_inputs=ls_inputs)
+    res = fxmerge.merge(a, b, data, budget=budget, method="pleas", ls_inputs=ls_inputs, device=device)
+    sync()
     t_merge = time.perf_counter() - t
     return {"calib": calib, "ls_inputs": ls_inputs, "forward_both_s": t_fwd, "merge_s": t_merge,
-            "timings": res.report["timings"], "passes": res.report["least_squares"].get("passes"),
+            "timings": res.report["timings"], "waves": res.report["sweep"].get("waves"),
+            "frontier_peak_mb": res.report["sweep"].get("frontier_peak_bytes", 0) / 2**20,
             "cost_planned": res.report["cost_planned"], "cost_measured": res.report["cost_measured"]}
 
 
-def child_memory(arch, size, calib, budget, ls_inputs):
+def child_memory(arch, size, calib, budget, schedule, max_memory):
     import fxmerge
 
     a, b = models(arch)
-    fxmerge.merge(a, b, GeneratedBatches(calib, size), budget=budget, method="pleas", ls_inputs=ls_inputs)
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    res = fxmerge.merge(a, b, GeneratedBatches(calib, size), budget=budget, method="pleas", schedule=schedule,
+                        max_memory=max_memory or None)
+    sweep = res.report["sweep"]
+    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "frontier_peak_mb": sweep.get("frontier_peak_bytes", 0) / 2**20,
+                      "frontier_memory_mb": sweep.get("frontier_peak_memory_bytes", 0) / 2**20,
+                      "spilled_mb": sweep.get("frontier_spilled_bytes", 0) / 2**20}))
+
+
+def memory_run(args, schedule, n, max_memory):
+    out = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--memory-size", str(args.memory_size),
+                          "--budget", str(args.budget), "--child-memory", str(n), "--child-schedule", schedule,
+                          "--child-max-memory", max_memory or ""], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -205,86 +222,110 @@ def main():
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--calib", type=int, default=512)
-    p.add_argument("--merged-calib", type=int, default=64, help="images for the merge with merged least-squares inputs")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--ls-calib", type=int, default=64)
     p.add_argument("--adam-max-cols", type=int, default=320, help="Adam runs on the layers with at most this many "
-                   "input columns (its cost per step is rows x columns^2)")
+                   "input columns (its cost per step is rows x columns^2); 0 skips the comparison")
     p.add_argument("--memory-calib", default="256,2048")
     p.add_argument("--memory-size", type=int, default=64)
-    p.add_argument("--memory-ls-inputs", default="ensemble")
+    p.add_argument("--max-memory", default="2G", help="the frontier's cap in the memory runs")
     p.add_argument("--budget", type=float, default=1.2)
     p.add_argument("--child-memory", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child-schedule", default="frontier", help=argparse.SUPPRESS)
+    p.add_argument("--child-max-memory", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "performance.md"))
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.child_memory:
-        child_memory(args.arch, args.memory_size, args.child_memory, args.budget, args.memory_ls_inputs)
+        child_memory(args.arch, args.memory_size, args.child_memory, args.budget, args.child_schedule,
+                     args.child_max_memory)
         return
     # every option spelled out, so the command reproduces the run whatever the defaults become
     cmd = "python benchmarks/performance.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("child_memory", "out"))
-    ls = least_squares_vs_adam(args.arch, args.size, args.ls_calib, args.budget, args.adam_max_cols)
-    print("least squares:", ls, flush=True)
-    mfs = []
-    for ls_inputs, n in (("ensemble", args.calib), ("merged", args.merged_calib)):
-        if n:
-            mfs.append(merge_vs_forward(args.arch, args.size, n, args.budget, ls_inputs))
-            print("merge vs forward:", mfs[-1], flush=True)
-    mem = {}
-    for n in [int(v) for v in args.memory_calib.split(",")]:
-        out = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--memory-size", str(args.memory_size),
-                              "--budget", str(args.budget), "--memory-ls-inputs", args.memory_ls_inputs,
-                              "--child-memory", str(n)], capture_output=True, text=True, check=True)
-        mem[n] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
-        print("memory", n, mem[n], flush=True)
-    sizes = sorted(mem)
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if not k.startswith("child") and k != "out")
     import fxmerge
+
+    ls = least_squares_vs_adam(args.arch, args.size, args.ls_calib, args.budget, args.adam_max_cols) \
+        if args.adam_max_cols else None
+    if ls:
+        print("least squares:", ls, flush=True)
+    mfs = {}
+    for ls_inputs in ("merged", "ensemble"):
+        mfs[ls_inputs] = merge_vs_forward(args.arch, args.size, args.calib, args.budget, ls_inputs, args.device)
+        print("merge vs forward:", mfs[ls_inputs], flush=True)
+    sizes = [int(v) for v in args.memory_calib.split(",")] if args.memory_calib else []
+    mem = {}
+    if sizes:
+        mem[("recompute", sizes[0])] = memory_run(args, "recompute", sizes[0], None)
+        print("memory recompute", sizes[0], mem[("recompute", sizes[0])], flush=True)
+        for n in sizes:
+            mem[("frontier", n)] = memory_run(args, "frontier", n, args.max_memory)
+            print("memory frontier", n, mem[("frontier", n)], flush=True)
     lines = [
-        "# Merge-engine performance",
+        f"# Merge-engine performance: {args.arch}",
         "",
         f"Produced by `{cmd}` (fxmerge {fxmerge.__version__}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}). "
+        f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, device {args.device}). "
         "Random-init source models (seeds 0 and 1, 10 classes), generic calibration images, budget "
-        f"{args.budget}x. Every figure below is a ratio within this run.",
+        f"{args.budget}x, every other option at its default. Every figure below is a ratio within this run.",
         "",
-        f"## Least squares: closed form vs 400 Adam steps ({args.arch}, {args.ls_calib} images at {args.size}x{args.size})",
+        f"## Whole merge vs running both models ({args.size}x{args.size}, {args.calib} images)",
         "",
-        f"The statistics of one merge ({ls['layers']} layers; the largest system has {ls['largest_cols']} columns). "
-        f"Adam minimises the same ridge objective over the same row blocks; it runs on the {ls['subset']} layers "
-        f"with at most {ls['max_cols']} columns, where 400 steps finish in minutes.",
+        "The fitting sweep walks the graph once, wave by wave, keeping the values later waves read (the frontier); "
+        "`merged` least-squares inputs fit each layer on the merged model's own inputs, `ensemble` on the permuted "
+        "ensemble's (teacher forcing).",
         "",
-        "| solver | layers | time (s) | objective (data + ridge) |",
-        "|---|---|---|---|",
-        f"| closed form | {ls['subset']} | {ls['closed_s']:.2f} | {ls['closed_obj']:.6g} |",
-        f"| Adam, 400 steps | {ls['subset']} | {ls['adam_s']:.2f} | {ls['adam_obj']:.6g} |",
-        f"| closed form | all {ls['layers']} | {ls['closed_all_s']:.2f} | |",
-        "",
-        f"Speed-up on the same layers: **{ls['adam_s'] / ls['closed_s']:.0f}x**; objective ratio closed/Adam: "
-        f"**{ls['closed_obj'] / ls['adam_obj']:.4f}** (below 1: the closed form is lower).",
-        "",
-        f"## Whole merge vs running both models ({args.arch}, {args.size}x{args.size})",
-        "",
-        "| least-squares inputs | images | data passes for least squares | both models (s) | PLeaS merge (s) | ratio |",
+        "| least-squares inputs | sweep waves | frontier peak (MB) | both models (s) | PLeaS merge (s) | merge / both |",
         "|---|---|---|---|---|---|",
-    ] + [f"| {m['ls_inputs']} | {m['calib']} | {m['passes']} | {m['forward_both_s']:.1f} | {m['merge_s']:.1f} | "
-         f"**{m['merge_s'] / m['forward_both_s']:.2f}x** |" for m in mfs] + [""] + [
-        f"Phases with `{m['ls_inputs']}` inputs (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings"].items())
-        + f". Cost planned {m['cost_planned']:.4f}x, measured on the emitted graph {m['cost_measured']:.4f}x."
-        for m in mfs] + [
+    ] + [f"| {m['ls_inputs']} | {m['waves']} | {m['frontier_peak_mb']:.0f} | {m['forward_both_s']:.1f} | "
+         f"{m['merge_s']:.1f} | **{m['merge_s'] / m['forward_both_s']:.2f}x** |" for m in mfs.values()] + [
         "",
-        f"## Peak memory vs calibration size ({args.arch}, {args.memory_size}x{args.memory_size}, "
-        f"`{args.memory_ls_inputs}` inputs)",
+        f"`merged` / `ensemble` merge time: **{mfs['merged']['merge_s'] / mfs['ensemble']['merge_s']:.2f}x**.",
         "",
-        "| calibration images | max RSS (MB) |",
-        "|---|---|",
-    ] + [f"| {n} | {mem[n]:.0f} |" for n in sizes] + [
-        "",
-        f"Growth from {sizes[0]} to {sizes[-1]} images: **{100 * (mem[sizes[-1]] / mem[sizes[0]] - 1):.1f}%**.",
-        "",
-    ]
+    ] + [f"Phases with `{m['ls_inputs']}` inputs (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings"].items())
+         + f". Cost planned {m['cost_planned']:.4f}x, measured on the emitted graph {m['cost_measured']:.4f}x."
+         for m in mfs.values()]
+    if mem:
+        rec = mem[("recompute", sizes[0])]
+        lines += [
+            "",
+            f"## Peak memory ({args.memory_size}x{args.memory_size} images, fresh processes)",
+            "",
+            f"`recompute`: no frontier, every wave recomputed from the inputs; `frontier` with `--max-memory "
+            f"{args.max_memory}` (the frontier and the statistics; beyond it the frontier spills to disk).",
+            "",
+            "| schedule | images | max RSS (MB) | frontier peak (MB) | in memory (MB) | spilled (MB) |",
+            "|---|---|---|---|---|---|",
+            f"| recompute | {sizes[0]} | {rec['maxrss_mb']:.0f} | 0 | 0 | 0 |",
+        ] + [f"| frontier | {n} | {mem[('frontier', n)]['maxrss_mb']:.0f} | {mem[('frontier', n)]['frontier_peak_mb']:.0f} | "
+             f"{mem[('frontier', n)]['frontier_memory_mb']:.0f} | {mem[('frontier', n)]['spilled_mb']:.0f} |"
+             for n in sizes] + [
+            "",
+            f"Frontier over recompute at {sizes[0]} images: **{mem[('frontier', sizes[0])]['maxrss_mb'] - rec['maxrss_mb']:+.0f} MB**; "
+            f"growth of the frontier run's peak from {sizes[0]} to {sizes[-1]} images: "
+            f"**{100 * (mem[('frontier', sizes[-1])]['maxrss_mb'] / mem[('frontier', sizes[0])]['maxrss_mb'] - 1):.1f}%**.",
+        ]
+    if ls:
+        lines += [
+            "",
+            f"## Least squares: closed form vs 400 Adam steps ({args.ls_calib} images at {args.size}x{args.size})",
+            "",
+            f"The statistics of one merge ({ls['layers']} layers; the largest system has {ls['largest_cols']} columns). "
+            f"Adam minimises the same ridge objective over the same row blocks; it runs on the {ls['subset']} layers "
+            f"with at most {ls['max_cols']} columns.",
+            "",
+            "| solver | layers | time (s) | objective (data + ridge) |",
+            "|---|---|---|---|",
+            f"| closed form | {ls['subset']} | {ls['closed_s']:.2f} | {ls['closed_obj']:.6g} |",
+            f"| Adam, 400 steps | {ls['subset']} | {ls['adam_s']:.2f} | {ls['adam_obj']:.6g} |",
+            f"| closed form | all {ls['layers']} | {ls['closed_all_s']:.2f} | |",
+            "",
+            f"Speed-up on the same layers: **{ls['adam_s'] / max(ls['closed_s'], 1e-9):.0f}x**; objective ratio "
+            f"closed/Adam: **{ls['closed_obj'] / ls['adam_obj']:.4f}** (below 1: the closed form is lower).",
+        ]
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + "\n")
     os.replace(tmp, args.out)
     print("\n".join(lines))
 

@@ -336,7 +336,7 @@ def reach(model: CostModel) -> dict:
 
 
 def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | None = None, chunks: int = 32,
-                score: str = "pairs") -> Plan:
+                score: str = "pairs", first: set = frozenset()) -> Plan:
     """Choose ``k`` per root so the model costs ``budget`` x model A.
 
     ``sims[uid]`` holds the similarity of every matched pair (per A unit);
@@ -344,7 +344,8 @@ def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | No
     ``score``: what un-merging a pair repairs: ``"pairs"`` counts its
     disagreement ``1 - similarity`` once, ``"reach"`` once per layer that
     reads the root (``reach``), so wide-reaching roots (residual streams)
-    are un-merged earlier.
+    are un-merged earlier; ``"residual"`` un-merges the roots in ``first``
+    (the residual streams) before any other.
     """
     if not 1.0 <= budget <= 2.0:
         raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
@@ -360,6 +361,8 @@ def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | No
     k_max[free] = 0
     lo, hi = model.cost(k), model.cost(k_max)
     weight = reach(model) if score == "reach" else {}
+    if score == "residual":
+        weight = {u: 1e6 for u in first}
     # order of un-merging inside each root: least similar pairs first
     order = {}
     for i in free:

@@ -25,9 +25,9 @@ LS_TARGETS = ("output", "normalized")
 # BatchNorm statistics of the merged model: re-estimated inside the least-squares sweep on
 # the merged model's own activations, reset once after fitting, or the sources' own
 BN_STATS = ("sweep", "reset", "source")
-# what the budget planner counts when it un-merges a pair: its disagreement once, or once per
-# layer that reads its root
-PLANNER_SCORES = ("pairs", "reach")
+# what the budget planner counts when it un-merges a pair: its disagreement once, once per
+# layer that reads its root, or the residual streams before anything else
+PLANNER_SCORES = ("pairs", "reach", "residual")
 # storage of the least-squares frontier between sweep steps
 FRONTIER_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -117,6 +117,7 @@ class MergeOptions:
     planner: str = C.DEFAULT_PLANNER
     strict: bool = False
     ls_targets: str = C.DEFAULT_LS_TARGETS
+    zip_heads: str = "align"
 
 
 @dataclass
@@ -248,8 +249,9 @@ def cost_model_of(st: MergeState) -> CostModel:
 def pass_plan(st: MergeState) -> None:
     """Partial merging: how many pairs of every root merge, for the budget."""
     cost_model = cost_model_of(st)
+    residual = {r.uid for g in st.pg.all_groups if g.kind == "residual" for r in g.roots}
     st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=_fixed_roots(st, cost_model),
-                          score=st.opts.planner)
+                          score=st.opts.planner, first=residual)
 
 
 def pass_plan_full(st: MergeState) -> None:
@@ -266,8 +268,9 @@ def pass_plan_zip(st: MergeState) -> None:
     the planned widths are all merged but each model's own outputs; the cut
     of partial zipping chosen for the budget."""
     outputs = st.output_roots
-    st.match = align_products(st.pg, st.zip_sims, st.zip_keys, outputs)
-    pass_align(st)
+    if st.opts.zip_heads == "align":
+        st.match = align_products(st.pg, st.zip_sims, st.zip_keys, outputs)
+        pass_align(st)
     zipped = zipped_atoms(st.zip_sims, st.zip_keys, outputs)
     st.projector = ZipProjector(zipped, set())
     pass_plan_full(st)
@@ -727,6 +730,7 @@ def merge(
     ls_targets: str = C.DEFAULT_LS_TARGETS,
     strict: bool = False,
     shard: bool = True,
+    zip_heads: str = "align",
     batch_inputs: Optional[Callable] = None,
     progress: bool = False,
     on_least_squares: Optional[Callable] = None,
@@ -756,11 +760,15 @@ def merge(
     frontier spills to a temporary directory (``spill_dir``), stored as
     ``frontier_dtype``. ``planner``: what the budget planner counts when it
     un-merges a pair (``"pairs"``: its disagreement; ``"reach"``: its
-    disagreement times the layers reading its root). When the budget cannot
+    disagreement times the layers reading its root; ``"residual"``: the
+    residual streams first). When the budget cannot
     be reached or most weights cannot be permuted the merge warns
     (``BudgetWarning``, ``report["warnings"]``) and goes on at the nearest
     cost; ``strict=True`` raises ``BudgetError`` instead.
-    Under an initialised ``torch.distributed`` process group every rank
+    ``zip_heads="average"`` (ZipIt! only) averages heads and convolution
+    groups index by index instead of aligning them first: ZipIt!'s paper has
+    no notion of them (kept for comparison). Under an initialised
+    ``torch.distributed`` process group every rank
     reads its own shard of ``data`` (``shard=False``: the caller gives each
     rank its own), statistics are summed across ranks and every rank gets
     the same merged model. ``on_least_squares(system, weight, bias)`` is called
@@ -779,6 +787,9 @@ def merge(
     if ls_targets not in C.LS_TARGETS:
         raise InputError(f"ls_targets must be one of {', '.join(C.LS_TARGETS)}, got '{ls_targets}'")
     opts.ls_targets = ls_targets
+    if zip_heads not in ("align", "average"):
+        raise InputError(f"zip_heads must be 'align' or 'average', got '{zip_heads}'")
+    opts.zip_heads = zip_heads
     check_same_architecture(model_a, model_b)
     check_finite_state(model_a.state_dict(), "A")
     check_finite_state(model_b.state_dict(), "B")
