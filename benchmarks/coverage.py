@@ -1,16 +1,30 @@
-"""Coverage of the analysis over the timm zoo and torchvision classifiers.
+"""Coverage of the analysis and of merging over the timm zoo and the
+torchvision classifiers.
 
 For the smallest model of every timm family (fewest parameters among its
-registered names, counted on the meta device) and a fixed torchvision list:
-traced?, groups, share of conv/linear weights in a permutable group, pinned op
-kinds, verified sound?, analysis time. Writes docs/coverage.md.
+registered names, counted on the meta device) and a fixed torchvision list,
+random initialisation, eval mode:
 
-    python benchmarks/coverage.py [--families resnet,vision_transformer] [--out docs/coverage.md]
+* analysis: traced?, groups, share of conv/linear weights in a permutable
+  group, pinned op kinds, every group verified sound (float64);
+* export: the groups' JSON, applied by the reference applier
+  (``fxmerge.apply``) with random permutations, leaves the output unchanged;
+* merging (``--merge``): a permuted copy merged back at 1.0x with PLeaS is
+  the same function; two random inits merged at 1.5x give a finite model
+  whose measured cost equals the planned one; at 2.0x the ensemble (or the
+  budget is reported out of reach); the largest reachable cost.
+
+Writes docs/coverage.md and docs/coverage-models.json (the models and input
+sizes, which tests/test_export.py reads).
+
+    python benchmarks/coverage.py [--families resnet,vision_transformer] [--merge] [--out docs/coverage.md]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import json
 import os
 import platform
 import signal
@@ -18,17 +32,21 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxmerge  # noqa: E402
 from fxmerge import models  # noqa: E402
+from fxmerge.apply import apply_permutations  # noqa: E402
+from fxmerge.tracing import without_fast_path  # noqa: E402
 
 warnings.filterwarnings("ignore")
 TORCHVISION = ["resnet18", "resnet50", "vit_b_16", "convnext_tiny", "mobilenet_v3_small",
                "efficientnet_b0", "regnet_y_400mf", "swin_t"]
 MAX_SIDE = 448  # larger default inputs are rebuilt at 224 where the model allows it
 MAX_PARAMS = 200e6  # larger models do not fit a float64 verification on this machine
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Timeout(Exception):
@@ -59,23 +77,103 @@ def smallest_model(module: str):
     return best
 
 
-def run_one(label, build, timeout):
-    row = {"family": label[0], "model": label[1], "traced": False, "groups": 0, "covered": 0.0,
-           "pinned": "", "verified": None, "unsound": 0, "time": 0.0, "error": ""}
+def build_model(source: str, name: str, **kw):
+    import timm
+    import torchvision
+
+    if source == "torchvision":
+        return torchvision.models.get_model(name, weights=None, **kw)
+    return timm.create_model(name, pretrained=False, **kw)
+
+
+def prepare(source: str, name: str) -> tuple:
+    """The model (seed 0) and its input size, rebuilt at 224 where its
+    default input is too large for this machine."""
+    torch.manual_seed(0)
+    model = build_model(source, name).eval()
+    size = models.default_input_size(model)
+    kw = {}
+    if max(size[1:]) > MAX_SIDE:
+        try:
+            kw = {"img_size": 224}
+            model = build_model(source, name, **kw).eval()
+            size = (size[0], 224, 224)
+        except Exception:
+            raise Skip(f"default input {list(size)} is too large for this machine")
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params > MAX_PARAMS:
+        raise Skip(f"{n_params / 1e6:.0f}M parameters: too large for this machine")
+    return model, tuple(size), kw
+
+
+def applier_keeps_function(model, x, groups) -> float:
+    """Relative output change after applying random permutations from the
+    exported JSON with the reference applier (float64)."""
+    base = copy.deepcopy(model).double().eval()
+    state = base.state_dict()
+    permuted = apply_permutations(state, json.loads(groups.to_json()), seed=7)
+    other = copy.deepcopy(base)
+    other.load_state_dict(permuted)
+    xd = x.double()
+    with torch.no_grad(), without_fast_path():
+        y0, y1 = base(xd), other(xd)
+    y0 = y0[0] if isinstance(y0, (tuple, list)) else y0
+    y1 = y1[0] if isinstance(y1, (tuple, list)) else y1
+    return float((y0 - y1).abs().max() / (y0.abs().max() + 1e-12))
+
+
+def merge_checks(source, name, kw, model, size, groups) -> dict:
+    """The merge columns (see the module docstring)."""
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, *size, generator=g) for _ in range(2)]
+    x = torch.randn(2, *size, generator=g)
+    opts = dict(positions=16, max_memory="4G")
+    # a permuted copy, merged back at 1x
+    sampler = groups.sampler(np.random.default_rng(3))
+    state = model.state_dict()
+    state.update(groups.permute_state(state, sampler))
+    b = copy.deepcopy(model)
+    b.load_state_dict(state)
+    res = fxmerge.merge(model, b, data, budget=1.0, method="pleas", **opts)
+    with torch.no_grad(), without_fast_path():
+        y, want = res.model(x), model(x)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    want = want[0] if isinstance(want, (tuple, list)) else want
+    out["self"] = float((y - want).abs().max() / (want.abs().max() + 1e-12))
+    # two inits at 1.5x and 2x
+    torch.manual_seed(1)
+    other = build_model(source, name, **kw).eval()
+    res = fxmerge.merge(model, other, data, budget=1.5, method="pleas", **opts)
+    with torch.no_grad(), without_fast_path():
+        y = res.model(x)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    r = res.report
+    out["finite"] = bool(torch.isfinite(y).all())
+    out["cost_15"] = r["cost_measured"]
+    out["planned_15"] = r["cost_planned"]
+    out["reachable"] = r["cost_feasible"][1]
+    res = fxmerge.merge(model, other, data, budget=2.0, method="perm", bn_stats="source", **opts)
+    with torch.no_grad(), without_fast_path():
+        y, ya, yb = res.model(x), model(x), other(x)
+    pick = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    y, ya, yb = pick(y), pick(ya), pick(yb)
+    want = (ya + yb) / 2
+    out["two_x"] = float((y - want).abs().max() / (want.abs().max() + 1e-12))
+    out["two_x_reachable"] = r["cost_feasible"][1] >= 2.0 - 1e-6
+    out["blocked"] = "; ".join(k["reason"] for k in res.report["kept_merged"][:2])
+    return out
+
+
+def run_one(source, family, name, timeout, merge):
+    row = {"family": family, "model": name, "source": source, "traced": False, "groups": 0, "covered": 0.0,
+           "pinned": "", "verified": None, "unsound": 0, "applier": None, "time": 0.0, "error": "", "size": None,
+           "kw": {}}
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)
     try:
-        model = build().eval()
-        size = models.default_input_size(model)
-        if max(size[1:]) > MAX_SIDE:
-            try:
-                model = build(img_size=224).eval()
-                size = (size[0], 224, 224)
-            except Exception:
-                raise Skip(f"default input {list(size)} is too large for this machine")
-        n_params = sum(p.numel() for p in model.parameters())
-        if n_params > MAX_PARAMS:
-            raise Skip(f"{n_params / 1e6:.0f}M parameters: too large for this machine")
+        model, size, kw = prepare(source, name)
+        row["size"], row["kw"] = list(size), kw
         x = torch.randn(1, *size)
         t0 = time.perf_counter()
         groups = fxmerge.analyze(model, x)
@@ -87,6 +185,9 @@ def run_one(label, build, timeout):
         report = fxmerge.verify(model, x, groups)
         row["verified"] = report.ok
         row["unsound"] = len(report.failing)
+        row["applier"] = applier_keeps_function(model, x, groups)
+        if merge:
+            row.update(merge_checks(source, name, kw, model, size, groups))
     except Timeout:
         row["error"] = f"timeout after {timeout}s"
     except Skip as e:
@@ -101,46 +202,60 @@ def run_one(label, build, timeout):
     return row
 
 
+def merges_ok(r) -> bool:
+    """The merge properties: the self-merge is the same function, the 1.5x
+    merge is finite and costs what was planned, 2x is the ensemble where it
+    is reachable."""
+    if "self" not in r:
+        return False
+    ok = r["self"] < 1e-2 and r["finite"] and abs(r["cost_15"] - r["planned_15"]) <= 1e-3 * r["planned_15"]
+    return ok and (not r["two_x_reachable"] or r["two_x"] < 1e-3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", help="comma-separated timm module names (default: all)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "coverage.md"))
-    ap.add_argument("--timeout", type=int, default=240)
+    ap.add_argument("--out", default=os.path.join(HERE, "..", "docs", "coverage.md"))
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--merge", action="store_true", help="also merge (a few minutes per model)")
     ap.add_argument("--no-torchvision", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     import timm
-    import torchvision
 
     families = args.families.split(",") if args.families else sorted(timm.list_modules())
     rows = []
+    t_start = time.perf_counter()
     for fam in families:
         best = smallest_model(fam)
         if best is None:
-            rows.append({"family": fam, "model": "-", "traced": False, "groups": 0, "covered": 0.0, "pinned": "",
-                         "verified": None, "unsound": 0, "time": 0.0, "error": "no model builds"})
+            rows.append({"family": fam, "model": "-", "source": "timm", "traced": False, "groups": 0, "covered": 0.0,
+                         "pinned": "", "verified": None, "unsound": 0, "applier": None, "time": 0.0,
+                         "error": "no model builds"})
             continue
-        name = best[0]
-        row = run_one((fam, name), lambda **kw: timm.create_model(name, pretrained=False, **kw), args.timeout)
+        row = run_one("timm", fam, best[0], args.timeout, args.merge)
         gc.collect()
         rows.append(row)
         print(_line(row), flush=True)
     tv_rows = []
     if not args.no_torchvision:
         for name in TORCHVISION:
-            row = run_one(("torchvision", name), lambda **kw: torchvision.models.get_model(name, weights=None, **kw),
-                          args.timeout)
+            row = run_one("torchvision", "torchvision", name, args.timeout, args.merge)
             tv_rows.append(row)
             print(_line(row), flush=True)
-    write_report(args, rows, tv_rows)
+    write_report(args, rows, tv_rows, (time.perf_counter() - t_start) / 60)
 
 
 def _line(r):
     v = {True: "sound", False: f"UNSOUND({r['unsound']})", None: "-"}[r["verified"]]
-    return f"{r['family']:24s} {r['model']:40s} groups={r['groups']:4d} cov={r['covered']:.2f} {v} {r['time']:.2f}s {r['error']}"
+    m = f" merge={'ok' if merges_ok(r) else 'FAIL'} self={r['self']:.1e} 1.5x={r['cost_15']:.3f}/{r['planned_15']:.3f} " \
+        f"2x={r['two_x']:.1e} max={r['reachable']:.2f}" if "self" in r else ""
+    applier = "-" if r["applier"] is None else f"{r['applier']:.1e}"
+    return (f"{r['family']:24s} {r['model']:40s} groups={r['groups']:4d} cov={r['covered']:.2f} {v} "
+            f"applier={applier} {r['time']:.2f}s{m} {r['error']}")
 
 
-def write_report(args, rows, tv_rows):
+def write_report(args, rows, tv_rows, minutes):
     import timm
     import torchvision
 
@@ -150,22 +265,23 @@ def write_report(args, rows, tv_rows):
     traced = [r for r in rows if r["traced"]]
     good = [r for r in rows_run if r["verified"] and r["covered"] >= 0.5]
     unsound = [r for r in all_rows if r["verified"] is False]
+    applied = [r for r in all_rows if r["applier"] is not None]
+    applier_ok = [r for r in applied if r["applier"] < 1e-6]
+    cmd = "python benchmarks/coverage.py" + (f" --families {args.families}" if args.families else "") + \
+        (" --merge" if args.merge else "")
     lines = [
-        "# Analysis coverage over the model zoo",
+        "# Coverage over the model zoo",
         "",
-        "Produced by:",
+        f"Produced by `{cmd}` in {minutes:.0f} minutes; torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, timm {timm.__version__}, fxmerge {fxmerge.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} CPU threads; random initialisation, eval mode, each "
+        "model's default input size (rebuilt at 224 when larger than 448).",
         "",
-        "```",
-        "python benchmarks/coverage.py" + (f" --families {args.families}" if args.families else ""),
-        "```",
-        "",
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-        f"python {platform.python_version()}, {os.cpu_count()} CPU threads; random initialisation, eval mode, batch 1 "
-        "at each model's default input size.",
-        "",
-        "For every timm family (module) the model with the fewest parameters; `covered` is the share of conv/linear "
-        "weight elements with at least one axis in a permutable group; `verified` permutes every group at once "
-        "(float64) and checks the output is unchanged; `time` is trace + check + analysis.",
+        "For every timm family (module) the model with the fewest parameters. `covered`: the share of conv/linear "
+        "weight elements with at least one axis in a permutable group; `verified`: every group permuted at once "
+        "(float64), output unchanged; `applier`: the relative output change after the exported groups' JSON is "
+        "applied by the reference applier `fxmerge.apply` with random permutations (float64); `time`: trace, "
+        "check and analysis.",
         "",
         "## Summary",
         "",
@@ -173,30 +289,75 @@ def write_report(args, rows, tv_rows):
         f"- every group verified and >= 50% of conv/linear parameters covered: {len(good)} of {len(rows_run)} "
         f"families run ({100 * len(good) / max(len(rows_run), 1):.0f}%)",
         f"- models with an unsound group: {len(unsound)}" + (" (" + ", ".join(r['model'] for r in unsound) + ")" if unsound else ""),
+        f"- the exported groups applied without fxmerge leave the function unchanged: {len(applier_ok)} of "
+        f"{len(applied)} models",
         f"- torchvision: {sum(1 for r in tv_rows if r['verified'])} of {len(tv_rows)} verified",
-        "",
-        "Lowest coverage among traced families: " + ", ".join(
-            f"{r['family']} ({r['covered']:.2f})" for r in sorted(traced, key=lambda r: r["covered"])[:8]),
-        "",
-        "## timm",
-        "",
     ]
-    lines += _table(rows)
-    lines += ["", "## torchvision", ""]
-    lines += _table(tv_rows)
+    if args.merge:
+        traced_rows = [r for r in rows if r["traced"]]
+        merged = [r for r in traced_rows if merges_ok(r)]
+        tv_merged = [r for r in tv_rows if merges_ok(r)]
+        short = [r for r in traced_rows + tv_rows if "reachable" in r and r["reachable"] < 1.999]
+        lines += [
+            f"- merging (8 generic images at the model's input size, 16 positions per image): "
+            f"{len(merged)} of {len(traced_rows)} traced timm families "
+            f"({100 * len(merged) / max(len(traced_rows), 1):.0f}%) and {len(tv_merged)} of {len(tv_rows)} torchvision "
+            "models pass every merge check: a permuted copy merged back at 1x with PLeaS is the same function "
+            "(relative change < 1e-2: least squares from 8 images), two inits at 1.5x give a finite model whose "
+            "measured cost equals the plan, 2x is the ensemble (relative change < 1e-3) where reachable",
+            f"- models whose largest reachable cost is below 2x (an op keeps channels merged or pinned, named in "
+            f"the table): {len(short)}",
+        ]
+    lines += ["", "Lowest coverage among traced families: " + ", ".join(
+        f"{r['family']} ({r['covered']:.2f})" for r in sorted(traced, key=lambda r: r["covered"])[:8]), ""]
+    if args.merge:
+        failed = [r for r in traced_rows + tv_rows if not merges_ok(r)]
+        if failed:
+            lines += ["## Merge shortfalls", ""] + [f"- {r['family']} / {r['model']}: {_why(r)}" for r in failed] + [""]
+    lines += ["## timm", ""] + _table(rows, args.merge) + ["", "## torchvision", ""] + _table(tv_rows, args.merge)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
+    with open(os.path.join(os.path.dirname(args.out), "coverage-models.json"), "w") as f:
+        json.dump([{"source": r["source"], "family": r["family"], "model": r["model"], "size": r["size"],
+                    "kw": r["kw"]} for r in all_rows if r["traced"]], f, indent=1)
     print(f"wrote {args.out}")
 
 
-def _table(rows):
-    out = ["| family | model | traced | groups | covered | verified | time (s) | pinned op kinds / error |",
-           "|---|---|---|---|---|---|---|---|"]
+def _why(r) -> str:
+    if "self" not in r:
+        return r["error"] or "not merged"
+    parts = []
+    if r["self"] >= 1e-2:
+        parts.append(f"self-merge changes the output by {r['self']:.1e}")
+    if not r["finite"]:
+        parts.append("non-finite outputs at 1.5x")
+    if abs(r["cost_15"] - r["planned_15"]) > 1e-3 * r["planned_15"]:
+        parts.append(f"1.5x measured {r['cost_15']:.3f}x, planned {r['planned_15']:.3f}x")
+    if r["two_x_reachable"] and r["two_x"] >= 1e-3:
+        parts.append(f"2x differs from the ensemble by {r['two_x']:.1e}")
+    return "; ".join(parts)
+
+
+def _table(rows, merge):
+    head = "| family | model | traced | groups | covered | verified | applier | time (s) |"
+    sep = "|---|---|---|---|---|---|---|---|"
+    if merge:
+        head += " self-merge | 1.5x measured / planned | 2x vs ensemble | max cost |"
+        sep += "---|---|---|---|"
+    out = [head + " pinned op kinds / error |", sep + "---|"]
     for r in rows:
         v = {True: "yes", False: f"NO ({r['unsound']} groups)", None: "-"}[r["verified"]]
         note = r["error"] or r["pinned"] or ""
-        out.append(f"| {r['family']} | {r['model']} | {'yes' if r['traced'] else 'no'} | {r['groups']} | "
-                   f"{r['covered']:.2f} | {v} | {r['time']:.2f} | {note.replace('|', '/')} |")
+        app = "-" if r["applier"] is None else f"{r['applier']:.0e}"
+        cells = (f"| {r['family']} | {r['model']} | {'yes' if r['traced'] else 'no'} | {r['groups']} | "
+                 f"{r['covered']:.2f} | {v} | {app} | {r['time']:.2f} |")
+        if merge:
+            if "self" in r:
+                two = f"{r['two_x']:.0e}" if r["two_x_reachable"] else f"out of reach ({r['blocked'][:60]})"
+                cells += f" {r['self']:.0e} | {r['cost_15']:.3f} / {r['planned_15']:.3f} | {two} | {r['reachable']:.2f} |"
+            else:
+                cells += " - | - | - | - |"
+        out.append(cells + f" {note.replace('|', '/')} |")
     return out
 
 
