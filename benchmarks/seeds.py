@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -26,35 +25,19 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import suite  # noqa: E402  (the suite's models, recipes and evaluation)
-from suite import ROOT, STYLE_A, STYLE_B  # noqa: E402
+import common  # noqa: E402  (the suite's models, recipes and evaluation)
+from common import ROOT  # noqa: E402
 
 import fxmerge  # noqa: E402
-from fxmerge.data import digits, styled  # noqa: E402
-from fxmerge.demo import evaluate  # noqa: E402
 
 BUDGETS = (1.0, 1.2, 1.5)
 METHODS = ("pleas", "zipit")
 
 
-def headline(scenario: str):
-    """The suite's headline metric: joint accuracy over all 10 digits for
-    disjoint label spaces, mean accuracy over the two styles for the shift."""
-    te = digits(split="test")
-    if scenario == "disjoint":
-        return lambda m: evaluate(m, te)["joint"]
-    tests = [styled(te, s) for s in (STYLE_A, STYLE_B)]
-    return lambda m: float(np.mean([suite.accuracy(m, t) for t in tests]))
-
-
 def run(name: str, scenario: str, seed: int, calib: int, log) -> dict:
-    a, b = suite.source_pair(name, scenario, seed, False, log)
-    tr = digits(split="train")
-    if scenario == "disjoint":
-        data, labels = suite.calibration("digits", calib, tr), "disjoint"
-    else:
-        data, labels = suite.calibration("digits", calib, suite.mixed_styles(tr)), "shared"
-    score = headline(scenario)
+    a, b = common.source_pair(name, scenario, seed)
+    data, labels = common.calibration(scenario, calib), common.labels_of(scenario)
+    score = lambda m: common.headline(m, scenario, "test")  # noqa: E731
     out = {("ensemble", 2.0): score(fxmerge.merge(a, b, data, budget=2.0, method="ensemble", labels=labels).model)}
     for method in METHODS:
         for budget in BUDGETS:
@@ -72,8 +55,7 @@ def _ms(v) -> str:
 def report(results: dict, seeds: list, calib: int, argv, minutes: float) -> list:
     cmd = "python benchmarks/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Seed spread", "",
-             f"Produced by `{cmd.strip()}` in {minutes:.1f} minutes on {platform.machine()} ({os.cpu_count()} CPU "
-             f"threads); {suite.environment()}.", "",
+             f"Produced by `{cmd.strip()}` in {minutes:.1f} minutes; {common.environment()}.", "",
              f"The suite's scenarios ([benchmarks.md](benchmarks.md)) repeated over {len(seeds)} seed pairs "
              f"(A from seed s, B from seed s+1, s in {', '.join(map(str, seeds))}); {calib} calibration images. "
              "For resnet18 with disjoint labels the suite uses the demo's pair, trained alike but cached apart, so "

@@ -33,7 +33,6 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-import numpy as np
 
 _ids = itertools.count()
 

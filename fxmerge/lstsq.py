@@ -400,12 +400,12 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
     if g == 1:
         ncol = W0.shape[-1]
         k_taps = (ncol - (bias is not None)) // sysm.w_in.size
-        for cols, rows in row_blocks(sysm.w_out, sysm.w_in):
+        for cols, out_rows in row_blocks(sysm.w_out, sysm.w_in):
             full = (cols[:, None] * k_taps + np.arange(k_taps)[None, :]).reshape(-1)
             if bias is not None:
                 full = np.concatenate([full, [ncol - 1]])
             S = torch.as_tensor(full)
-            R = torch.as_tensor(rows)
+            R = torch.as_tensor(out_rows)
             Gs = take_square(sysm.gram[0], full)
             Cs = sysm.cross[0][S][:, R]
             W0s = W0[0][R][:, S]

@@ -36,7 +36,7 @@ from scipy.linalg import block_diag
 
 from .ir import Concat, Dep, Product, find
 from .lstsq import gram_upper, symmetric
-from .matching import ActivationCollector, correlation_from_moments, occurrences
+from .matching import ActivationCollector, correlation_from_moments
 from .rules.registry import tensors_in
 from .tracing import TensorInfo
 
