@@ -260,6 +260,19 @@ def frozen_roots(pg) -> set:
     return frozen
 
 
+def normalized_roots(pg) -> set:
+    """Roots of the features a LayerNorm/RMSNorm normalises (a transformer's
+    residual stream)."""
+    from .rewrite import normalized_layouts
+
+    nodes = {n.name: n for n in pg.gm.graph.nodes}
+    out: set = set()
+    for name, norm in pg.normalizations.items():
+        for lay in normalized_layouts(pg, nodes[name], norm):
+            roots_within(lay, out)
+    return out
+
+
 def merged_only_roots(pg, norm_policy: str) -> dict:
     """Roots that must stay fully merged, each with the reason: blocks that
     cannot move (a grouped op over a concatenation), features a

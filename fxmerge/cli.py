@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP + " (same as --bn-stats source)")
     m.add_argument("--planner", default=C.DEFAULT_PLANNER, choices=C.PLANNER_SCORES,
                    help="what the budget planner counts when it un-merges a pair: its disagreement (pairs), that "
-                   "times the layers reading its group (reach), or residual streams first (residual) "
-                   f"(default {C.DEFAULT_PLANNER})")
+                   "times the layers reading its group (reach), residual streams first (residual), or residual "
+                   f"streams first where a LayerNorm normalises them (auto) (default {C.DEFAULT_PLANNER})")
     m.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory for the fitting sweep's frontier and statistics, such as 2G or 512M; beyond it the "
                    f"frontier spills to a temporary directory (default {C.DEFAULT_MEMORY_SHARE:.0%} of the memory "

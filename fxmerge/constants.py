@@ -26,8 +26,9 @@ LS_TARGETS = ("output", "normalized")
 # the merged model's own activations, reset once after fitting, or the sources' own
 BN_STATS = ("sweep", "reset", "source")
 # what the budget planner counts when it un-merges a pair: its disagreement once, once per
-# layer that reads its root, or the residual streams before anything else
-PLANNER_SCORES = ("pairs", "reach", "residual")
+# layer that reads its root, or the residual streams before anything else; "auto": residual
+# streams first where a LayerNorm normalises them (transformers), disagreement elsewhere
+PLANNER_SCORES = ("auto", "pairs", "reach", "residual")
 # storage of the least-squares frontier between sweep steps
 FRONTIER_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,7 +41,7 @@ DEFAULT_BN_STATS = "source"  # PLeaS's, chosen on the validation split (docs/bn-
 # the baselines recompute BatchNorm statistics after merging, as their papers do (REPAIR's reset)
 BN_STATS_OF = {"pleas": DEFAULT_BN_STATS, "perm": "reset", "zipit": "reset", "rebasin": "reset", "regmean": "reset",
                "avg": "reset", "ensemble": "source"}
-DEFAULT_PLANNER = "pairs"
+DEFAULT_PLANNER = "auto"  # chosen on the validation split (docs/planner.md)
 DEFAULT_LS_TARGETS = "normalized"  # chosen on the validation split (docs/ls-targets.md)
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
 # a merge warns when more than this share of the conv/linear weights cannot be widened

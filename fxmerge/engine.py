@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from . import constants as C
 from .analysis import analyze
-from .budget import CostModel, Plan, merged_only_roots, plan_budget
+from .budget import CostModel, Plan, merged_only_roots, normalized_roots, plan_budget
 from .batchnorm import batch_norm_points, reset_batch_norm
 from . import distributed as dist
 from .errors import BudgetError, BudgetWarning, FxmergeError, InputError, MemoryWarning
@@ -250,8 +250,13 @@ def pass_plan(st: MergeState) -> None:
     """Partial merging: how many pairs of every root merge, for the budget."""
     cost_model = cost_model_of(st)
     residual = {r.uid for g in st.pg.all_groups if g.kind == "residual" for r in g.roots}
+    score = st.opts.planner
+    if score == "auto":  # residual streams first where a LayerNorm normalises them (transformers)
+        normalized = normalized_roots(st.pg)
+        residual &= normalized
+        score = "residual" if residual else "pairs"
     st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=_fixed_roots(st, cost_model),
-                          score=st.opts.planner, first=residual)
+                          score=score, first=residual)
 
 
 def pass_plan_full(st: MergeState) -> None:
@@ -761,7 +766,8 @@ def merge(
     ``frontier_dtype``. ``planner``: what the budget planner counts when it
     un-merges a pair (``"pairs"``: its disagreement; ``"reach"``: its
     disagreement times the layers reading its root; ``"residual"``: the
-    residual streams first). When the budget cannot
+    residual streams first; ``"auto"``: residual streams first where a
+    LayerNorm normalises them, disagreement elsewhere). When the budget cannot
     be reached or most weights cannot be permuted the merge warns
     (``BudgetWarning``, ``report["warnings"]``) and goes on at the nearest
     cost; ``strict=True`` raises ``BudgetError`` instead.
