@@ -22,6 +22,7 @@ import torch
 from .errors import FxmergeError, InputError
 
 DEFAULT_TIMEOUT_S = 600.0  # collectives wait at most this long (FXMERGE_DIST_TIMEOUT overrides)
+BYTES_REDUCED = 0  # bytes this process has summed across ranks (benchmarks/scaling.py reads it)
 
 
 def available() -> bool:
@@ -80,11 +81,13 @@ def _collective_device(t: torch.Tensor) -> torch.device:
 
 def all_sum(*tensors: Optional[torch.Tensor]) -> None:
     """Sum tensors across ranks, in place (None entries are skipped)."""
+    global BYTES_REDUCED
     if not available():
         return
     for t in tensors:
         if t is None:
             continue
+        BYTES_REDUCED += t.numel() * t.element_size()
         dev = _collective_device(t)
         buf = t if t.device == dev else t.to(dev)
         torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)

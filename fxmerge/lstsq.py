@@ -404,8 +404,8 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
             full = (cols[:, None] * k_taps + np.arange(k_taps)[None, :]).reshape(-1)
             if bias is not None:
                 full = np.concatenate([full, [ncol - 1]])
-            S = torch.as_tensor(full)
-            R = torch.as_tensor(out_rows)
+            S = torch.as_tensor(full, device=W.device)
+            R = torch.as_tensor(out_rows, device=W.device)
             Gs = take_square(sysm.gram[0], full)
             Cs = sysm.cross[0][S][:, R]
             W0s = W0[0][R][:, S]

@@ -563,7 +563,7 @@ def weight_matching(pg, state_a: dict, state_b: dict, *, iters: int = 30, seed: 
                 p = torch.as_tensor(pos)
                 fa = wa.index_select(axis, p).movedim(axis, 0).reshape(len(pos), -1)
                 fb = wb.index_select(axis, p).movedim(axis, 0).reshape(len(pos), -1)
-                sim += (fa @ fb.T).numpy()
+                sim += (fa @ fb.T).cpu().numpy()
             sub = solve({uid: sim}, {uid: r})
             new = dict(saved)
             new.update(sub.perms)

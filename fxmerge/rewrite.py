@@ -83,6 +83,7 @@ class WidenGraph:
                     replace_module(gm, mod_name, new)
         self._rewrite_constants(gm)
         self._split_normalizations(gm)
+        gm.to(model_device(pg.gm))  # modules the rewrite made (split norms) join the model's device
         gm.recompile()
         self._specialize_computed_sizes(gm)
         return gm
@@ -439,5 +440,13 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
         new = PartialConv(mod, in_index, out_index) if conv else PartialLinear(mod, in_index, out_index)
         replace_module(gm, node.target, new)
         count += 1
+    gm.to(model_device(gm))  # the row blocks' index buffers join the model's device
     gm.recompile()
     return count
+
+
+def model_device(module: nn.Module) -> torch.device:
+    """Where a model's parameters (or buffers) live."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")

@@ -436,7 +436,9 @@ def emit_partial_zip(zipped_gm: torch.fx.GraphModule, gm_a: torch.fx.GraphModule
     combined = _combine(graph, sides[0], sides[1], labels)
     graph.output(combined)
     gm = torch.fx.GraphModule(root, graph, type(zipped_gm).__name__)
-    return gm
+    from .rewrite import model_device
+
+    return gm.to(model_device(zipped_gm))
 
 
 def _copy_attr_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
