@@ -641,7 +641,7 @@ def _report(st: MergeState) -> dict:
         "bn_stats": o.bn_stats if "batch_norm" in METHOD_PASSES[o.method] else "source",
         "pinned_ops": [p.kind for p in st.pg.pinned] + list(st.pg.rule_pins),
         "norm_policy": o.norm_policy,
-        **({"zip_cut": st.zip_cut_node} if o.method == "zipit" else {}),
+        **({"zip_cut": st.zip_cut_node, "zip_cut_position": st.zip_cut} if o.method == "zipit" else {}),
     }
 
 

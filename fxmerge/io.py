@@ -89,8 +89,18 @@ def load(path: str, model: Optional[nn.Module] = None, *, device="cpu"):
     state = pg.gm.state_dict()
     gm = WidenGraph(pg, widener).run(state, state)
     split_contractions(gm, pg, widener)
+    report = json.loads(payload["report"])
+    cut = report.get("zip_cut_position")
+    if cut is not None and cut < len(pg.gm.graph.nodes):
+        # ZipIt!'s partial zipping: both models after the cut; their weights
+        # and the unzip indices come with the state dict
+        from .permute import PermutationSampler
+        from .zipit import emit_partial_zip
+
+        gm = emit_partial_zip(gm, pg.gm, pg.gm, pg, cut, {}, PermutationSampler(np.random.default_rng(0), set()),
+                              payload["labels"])
     try:
         gm.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
         raise InputError(f"'{path}' does not fit the rebuilt architecture: {str(e).splitlines()[0]}") from None
-    return gm.to(device).eval(), json.loads(payload["plan"]), json.loads(payload["report"])
+    return gm.to(device).eval(), json.loads(payload["plan"]), report

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy.linalg import block_diag
 
-from .ir import Concat, Dep, Product, find
+from .ir import Concat, Dep, Product, find, is_pinned
 from .lstsq import gram_upper, symmetric
 from .matching import ActivationCollector, correlation_from_moments
 from .rules.registry import tensors_in
@@ -411,9 +411,9 @@ def emit_partial_zip(zipped_gm: torch.fx.GraphModule, gm_a: torch.fx.GraphModule
             value = env[v.name]
             if len(tls) == 1 and isinstance(v.meta.get("fxm_value"), TensorInfo):
                 for axis, lay in enumerate(tls[0].lays):
+                    if is_pinned(lay):
+                        continue  # (every other axis gets a gather, identity or not: fxmerge.load rebuilds it)
                     idx = unzip_index(lay, zipped, align, side)
-                    if np.array_equal(idx, np.arange(len(idx))):
-                        continue
                     name = f"zip_unzip.{v.name}_{prefix}_{axis}"
                     _copy_attr_tensor(root, name, torch.as_tensor(idx, dtype=torch.long))
                     index = graph.get_attr(name)

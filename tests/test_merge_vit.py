@@ -221,3 +221,14 @@ def test_zipit_partial_zipping_cuts_the_graph_and_keeps_everything_after_it_sepa
     # at 2x the cut is before the first layer: both models whole, averaged
     with torch.no_grad():
         torch.testing.assert_close(res.model(X), (a(X) + b(X)) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_a_partially_zipped_model_saves_and_loads(tmp_path):
+    a, b = vit("cls-token", 5), vit("cls-token", 6)
+    res = fxmerge.merge(a, b, calib(), budget=1.3, method="zipit")
+    assert res.report["zip_cut"] is not None
+    fxmerge.save(res, str(tmp_path / "z.pt"))
+    gm, _, report = fxmerge.load(str(tmp_path / "z.pt"), model=a)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), res.model(X))
+    assert report["zip_cut"] == res.report["zip_cut"]
