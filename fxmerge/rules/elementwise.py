@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ir import Dim
+from ..ir import Dep, Dim
 from .registry import RULES, TL, Opaque, tensors_in, widening
 
 _tv_stochastic_depth = "torchvision.ops.stochastic_depth.stochastic_depth"  # by name: torchvision loads lazily
@@ -17,14 +17,15 @@ UNARY_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish,
     nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU, nn.FeatureAlphaDropout,
 )
 
 UNARY_FUNCTIONS = [
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardsigmoid, F.hardswish, F.hardtanh,
     F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.softsign, F.logsigmoid,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_,
+    F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_, F.hardshrink, F.softshrink, F.threshold, F.rrelu,
+    F.feature_alpha_dropout,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
     torch.abs, torch.neg, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip,
     torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round,
@@ -146,3 +147,33 @@ def along_axis(ctx, x, *args, **kwargs):
     dim = _along_axis_dim(ctx, x, args, kwargs)
     ctx.mixing(x.lays[dim % x.ndim])
     return ctx.like(x)
+
+
+@RULES.module(nn.PReLU)
+@widening("elementwise")
+def prelu(ctx, x, *args, **kwargs):
+    """A learned slope per channel (axis 1), or one shared by all."""
+    w = ctx.param("weight")
+    if w is not None and w.shape[0] > 1:
+        ctx.unify(w.lays[0], x.lays[1])
+    return ctx.like(x)
+
+
+@RULES.module(nn.GLU)
+@RULES.function(F.glu)
+@widening("elementwise")
+def glu(ctx, x, *args, **kwargs):
+    """``a * sigmoid(b)`` for the two halves of ``dim``: the halves permute
+    alike and the output is one half."""
+    dim = ctx.module.dim if ctx.module is not None else kwargs.get("dim", args[0] if args else -1)
+    d = dim % x.ndim
+    half = x.shape[d] // 2
+    from ..ir import split_dim
+
+    a, b = split_dim(x.lays[d], [half]) if not isinstance(x.lays[d], Dep) else (None, None)
+    if a is None:
+        raise Opaque("GLU over a dependent axis")
+    ctx.unify(a, b)
+    lays = list(x.lays)
+    lays[d] = a
+    return ctx.tl(lays)

@@ -6,6 +6,7 @@ scans (cumsum, argmax, sort, ...) pin the axis they scan."""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from ..ir import Dim
 from .registry import RULES, TL, Opaque, widening
@@ -115,3 +116,30 @@ def _same_rank(x: TL, shape) -> tuple:
     if len(shape) == x.ndim:
         return tuple(l if s == xs else Dim(s, pinned=True) for l, s, xs in zip(x.lays, shape, x.shape))
     raise Opaque("order-dependent op changed the rank")
+
+
+@RULES.module(nn.CosineSimilarity, nn.PairwiseDistance)
+@RULES.function(torch.nn.functional.cosine_similarity, torch.nn.functional.pairwise_distance)
+@widening("mixes")
+def similarity(ctx, x1, x2, *args, **kwargs):
+    """A similarity of two tensors reduced over ``dim`` (both operands'
+    features permute alike; the reduced axis is combined)."""
+    m = ctx.module
+    dim = m.dim if isinstance(m, nn.CosineSimilarity) else (-1 if m is not None else kwargs.get("dim", args[0] if args else 1))
+    if ctx.node.target is torch.nn.functional.pairwise_distance:
+        dim = -1
+    keep = kwargs.get("keepdim", getattr(m, "keepdim", False))
+    from .elementwise import broadcast_layouts
+
+    lays = broadcast_layouts(ctx, [x1, x2], tuple(max(a, b) for a, b in zip(x1.shape, x2.shape)))
+    shape = tuple(max(a, b) for a, b in zip(x1.shape, x2.shape))
+    return _reduce(ctx, TL(lays, shape), dim, keep)
+
+
+@RULES.module(nn.LocalResponseNorm, nn.CrossMapLRN2d)
+@widening("pins")
+def local_response_norm(ctx, x, *args, **kwargs):
+    """Normalised over a window of neighbouring channels: the channel order
+    matters (pinned)."""
+    ctx.pin_axis(x.lays[1], "normalises over neighbouring channels")
+    return ctx.like(x)

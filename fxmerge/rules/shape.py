@@ -418,3 +418,59 @@ def tensor_unfold(ctx, x, dimension, size, step):
     lays = list(x.lays)
     lays[d] = Dim(out_shape[d], pinned=True)
     return ctx.tl(lays + [Dim(size, pinned=True)])
+
+
+@RULES.module(nn.Embedding)
+@RULES.function(torch.nn.functional.embedding)
+@widening("layout")
+def embedding(ctx, input, *args, **kwargs):
+    """Rows of a table read by index: the indices are positions (pinned),
+    the table's feature axis becomes the output's last axis."""
+    weight = ctx.param("weight") if ctx.module is not None else (args[0] if args else kwargs["weight"])
+    ctx.pin(input, weight.lays[0])
+    return ctx.tl(tuple(Dim(s, pinned=True) for s in input.shape) + (weight.lays[1],))
+
+
+def _through_reshapes(ctx, x: TL, steps: list) -> TL:
+    """Layouts through a chain of reshapes and axis permutations (the way
+    the pixel/channel shuffles are defined)."""
+    for kind, arg in steps:
+        if kind == "reshape":
+            x = TL(reshape_layouts(x, arg), arg)
+        else:
+            x = TL(tuple(x.lays[i] for i in arg), tuple(x.shape[i] for i in arg))
+    return ctx.tl(x.lays)
+
+
+@RULES.module(nn.PixelShuffle)
+@RULES.function(torch.nn.functional.pixel_shuffle)
+@widening("layout")
+def pixel_shuffle(ctx, x, *args, **kwargs):
+    r = ctx.module.upscale_factor if ctx.module is not None else (args[0] if args else kwargs["upscale_factor"])
+    *lead, c, h, w = x.shape
+    steps = [("reshape", (*lead, c // (r * r), r, r, h, w)), ("perm", tuple(range(len(lead))) + tuple(
+        len(lead) + i for i in (0, 3, 1, 4, 2))), ("reshape", (*lead, c // (r * r), h * r, w * r))]
+    return _through_reshapes(ctx, x, steps)
+
+
+@RULES.module(nn.PixelUnshuffle)
+@RULES.function(torch.nn.functional.pixel_unshuffle)
+@widening("layout")
+def pixel_unshuffle(ctx, x, *args, **kwargs):
+    r = ctx.module.downscale_factor if ctx.module is not None else (args[0] if args else kwargs["downscale_factor"])
+    *lead, c, h, w = x.shape
+    steps = [("reshape", (*lead, c, h // r, r, w // r, r)), ("perm", tuple(range(len(lead))) + tuple(
+        len(lead) + i for i in (0, 2, 4, 1, 3))), ("reshape", (*lead, c * r * r, h // r, w // r))]
+    return _through_reshapes(ctx, x, steps)
+
+
+@RULES.module(nn.ChannelShuffle)
+@RULES.function(torch.nn.functional.channel_shuffle, getattr(torch, "channel_shuffle", None))
+@widening("layout")
+def channel_shuffle(ctx, x, *args, **kwargs):
+    g = ctx.module.groups if ctx.module is not None else (args[0] if args else kwargs["groups"])
+    b, c, *rest = x.shape
+    n = len(rest)
+    steps = [("reshape", (b, g, c // g, *rest)), ("perm", (0, 2, 1) + tuple(3 + i for i in range(n))),
+             ("reshape", (b, c, *rest))]
+    return _through_reshapes(ctx, x, steps)
