@@ -109,9 +109,11 @@ def layout_size(lay: Layout) -> int:
 
 
 def pin(lay: Layout) -> None:
-    """Pin a layout: every dim reachable from it becomes the identity."""
+    """Pin a layout: every dim reachable from it becomes the identity. An
+    axis that depends on a key (a pixel shuffle's spatial axis reads a
+    different channel block per output channel) is fixed by fixing each of
+    its entries: the key may still permute, carrying its entries along."""
     if isinstance(lay, Dep):
-        pin(lay.key)
         for t in lay.table:
             pin(t)
         return

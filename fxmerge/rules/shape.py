@@ -466,11 +466,15 @@ def pixel_unshuffle(ctx, x, *args, **kwargs):
 
 @RULES.module(nn.ChannelShuffle)
 @RULES.function(torch.nn.functional.channel_shuffle, getattr(torch, "channel_shuffle", None))
-@widening("layout")
+@widening("mixes")
 def channel_shuffle(ctx, x, *args, **kwargs):
     g = ctx.module.groups if ctx.module is not None else (args[0] if args else kwargs["groups"])
     b, c, *rest = x.shape
     n = len(rest)
-    steps = [("reshape", (b, g, c // g, *rest)), ("perm", (0, 2, 1) + tuple(3 + i for i in range(n))),
-             ("reshape", (b, c, *rest))]
-    return _through_reshapes(ctx, x, steps)
+    split = TL(reshape_layouts(x, (b, g, c // g, *rest)), (b, g, c // g, *rest))
+    # the rewrite keeps the module's ``groups`` constant and has no widened
+    # layout for an interleaving of two free axes: the channels permute
+    # (blocks and within blocks) but stay merged
+    ctx.mixing(split.lays[1], split.lays[2])
+    steps = [("perm", (0, 2, 1) + tuple(3 + i for i in range(n))), ("reshape", (b, c, *rest))]
+    return _through_reshapes(ctx, split, steps)

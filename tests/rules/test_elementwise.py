@@ -57,3 +57,21 @@ def test_broadcast_operands_join_the_channel_group():
 
 def test_a_residual_add_ties_both_branches():
     assert kinds(check(ResidualJoin, X)) == {"residual": 1, "hidden": 1}
+
+
+class PReLUGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.prelu = nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8)
+        self.b, self.glu = nn.Conv2d(8, 12, 1), nn.GLU(dim=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.glu(self.b(self.prelu(self.a(x)))).mean((2, 3)))
+
+
+def test_prelu_slopes_follow_their_channels_and_glu_halves_share_one_order():
+    groups = check(PReLUGLU, X)
+    assert any(("prelu.weight", 0) in g.members for g in groups.groups)
+    # b's two output halves permute alike: one group covers both
+    assert any(sum(1 for m in g.slices if m.param == "b.weight" and m.axis == 0) == 2 for g in groups.groups)

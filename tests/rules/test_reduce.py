@@ -48,3 +48,31 @@ def test_a_reduction_over_channels_keeps_them_merged_when_widened():
 
 def test_an_order_dependent_scan_pins_its_axis_and_says_so():
     check(Scan, X, min_groups=1, pinned={"call_method:cumsum"}, exact_two_x=False)
+
+
+class LRN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.lrn, self.b, self.head = nn.Conv2d(3, 6, 1), nn.LocalResponseNorm(3), nn.Conv2d(6, 6, 1), \
+            nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.b(self.lrn(F.relu(self.a(x)))).mean((2, 3)))
+
+
+class Cosine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.sim = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 1), nn.CosineSimilarity(dim=1)
+        self.head = nn.Linear(1, 4)
+
+    def forward(self, x):
+        return self.head(self.sim(F.relu(self.a(x)), F.relu(self.b(x))).mean((1, 2))[:, None])
+
+
+def test_local_response_norm_pins_its_channel_order():
+    check(LRN, X, pinned={"call_module:nn.LocalResponseNorm"}, exact_two_x=False)
+
+
+def test_cosine_similarity_keeps_the_compared_features_merged():
+    check(Cosine, X, exact_two_x=False)

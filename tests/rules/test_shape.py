@@ -112,3 +112,55 @@ def test_integer_tensor_indexing_keeps_heads_free():
 
 def test_tensor_unfold_windows_keep_channels_free():
     assert kinds(check(Windows, X)) == {"hidden": 1}
+
+
+class Shuffles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.shuffle = nn.Conv2d(3, 16, 3, padding=1), nn.PixelShuffle(2)
+        self.b = nn.Conv2d(4, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.b(self.shuffle(F.relu(self.a(x)))).mean((2, 3)))
+
+
+class ChannelShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.shuffle, self.b = nn.Conv2d(3, 8, 1), nn.ChannelShuffle(2), nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.b(self.shuffle(F.relu(self.a(x)))).mean((2, 3)))
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(F.relu(self.emb(ids)).mean(1))
+
+
+def test_pixel_shuffle_moves_blocks_of_channels_into_space():
+    groups = check(Shuffles, X)
+    assert any(("a.weight", 0) in g.members for g in groups.groups)
+
+
+def test_channel_shuffle_permutes_blocks_but_stays_merged():
+    groups = check(ChannelShuffleNet, X, exact_two_x=False)
+    assert kinds(groups) == {"blocks": 2, "hidden": 1}
+
+
+def test_an_embedding_table_feeds_its_feature_axis():
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    import fxmerge
+
+    groups = fxmerge.analyze(model, ids)
+    assert any(("emb.weight", 1) in g.members and ("fc.weight", 1) in g.members for g in groups.groups)
+    assert fxmerge.verify(model, ids, groups).ok
