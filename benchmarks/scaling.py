@@ -140,7 +140,7 @@ def main(argv=None) -> int:
              "(FXMERGE_DIST_TIMEOUT seconds, default 600) instead of hanging.", "",
              f"All-reduced by the PLeaS merge of this run: **{ranks[0]['reduced_bytes'] / 2**20:.0f} MB** per rank "
              "(statistics in float64; their size depends on the model's widths, not on the number of images). "
-             f"Peak memory per rank: {', '.join(f'{r['maxrss_mb']:.0f} MB' for r in ranks)} (one process: "
+             f"Peak memory per rank: {', '.join('%.0f MB' % r['maxrss_mb'] for r in ranks)} (one process: "
              f"{single2['maxrss_mb']:.0f} MB).", "",
              "## Measured on this machine", "",
              f"The suite's resnet18 pair, {args.calib} calibration images, images per rank "
