@@ -178,3 +178,12 @@ def test_an_unreachable_budget_is_one_warning_line_and_exit_2_under_strict(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fxmerge: error: budget 1.80x is out of reach")
     assert not strict.exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["groups", "--help"], ["merge", "--help"], ["demo", "--help"],
+                                  ["--version"]])
+def test_help_and_version_print_and_exit_0(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip()
