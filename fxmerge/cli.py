@@ -175,7 +175,7 @@ def cmd_demo(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     rows = run_demo(args.arch, budgets=budgets, device=args.device, calib=args.calib, data=args.data,
-                    runs=runs, norm_policy=args.norm_policy, reset_bn=not args.keep_bn_stats, log=print,
+                    runs=runs, norm_policy=args.norm_policy, bn_stats="source" if args.keep_bn_stats else None, log=print,
                     progress=False)
     print()
     print(format_table(rows))

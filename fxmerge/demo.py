@@ -170,7 +170,7 @@ def default_runs(budgets: Sequence[float], methods: Sequence[str] = METHODS) -> 
 
 
 def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS, device="cpu", calib: int = 512,
-             data: str = "digits", runs: Optional[list] = None, norm_policy: str = "split", reset_bn: bool = True,
+             data: str = "digits", runs: Optional[list] = None, norm_policy: str = "split", bn_stats: Optional[str] = None,
              log=print, progress: bool = False) -> list:
     from .engine import merge
 
@@ -185,7 +185,7 @@ def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS
     for method, budget in runs or default_runs(budgets):
         t = time.perf_counter()
         res = merge(a, b, batches, budget=budget, method=method, labels="disjoint", device=device,
-                    norm_policy=norm_policy, reset_bn=reset_bn, progress=progress)
+                    norm_policy=norm_policy, bn_stats=bn_stats, progress=progress)
         seconds = time.perf_counter() - t
         r = evaluate(res.model, test, device=device)
         rows.append({"method": method, "budget": budget, **r, "cost": res.report["cost_measured"],
