@@ -3,25 +3,29 @@
 ``merge`` checks its inputs, builds a ``MergeState`` and runs the passes that
 ``METHOD_PASSES`` lists for the method, each a function of the state:
 
-    analyze        trace + ChannelAnalysis               -> PermutationGroups
-    match          A and B in lockstep (or weights)      -> Matching
-    zip_match      pooled statistics (ZipIt!)            -> pairs within and across models
-    align          permute B's weights                   -> B opposite A
-    plan           CostModel + plan_budget               -> Plan: merged pairs per root
-    plan_full      every root merged (1x)                -> Plan
-    plan_zip       ZipIt!'s partial zipping cut          -> Plan
-    widen          WidenGraph                            -> widened GraphModule, W0
-    zip_weights    ZipIt!'s merge/unmerge matrices       -> zipped weights
-    least_squares  layer-wise least squares              -> new W per layer
-    regmean        RegMean's stacked least squares       -> new W per layer
-    row_blocks     split_contractions                    -> no structural zeros computed
-    batch_norm     BatchNorm statistics of the merged model
+    analyze      trace + ChannelAnalysis                  -> PermutationGroups
+    match        A and B in lockstep (or weights)         -> Matching
+    zip_match    pooled statistics (ZipIt!)               -> pairs within and across models
+    align        permute B's weights                      -> B opposite A
+    plan         CostModel + plan_budget                  -> Plan: merged pairs per root
+    plan_full    every root merged (1x)                   -> Plan
+    plan_zip     heads aligned, features zipped, the cut  -> Plan, zip_cut
+    widen        WidenGraph                               -> widened GraphModule, W0
+    zip_weights  ZipIt!'s merge/unmerge matrices          -> zipped weights
+    row_blocks   split_contractions                       -> no structural zeros computed
+    zip_cut      everything after the cut separate        -> partially zipped GraphModule
+    fit          the fitting sweep (sweep.py)             -> least-squares weights (PLeaS, RegMean),
+                                                             BatchNorm statistics under bn_stats="sweep"
+    batch_norm   reset_batch_norm under bn_stats="reset"  -> BatchNorm statistics
 
-Methods: ``pleas`` (activation matching, partial merging at the budget,
-least squares, BatchNorm reset), ``perm`` (the same without least squares),
-``zipit`` (ZipIt!), ``rebasin`` (Git Re-Basin: weight matching, full merge at
-1x), ``regmean`` (RegMean, 1x), ``avg`` (no permutation, 1x) and
-``ensemble`` (no merging: both models side by side at 2x, the reference).
+Methods (``constants.METHODS``): ``pleas`` (activation matching, partial
+merging at the budget, least squares on the merged model's own inputs, the
+sources' BatchNorm statistics), ``perm`` (the same without least squares),
+``zipit`` (ZipIt!: heads aligned as units, features zipped within and across
+models, partial zipping by a graph cut), ``rebasin`` (Git Re-Basin: weight
+matching, full merge at 1x), ``regmean`` (RegMean, 1x), ``avg`` (no
+permutation, 1x) and ``ensemble`` (no merging: both models side by side at
+2x, the reference).
 """
 from __future__ import annotations
 
