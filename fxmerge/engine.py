@@ -536,8 +536,16 @@ def measure_macs(model: nn.Module, example_inputs) -> float:
     mha.set_fastpath_enabled(False)
     inputs = as_inputs(example_inputs)
     try:
-        with torch.no_grad(), counter:
-            inputs.call(model)
+        try:
+            with torch.no_grad(), counter:
+                inputs.call(model)
+        except AssertionError:
+            # the counter's module tracker cannot hook a view of a parameter
+            # made under no_grad that is handed to a submodule (a learned
+            # query ``expand``-ed into nn.Transformer): count with autograd on
+            counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+            with counter:
+                inputs.call(model)
     finally:
         mha.set_fastpath_enabled(fast)
     return counter.get_total_flops() / 2 / max(1, inputs.batch_size)

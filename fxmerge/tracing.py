@@ -81,8 +81,19 @@ def _decoder(decoder, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padd
     return decoder.norm(out) if decoder.norm is not None else out
 
 
+def _transformer(model, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, src_key_padding_mask=None,
+                 tgt_key_padding_mask=None, memory_key_padding_mask=None, src_is_causal=None, tgt_is_causal=None,
+                 memory_is_causal=False):
+    """``nn.Transformer.forward`` (encoder, then decoder on its memory), traceable."""
+    memory = model.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return model.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                         tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                         tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
 # torch.nn containers traced through with a forward of the same computation
 TRACEABLE_FORWARDS = {
+    torch.nn.Transformer: _transformer,
     torch.nn.TransformerEncoderLayer: _encoder_layer,
     torch.nn.TransformerEncoder: _encoder,
     torch.nn.TransformerDecoderLayer: _decoder_layer,
