@@ -122,9 +122,39 @@ def applier_keeps_function(model, x, groups) -> float:
     return float((y0 - y1).abs().max() / (y0.abs().max() + 1e-12))
 
 
-def merge_checks(source, name, kw, model, size, groups) -> dict:
+def at_merge_size(source, name, kw, model, size, side):
+    """The model and input size the merge checks run at: ``side`` x ``side``
+    where the model takes it (as built, or rebuilt with ``img_size``), else
+    its default size. Merging runs least squares over every layer, so a small
+    input keeps a sweep over the zoo within the hour."""
+    if side is None or max(size[1:]) <= side:
+        return model, size, kw
+    small = (size[0], side, side)
+    try:
+        with torch.no_grad(), without_fast_path():
+            model(torch.randn(1, *small))
+        return model, small, kw
+    except Exception:
+        pass
+    try:
+        torch.manual_seed(0)
+        kw2 = dict(kw, img_size=side)
+        rebuilt = build_model(source, name, **kw2).eval()
+        with torch.no_grad(), without_fast_path():
+            rebuilt(torch.randn(1, *small))
+        return rebuilt, small, kw2
+    except Exception:
+        return model, size, kw
+
+
+def merge_checks(source, name, kw, model, size, groups, side=None) -> dict:
     """The merge columns (see the module docstring)."""
     out = {}
+    small_model, size, kw = at_merge_size(source, name, kw, model, size, side)
+    if small_model is not model or side is not None:
+        model = small_model
+        groups = fxmerge.analyze(model, torch.randn(1, *size))
+    out["merge_size"] = list(size)
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(4, *size, generator=g) for _ in range(2)]
     x = torch.randn(2, *size, generator=g)
@@ -165,7 +195,7 @@ def merge_checks(source, name, kw, model, size, groups) -> dict:
     return out
 
 
-def run_one(source, family, name, timeout, merge):
+def run_one(source, family, name, timeout, merge, merge_side=None):
     row = {"family": family, "model": name, "source": source, "traced": False, "groups": 0, "covered": 0.0,
            "pinned": "", "verified": None, "unsound": 0, "applier": None, "time": 0.0, "error": "", "size": None,
            "kw": {}}
@@ -187,7 +217,7 @@ def run_one(source, family, name, timeout, merge):
         row["unsound"] = len(report.failing)
         row["applier"] = applier_keeps_function(model, x, groups)
         if merge:
-            row.update(merge_checks(source, name, kw, model, size, groups))
+            row.update(merge_checks(source, name, kw, model, size, groups, merge_side))
     except Timeout:
         row["error"] = f"timeout after {timeout}s"
     except Skip as e:
@@ -219,6 +249,8 @@ def main():
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--merge", action="store_true", help="also merge (a few minutes per model)")
     ap.add_argument("--no-torchvision", action="store_true")
+    ap.add_argument("--merge-size", type=int, default=64,
+                    help="input side the merge checks run at where the model takes it (default 64)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     import timm
@@ -233,14 +265,14 @@ def main():
                          "pinned": "", "verified": None, "unsound": 0, "applier": None, "time": 0.0,
                          "error": "no model builds"})
             continue
-        row = run_one("timm", fam, best[0], args.timeout, args.merge)
+        row = run_one("timm", fam, best[0], args.timeout, args.merge, args.merge_size)
         gc.collect()
         rows.append(row)
         print(_line(row), flush=True)
     tv_rows = []
     if not args.no_torchvision:
         for name in TORCHVISION:
-            row = run_one("torchvision", "torchvision", name, args.timeout, args.merge)
+            row = run_one("torchvision", "torchvision", name, args.timeout, args.merge, args.merge_size)
             tv_rows.append(row)
             print(_line(row), flush=True)
     write_report(args, rows, tv_rows, (time.perf_counter() - t_start) / 60)
@@ -268,7 +300,7 @@ def write_report(args, rows, tv_rows, minutes):
     applied = [r for r in all_rows if r["applier"] is not None]
     applier_ok = [r for r in applied if r["applier"] < 1e-6]
     cmd = "python benchmarks/coverage.py" + (f" --families {args.families}" if args.families else "") + \
-        (" --merge" if args.merge else "")
+        (f" --merge --merge-size {args.merge_size}" if args.merge else "")
     lines = [
         "# Coverage over the model zoo",
         "",
@@ -299,7 +331,8 @@ def write_report(args, rows, tv_rows, minutes):
         tv_merged = [r for r in tv_rows if merges_ok(r)]
         short = [r for r in traced_rows + tv_rows if "reachable" in r and r["reachable"] < 1.999]
         lines += [
-            f"- merging (8 generic images at the model's input size, 16 positions per image): "
+            f"- merging (8 generic images at {args.merge_size}x{args.merge_size} where the model takes it, else its "
+            f"input size; 16 positions per image): "
             f"{len(merged)} of {len(traced_rows)} traced timm families "
             f"({100 * len(merged) / max(len(traced_rows), 1):.0f}%) and {len(tv_merged)} of {len(tv_rows)} torchvision "
             "models pass every merge check: a permuted copy merged back at 1x with PLeaS is the same function "
@@ -342,8 +375,8 @@ def _table(rows, merge):
     head = "| family | model | traced | groups | covered | verified | applier | time (s) |"
     sep = "|---|---|---|---|---|---|---|---|"
     if merge:
-        head += " self-merge | 1.5x measured / planned | 2x vs ensemble | max cost |"
-        sep += "---|---|---|---|"
+        head += " merge input | self-merge | 1.5x measured / planned | 2x vs ensemble | max cost |"
+        sep += "---|---|---|---|---|"
     out = [head + " pinned op kinds / error |", sep + "---|"]
     for r in rows:
         v = {True: "yes", False: f"NO ({r['unsound']} groups)", None: "-"}[r["verified"]]
@@ -354,9 +387,9 @@ def _table(rows, merge):
         if merge:
             if "self" in r:
                 two = f"{r['two_x']:.0e}" if r["two_x_reachable"] else f"out of reach ({r['blocked'][:60]})"
-                cells += f" {r['self']:.0e} | {r['cost_15']:.3f} / {r['planned_15']:.3f} | {two} | {r['reachable']:.2f} |"
+                cells += f" {'x'.join(map(str, r['merge_size'][1:]))} | {r['self']:.0e} | {r['cost_15']:.3f} / {r['planned_15']:.3f} | {two} | {r['reachable']:.2f} |"
             else:
-                cells += " - | - | - | - |"
+                cells += " - | - | - | - | - |"
         out.append(cells + f" {note.replace('|', '/')} |")
     return out
 
