@@ -55,7 +55,8 @@ from .permute import permute_tensor
 from .rewrite import WidenGraph, check_shapes, in_axes_of, split_contractions
 from .runner import LockstepRunner
 from .sweep import Sweep, available_memory, parse_memory
-from .tensors import owner_of, set_tensor
+from .tracing import trace
+from .tensors import owner_of, set_tensor, tensor_state
 from .widening import LayoutWidener
 from .zipit import (JointCollector, ZipProjector, align_products, choose_cut, emit_partial_zip, node_costs,
                     zipped_atoms)
@@ -170,7 +171,7 @@ class MergeState:
 
     @property
     def state_a(self) -> dict:
-        return dict(self.gm_a.state_dict())
+        return tensor_state(self.gm_a)
 
 
 # ----------------------------------------------------------------------------
@@ -182,8 +183,21 @@ def pass_analyze(st: MergeState) -> None:
     st.pg = analyze(st.model_a, st.example_inputs, per_model_output=st.opts.labels == "disjoint")
     st.gm_a = st.pg.gm
     st.gm_b = copy.deepcopy(st.gm_a)
-    state_b = st.model_b.state_dict()
-    st.gm_b.load_state_dict({k: state_b[k] for k in st.gm_b.state_dict()}, strict=True)
+    state_b = tensor_state(st.model_b)
+    wanted = tensor_state(st.gm_b)
+    if any(k not in state_b for k in wanted):
+        # tensors the tracer turned into graph constants: read B's own from a
+        # trace of B (the same graph, the same names)
+        state_b = {**tensor_state(trace(st.model_b, st.example_inputs, check=False).gm), **state_b}
+    missing = [k for k in wanted if k not in state_b]
+    if missing:
+        raise InputError(f"model B has no tensor for {missing[0]!r} of model A's graph: "
+                         "merge two models of the same architecture")
+    for k, v in wanted.items():
+        if tuple(state_b[k].shape) != tuple(v.shape):
+            raise InputError(f"{k!r} is {tuple(v.shape)} in model A but {tuple(state_b[k].shape)} in model B: "
+                             "merge two models of the same architecture")
+        set_tensor(st.gm_b, k, state_b[k].detach().clone())
 
 
 def pass_match(st: MergeState) -> None:
@@ -191,7 +205,7 @@ def pass_match(st: MergeState) -> None:
     (one lockstep pass over the data) or Git Re-Basin's weight matching."""
     o = st.opts
     if o.matching == "weight":
-        st.match = weight_matching(st.pg, st.state_a, st.gm_b.state_dict(), seed=o.seed, exclude=st.output_roots)
+        st.match = weight_matching(st.pg, st.state_a, tensor_state(st.gm_b), seed=o.seed, exclude=st.output_roots)
         return
     collector = ActivationCollector(st.pg, o.positions, o.seed, o.device, models=(st.gm_a, st.gm_b),
                                     max_memory=o.max_memory)
@@ -214,12 +228,10 @@ def pass_zip_match(st: MergeState) -> None:
 def pass_align(st: MergeState) -> None:
     """Permute B's weights so its features sit opposite A's."""
     sampler = st.match.sampler()
-    state_b = {}
-    for k, v in st.gm_b.state_dict().items():
-        lays = st.pg.members.get(k)
-        state_b[k] = permute_tensor(v, lays, sampler) if lays is not None else v
     aligned = copy.deepcopy(st.gm_a)
-    aligned.load_state_dict(state_b)
+    for k, v in tensor_state(st.gm_b).items():
+        lays = st.pg.members.get(k)
+        set_tensor(aligned, k, permute_tensor(v, lays, sampler) if lays is not None else v)
     st.gm_b = aligned
 
 
@@ -293,14 +305,14 @@ def pass_plan_zip(st: MergeState) -> None:
 def pass_widen(st: MergeState) -> None:
     """Emit the widened GraphModule: ``[A-only | merged | B-only]`` per root."""
     st.widener = LayoutWidener(st.plan.masks)
-    st.merged = WidenGraph(st.pg, st.widener).run(st.state_a, st.gm_b.state_dict())
+    st.merged = WidenGraph(st.pg, st.widener).run(st.state_a, tensor_state(st.gm_b))
 
 
 def pass_zip_weights(st: MergeState) -> None:
     """ZipIt!'s weights: merge and unmerge matrices applied to both models
     (aligned blocks averaged)."""
     contracted = in_axes_of(st.pg)
-    state_a, state_b = st.state_a, st.gm_b.state_dict()
+    state_a, state_b = st.state_a, tensor_state(st.gm_b)
     for name, lays in st.pg.members.items():
         if name in state_a:
             set_tensor(st.merged, name, st.projector.merge_tensor(state_a[name], state_b[name], lays,

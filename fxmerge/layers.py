@@ -143,7 +143,7 @@ class PartialFunctional(_RowBlocks):
             if self.op == "linear":
                 outs.append(torch.nn.functional.linear(xi, w, b))
             else:
-                conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[w.ndim + 1]
+                conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[w.ndim]
                 outs.append(conv(xi, w, b, **self.op_kwargs))
         y = torch.cat(outs, dim=axis) if len(outs) > 1 else outs[0]
         if self.reorder:

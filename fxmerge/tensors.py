@@ -36,6 +36,17 @@ def get_tensor(root: nn.Module, name: str):
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def tensor_state(module: nn.Module) -> dict:
+    """``module.state_dict()`` plus its non-persistent buffers: every tensor
+    the graph reads, by qualified name (a non-persistent buffer, such as a
+    zero key bias concatenated into a packed projection's bias, widens like
+    a parameter)."""
+    state = dict(module.state_dict())
+    for name, buf in module.named_buffers():
+        state.setdefault(name, buf)
+    return state
+
+
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace the parameter, buffer or tensor attribute ``name`` (a
     parameter stays a parameter with its ``requires_grad``)."""

@@ -182,6 +182,23 @@ class FlattenNet(nn.Module):
 
 
 # net, example inputs, whether an op combines channels the merge would widen
+class PackedBiasNet(nn.Module):
+    """A convolution whose bias is concatenated from a parameter and a
+    non-persistent zero buffer (BEiT's q/k/v bias), outside state_dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(3, 8)
+        self.conv = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.bias_learned = nn.Parameter(torch.randn(6) * 0.1)
+        self.register_buffer("bias_zero", torch.zeros(6), persistent=False)
+        self.head = Head(12)
+
+    def forward(self, x):
+        bias = torch.cat((self.bias_learned, self.bias_zero))
+        return self.head(F.relu(F.conv2d(self.a(x), self.conv.weight, bias, padding=1)))
+
+
 SIZE = 16
 NETS = {
     "concat": (ConcatNet, None, False),
@@ -194,6 +211,7 @@ NETS = {
     "channel_softmax": (ChannelSoftmaxNet, None, True),
     "two_inputs_two_outputs": (TwoInputsTwoOutputs, "two", False),
     "flatten_linear": (FlattenNet, None, False),
+    "packed_bias": (PackedBiasNet, None, False),
 }
 
 

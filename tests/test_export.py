@@ -1,0 +1,73 @@
+"""The exported groups are lossless: for every model of the coverage run
+(docs/coverage-models.json, written by benchmarks/coverage.py: the smallest
+model of each traced timm family and the torchvision classifiers), the JSON
+applied by the reference applier with random permutations leaves the output
+unchanged. And the docs' example applies as written."""
+import copy
+import json
+import pathlib
+import re
+
+import pytest
+import torch
+
+import fxmerge
+from fxmerge.apply import apply_permutations
+from fxmerge.tracing import without_fast_path
+
+ROOT = pathlib.Path(__file__).parent.parent
+MODELS = json.loads((ROOT / "docs" / "coverage-models.json").read_text())
+
+
+def build(entry):
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    if entry["source"] == "torchvision":
+        return torchvision.models.get_model(entry["model"], weights=None, **entry["kw"]).eval()
+    return timm.create_model(entry["model"], pretrained=False, **entry["kw"]).eval()
+
+
+def first(y):
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+@pytest.mark.parametrize("entry", MODELS, ids=lambda e: f"{e['source']}-{e['model']}")
+def test_exported_groups_applied_without_fxmerge_keep_the_function(entry):
+    model = build(entry)
+    x = torch.randn(1, *entry["size"], generator=torch.Generator().manual_seed(0))
+    groups = fxmerge.analyze(model, x)
+    exported = json.loads(groups.to_json())
+    assert exported["schema"].startswith("fxmerge-groups/2")
+    base = model.double()
+    permuted = copy.deepcopy(base)
+    permuted.load_state_dict(apply_permutations(base.state_dict(), exported, seed=7))
+    changed = sum(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), permuted.state_dict().values()))
+    assert changed > 0 or not exported["groups"]
+    with torch.no_grad(), without_fast_path():
+        y0, y1 = first(base(x.double())), first(permuted(x.double()))
+    torch.testing.assert_close(y1, y0, rtol=1e-7, atol=1e-9 * float(y0.abs().max()))
+
+
+def test_the_coverage_run_lists_the_torchvision_models_and_most_timm_families():
+    sources = [e["source"] for e in MODELS]
+    assert sources.count("torchvision") == 8
+    assert sources.count("timm") >= 80
+
+
+def test_the_documented_example_applies_as_written():
+    """docs/cli.md's applier example, run verbatim."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    example = [b for b in blocks if "apply_permutations" in b]
+    assert example, "docs/cli.md has no applier example"
+    scope: dict = {}
+    exec(compile(example[0], "docs/cli.md", "exec"), scope)  # it asserts the function is unchanged
+    assert scope["changed"]
+    # the JSON shown beside it is what the export says
+    exported = {g["id"]: g for g in json.loads(scope["exported"])["groups"]}
+    shown = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, flags=re.S)]
+    assert shown
+    for g in shown:
+        assert exported[g["id"]] == g
