@@ -144,7 +144,14 @@ def sample_rows(mod: nn.Module, x: torch.Tensor, idx) -> torch.Tensor:
         X = rows(cols.permute(0, 2, 1), idx)
         return X.reshape(X.shape[0], x.shape[1], -1)
     if isinstance(mod, nn.Conv2d):
-        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+        padding = mod.padding
+        if isinstance(padding, str):  # 'same' (stride 1; the extra pixel goes right, as torch does) or 'valid'
+            if padding == "same":
+                (kh, kw), (dh, dw) = mod.kernel_size, mod.dilation
+                th, tw = dh * (kh - 1), dw * (kw - 1)
+                x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+            padding = 0
+        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
         X = rows(cols.permute(0, 2, 1), idx)  # (rows, in x taps)
         return X.reshape(X.shape[0], x.shape[1], -1)
     return rows(positions_view(x, x.ndim - 1), idx).unsqueeze(-1)

@@ -199,6 +199,19 @@ class PackedBiasNet(nn.Module):
         return self.head(F.relu(F.conv2d(self.a(x), self.conv.weight, bias, padding=1)))
 
 
+class SamePaddingNet(nn.Module):
+    """Convolutions with ``padding='same'`` (ConvMixer), odd and even kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding="same")
+        self.b = nn.Conv2d(8, 8, 2, padding="same")
+        self.head = Head(8)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.b(F.gelu(self.a(x)))))
+
+
 SIZE = 16
 NETS = {
     "concat": (ConcatNet, None, False),
@@ -212,6 +225,7 @@ NETS = {
     "two_inputs_two_outputs": (TwoInputsTwoOutputs, "two", False),
     "flatten_linear": (FlattenNet, None, False),
     "packed_bias": (PackedBiasNet, None, False),
+    "same_padding": (SamePaddingNet, None, False),
 }
 
 
