@@ -47,6 +47,7 @@ TORCHVISION = ["resnet18", "resnet50", "vit_b_16", "convnext_tiny", "mobilenet_v
 MAX_SIDE = 448  # larger default inputs are rebuilt at 224 where the model allows it
 MAX_PARAMS = 200e6  # larger models do not fit a float64 verification on this machine
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROWS_CACHE = os.path.join(HERE, "..", ".cache", "coverage-rows.json")
 
 
 class Timeout(Exception):
@@ -249,12 +250,16 @@ def main():
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--merge", action="store_true", help="also merge (a few minutes per model)")
     ap.add_argument("--no-torchvision", action="store_true")
+    ap.add_argument("--rerun", help="comma-separated families or torchvision models: re-run them in the last "
+                    "sweep's results (kept under .cache) and rewrite the report")
     ap.add_argument("--merge-size", type=int, default=64,
                     help="input side the merge checks run at where the model takes it (default 64)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     import timm
 
+    if args.rerun:
+        return rerun(args, args.rerun.split(","))
     families = args.families.split(",") if args.families else sorted(timm.list_modules())
     rows = []
     t_start = time.perf_counter()
@@ -275,7 +280,31 @@ def main():
             row = run_one("torchvision", "torchvision", name, args.timeout, args.merge, args.merge_size)
             tv_rows.append(row)
             print(_line(row), flush=True)
-    write_report(args, rows, tv_rows, (time.perf_counter() - t_start) / 60)
+    minutes = (time.perf_counter() - t_start) / 60
+    os.makedirs(os.path.dirname(ROWS_CACHE), exist_ok=True)
+    with open(ROWS_CACHE, "w") as f:
+        json.dump({"argv": sys.argv[1:], "rows": rows, "tv_rows": tv_rows, "minutes": minutes}, f)
+    write_report(args, rows, tv_rows, minutes)
+
+
+def rerun(args, names):
+    """Re-run the named timm families / torchvision models of the last sweep
+    (after a fix) and rewrite the report; the report names them."""
+    with open(ROWS_CACHE) as f:
+        saved = json.load(f)
+    t_start = time.perf_counter()
+    for key in ("rows", "tv_rows"):
+        for i, r in enumerate(saved[key]):
+            if r["family"] in names or r["model"] in names:
+                row = run_one(r["source"], r["family"], r["model"], args.timeout, args.merge, args.merge_size)
+                saved[key][i] = row
+                print(_line(row), flush=True)
+    saved.setdefault("reruns", []).append(",".join(names))
+    saved["minutes"] += (time.perf_counter() - t_start) / 60
+    with open(ROWS_CACHE, "w") as f:
+        json.dump(saved, f)
+    args.original = " ".join(["python benchmarks/coverage.py"] + saved["argv"])
+    write_report(args, saved["rows"], saved["tv_rows"], saved["minutes"], saved["reruns"])
 
 
 def _line(r):
@@ -287,7 +316,7 @@ def _line(r):
             f"applier={applier} {r['time']:.2f}s{m} {r['error']}")
 
 
-def write_report(args, rows, tv_rows, minutes):
+def write_report(args, rows, tv_rows, minutes, reruns=()):
     import timm
     import torchvision
 
@@ -301,10 +330,16 @@ def write_report(args, rows, tv_rows, minutes):
     applier_ok = [r for r in applied if r["applier"] < 1e-6]
     cmd = "python benchmarks/coverage.py" + (f" --families {args.families}" if args.families else "") + \
         (f" --merge --merge-size {args.merge_size}" if args.merge else "")
+    cmd = getattr(args, "original", cmd)
+    if reruns:
+        cmd += "`, then, after fixes, " + ", ".join(f"`python benchmarks/coverage.py --merge --rerun {r}" for r in reruns)
+        cmd += "` (those rows are from the re-run)"
+    else:
+        cmd += "`"
     lines = [
         "# Coverage over the model zoo",
         "",
-        f"Produced by `{cmd}` in {minutes:.0f} minutes; torch {torch.__version__}, torchvision "
+        f"Produced by `{cmd} in {minutes:.0f} minutes; torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, timm {timm.__version__}, fxmerge {fxmerge.__version__}, python "
         f"{platform.python_version()}, {os.cpu_count()} CPU threads; random initialisation, eval mode, each "
         "model's default input size (rebuilt at 224 when larger than 448).",
