@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
            scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
 
-.PHONY: install test demo groups bench bench-quick perf ridge seeds pleas-free coverage clean
+.PHONY: install test demo groups bench bench-quick perf tune seeds pleas-free coverage scaling gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -27,8 +27,9 @@ groups: $(STAMP)
 demo: $(STAMP)
 	.venv/bin/fxmerge demo
 
+# analysis, export and merge checks over every timm family and 8 torchvision models (about 1.5 h)
 coverage: $(STAMP)
-	$(PY) benchmarks/coverage.py
+	$(PY) benchmarks/coverage.py --merge
 
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py
@@ -39,8 +40,21 @@ perf: $(STAMP)
 	$(PY) benchmarks/performance.py --arch resnet18 --out docs/performance-resnet18.md
 	$(PY) benchmarks/performance.py --arch vit_tiny_patch16_224 --adam-max-cols 800 --memory-size 224 --out docs/performance-vit.md
 
-ridge: $(STAMP)
-	$(PY) benchmarks/ridge.py
+# every tuned default, chosen on the validation split (test figures beside it; about 3 h)
+tune: $(STAMP)
+	$(PY) benchmarks/tune.py --option ridge --values 0,1e-4,1e-3,1e-2,1e-1 --budgets 1,1.2 --out docs/ridge.md
+	$(PY) benchmarks/tune.py --option bn_stats --values sweep,reset,source --out docs/bn-stats.md
+	$(PY) benchmarks/tune.py --option ls_inputs --values merged,ensemble --set bn_stats=source --out docs/ls-inputs.md
+	$(PY) benchmarks/tune.py --option ls_targets --values output,normalized --set bn_stats=source --out docs/ls-targets.md
+	$(PY) benchmarks/tune.py --option planner --values pairs,reach,residual,auto --out docs/planner.md
+
+# data-parallel merging under torchrun (gloo) against one process
+scaling: $(STAMP)
+	$(PY) benchmarks/scaling.py
+
+# on a machine with a CUDA GPU: the CUDA tests and the CUDA performance figures
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 seeds: $(STAMP)
 	$(PY) benchmarks/seeds.py
