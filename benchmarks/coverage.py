@@ -387,7 +387,9 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(os.path.dirname(args.out), "coverage-models.json"), "w") as f:
         json.dump([{"source": r["source"], "family": r["family"], "model": r["model"], "size": r["size"],
-                    "kw": r["kw"]} for r in all_rows if r["traced"]], f, indent=1)
+                    "kw": r["kw"], "merge_size": r.get("merge_size"),
+                    "applier_ok": r["applier"] is not None and r["applier"] < 1e-6}
+                   for r in all_rows if r["traced"]], f, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -19,24 +19,59 @@ ROOT = pathlib.Path(__file__).parent.parent
 MODELS = json.loads((ROOT / "docs" / "coverage-models.json").read_text())
 
 
-def build(entry):
+def build(entry, **extra):
     import timm
     import torchvision
 
     torch.manual_seed(0)
+    kw = {**entry["kw"], **extra}
     if entry["source"] == "torchvision":
-        return torchvision.models.get_model(entry["model"], weights=None, **entry["kw"]).eval()
-    return timm.create_model(entry["model"], pretrained=False, **entry["kw"]).eval()
+        return torchvision.models.get_model(entry["model"], weights=None, **kw).eval()
+    return timm.create_model(entry["model"], pretrained=False, **kw).eval()
+
+
+def model_and_input(entry):
+    """The model at the small input the coverage run merged it at (as built,
+    or rebuilt with ``img_size``), else at its default input: the export
+    does not depend on the resolution, and float64 at 224x224 over the zoo
+    would take most of the suite's time."""
+    gen = torch.Generator().manual_seed(0)
+    size = entry.get("merge_size") or entry["size"]
+    model = build(entry)
+    x = torch.randn(1, *size, generator=gen)
+    if size == entry["size"]:
+        return model, x
+    try:
+        with torch.no_grad(), without_fast_path():
+            model(x)
+        return model, x
+    except Exception:
+        pass
+    try:
+        model = build(entry, img_size=size[-1])
+        with torch.no_grad(), without_fast_path():
+            model(x)
+        return model, x
+    except Exception:
+        return build(entry), torch.randn(1, *entry["size"], generator=gen)
+
+
+def known_shortfall(entry):
+    """Models whose export the coverage run found not to apply (listed with
+    the reason in docs/coverage.md): expected to fail until fixed."""
+    if entry.get("applier_ok", True):
+        return ()
+    return (pytest.mark.xfail(strict=True, reason="docs/coverage.md lists its export as not applying"),)
 
 
 def first(y):
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
-@pytest.mark.parametrize("entry", MODELS, ids=lambda e: f"{e['source']}-{e['model']}")
+@pytest.mark.parametrize("entry", [pytest.param(e, marks=known_shortfall(e)) for e in MODELS],
+                         ids=lambda e: f"{e['source']}-{e['model']}")
 def test_exported_groups_applied_without_fxmerge_keep_the_function(entry):
-    model = build(entry)
-    x = torch.randn(1, *entry["size"], generator=torch.Generator().manual_seed(0))
+    model, x = model_and_input(entry)
     groups = fxmerge.analyze(model, x)
     exported = json.loads(groups.to_json())
     assert exported["schema"].startswith("fxmerge-groups/2")
@@ -47,7 +82,8 @@ def test_exported_groups_applied_without_fxmerge_keep_the_function(entry):
     assert changed > 0 or not exported["groups"]
     with torch.no_grad(), without_fast_path():
         y0, y1 = first(base(x.double())), first(permuted(x.double()))
-    torch.testing.assert_close(y1, y0, rtol=1e-7, atol=1e-9 * float(y0.abs().max()))
+    # the coverage run's criterion: max change below 1e-6 of the output's scale (float64)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6 * float(y0.abs().max()))
 
 
 def test_the_coverage_run_lists_the_torchvision_models_and_most_timm_families():
