@@ -269,6 +269,12 @@ def main():
         "Random-init source models (seeds 0 and 1, 10 classes), generic calibration images, budget "
         f"{args.budget}x, every other option at its default. Every figure below is a ratio within this run.",
         "",
+    ] + ([] if str(args.device).startswith("cuda") else [
+        "CUDA figures: not yet measured (no GPU has been available to this project). On a machine with one, "
+        "`make gpu-check` (`benchmarks/gpu_check.sh`) runs the CUDA tests and writes docs/performance-cuda.md and "
+        "docs/performance-cuda-vit.md.",
+        "",
+    ]) + [
         f"## Whole merge vs running both models ({args.size}x{args.size}, {args.calib} images)",
         "",
         "The fitting sweep walks the graph once, wave by wave, keeping the values later waves read (the frontier); "
