@@ -46,6 +46,8 @@ TORCHVISION = ["resnet18", "resnet50", "vit_b_16", "convnext_tiny", "mobilenet_v
                "efficientnet_b0", "regnet_y_400mf", "swin_t"]
 MAX_SIDE = 448  # larger default inputs are rebuilt at 224 where the model allows it
 MAX_PARAMS = 200e6  # larger models do not fit a float64 verification on this machine
+# three merges of a larger model (least squares over 2x-wide layers) take minutes each on 2 CPU cores
+MERGE_MAX_PARAMS = 30e6
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS_CACHE = os.path.join(HERE, "..", ".cache", "coverage-rows.json")
 
@@ -217,7 +219,10 @@ def run_one(source, family, name, timeout, merge, merge_side=None):
         row["verified"] = report.ok
         row["unsound"] = len(report.failing)
         row["applier"] = applier_keeps_function(model, x, groups)
-        if merge:
+        n_params = sum(p.numel() for p in model.parameters())
+        if merge and n_params > MERGE_MAX_PARAMS:
+            row["merge_skipped"] = f"{n_params / 1e6:.0f}M parameters: merges not run on this machine"
+        elif merge:
             row.update(merge_checks(source, name, kw, model, size, groups, merge_side))
     except Timeout:
         row["error"] = f"timeout after {timeout}s"
@@ -361,25 +366,30 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         f"- torchvision: {sum(1 for r in tv_rows if r['verified'])} of {len(tv_rows)} verified",
     ]
     if args.merge:
-        traced_rows = [r for r in rows if r["traced"]]
+        too_large = [r for r in rows + tv_rows if r.get("merge_skipped")]
+        traced_rows = [r for r in rows if r["traced"] and not r.get("merge_skipped")]
         merged = [r for r in traced_rows if merges_ok(r)]
-        tv_merged = [r for r in tv_rows if merges_ok(r)]
+        tv_rows_run = [r for r in tv_rows if not r.get("merge_skipped")]
+        tv_merged = [r for r in tv_rows_run if merges_ok(r)]
         short = [r for r in traced_rows + tv_rows if "reachable" in r and r["reachable"] < 1.999]
         lines += [
             f"- merging (8 generic images at {args.merge_size}x{args.merge_size} where the model takes it, else its "
             f"input size; 16 positions per image): "
-            f"{len(merged)} of {len(traced_rows)} traced timm families "
-            f"({100 * len(merged) / max(len(traced_rows), 1):.0f}%) and {len(tv_merged)} of {len(tv_rows)} torchvision "
+            f"{len(merged)} of {len(traced_rows)} traced timm families merged "
+            f"({100 * len(merged) / max(len(traced_rows), 1):.0f}%) and {len(tv_merged)} of {len(tv_rows_run)} torchvision "
             "models pass every merge check: a permuted copy merged back at 1x with PLeaS is the same function "
             "(relative change < 1e-2: least squares from 8 images), two inits at 1.5x give a finite model whose "
             "measured cost equals the plan, 2x is the ensemble (relative change < 1e-3) where reachable",
+            f"- not merged, over {MERGE_MAX_PARAMS / 1e6:.0f}M parameters (three merges of such a model take "
+            f"too long for a sweep over the zoo on this machine): {len(too_large)} ("
+            + ", ".join(r["model"] for r in too_large) + ")",
             f"- models whose largest reachable cost is below 2x (an op keeps channels merged or pinned, named in "
             f"the table): {len(short)}",
         ]
     lines += ["", "Lowest coverage among traced families: " + ", ".join(
         f"{r['family']} ({r['covered']:.2f})" for r in sorted(traced, key=lambda r: r["covered"])[:8]), ""]
     if args.merge:
-        failed = [r for r in traced_rows + tv_rows if not merges_ok(r)]
+        failed = [r for r in traced_rows + tv_rows_run if not merges_ok(r)]
         if failed:
             lines += ["## Merge shortfalls", ""] + [f"- {r['family']} / {r['model']}: {_why(r)}" for r in failed] + [""]
     lines += ["## timm", ""] + _table(rows, args.merge) + ["", "## torchvision", ""] + _table(tv_rows, args.merge)
@@ -425,6 +435,8 @@ def _table(rows, merge):
             if "self" in r:
                 two = f"{r['two_x']:.0e}" if r["two_x_reachable"] else f"out of reach ({r['blocked'][:60]})"
                 cells += f" {'x'.join(map(str, r['merge_size'][1:]))} | {r['self']:.0e} | {r['cost_15']:.3f} / {r['planned_15']:.3f} | {two} | {r['reachable']:.2f} |"
+            elif r.get("merge_skipped"):
+                cells += " not run (" + r["merge_skipped"].split(":")[0] + ") | - | - | - | - |"
             else:
                 cells += " - | - | - | - | - |"
         out.append(cells + f" {note.replace('|', '/')} |")
