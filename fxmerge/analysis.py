@@ -292,7 +292,27 @@ def analyze(
     analysis = ChannelAnalysis(traced.gm, per_model_output=per_model_output, known_members=known)
     analysis.propagate()
     _finalize_members(analysis)
-    return PermutationGroups(traced, analysis, model_name=model_name or type(model).__name__)
+    pg = PermutationGroups(traced, analysis, model_name=model_name or type(model).__name__)
+    pg.aliases = tensor_aliases(model, pg.members)
+    return pg
+
+
+def tensor_aliases(model: torch.nn.Module, names) -> dict:
+    """Other state-dict names of each tensor in ``names``: a module shared
+    between two places of the model (CoaT's convolutional position
+    encodings) appears in its state dict once per place, and a permutation
+    must reach every copy there."""
+    by_tensor: dict = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        by_tensor.setdefault(id(t), []).append(name)
+    out = {}
+    for names_of in by_tensor.values():
+        if len(names_of) > 1:
+            for n in names_of:
+                if n in names:
+                    out[n] = [m for m in names_of if m != n]
+    return out
 
 
 def _finalize_members(analysis: ChannelAnalysis) -> None:

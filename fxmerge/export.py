@@ -36,13 +36,21 @@ def member_to_dict(m, shape: tuple) -> dict:
     return d
 
 
-def group_to_dict(g, member_shapes: dict) -> dict:
+def _with_aliases(d: dict, aliases: dict, members) -> list:
+    """The member, and the same member under every other state-dict name of
+    its tensor (a module shared by two places of the model) that is not a
+    member itself."""
+    return [d] + [{**d, "param": a} for a in aliases.get(d["param"], ()) if a not in members]
+
+
+def group_to_dict(g, member_shapes: dict, aliases: dict = None, members=()) -> dict:
+    aliases = aliases or {}
     d = {
         "id": g.id,
         "kind": g.kind,
         "size": g.size,
         "permutations": g.permutations,
-        "members": [member_to_dict(m, member_shapes[m.param]) for m in g.slices],
+        "members": [d for m in g.slices for d in _with_aliases(member_to_dict(m, member_shapes[m.param]), aliases, members)],
         "nodes": list(g.nodes),
         "numel": g.numel,
     }
@@ -53,12 +61,14 @@ def group_to_dict(g, member_shapes: dict) -> dict:
 
 
 def groups_to_dict(pg) -> dict:
+    aliases = getattr(pg, "aliases", {})
     return {
         "schema": SCHEMA,
         "model": pg.model_name,
-        "shapes": {name: list(pg.member_shapes[name]) for name in
-                   dict.fromkeys(m.param for g in pg.groups for m in g.slices)},
-        "groups": [group_to_dict(g, pg.member_shapes) for g in pg.groups],
+        "shapes": {alias: list(pg.member_shapes[name]) for name in
+                   dict.fromkeys(m.param for g in pg.groups for m in g.slices)
+                   for alias in [name] + [a for a in aliases.get(name, ()) if a not in pg.members]},
+        "groups": [group_to_dict(g, pg.member_shapes, aliases, pg.members) for g in pg.groups],
         "pinned": [{"op": p.kind, "count": p.count, "reason": p.reason} for p in pg.pinned],
     }
 

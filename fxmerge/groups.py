@@ -341,6 +341,8 @@ class PermutationGroups:
             g.id = -1
         number(self.groups)
         self._by_root = {r.uid: g for g in self.all_groups for r in g.roots}
+        # other state-dict names of a member tensor (a module shared by two places; set by ``analyze``)
+        self.aliases: dict = {}
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -362,8 +364,17 @@ class PermutationGroups:
         return PermutationSampler(rng, active)
 
     def permute_state(self, state: dict, sampler: PermutationSampler) -> dict:
-        """Return ``{name: permuted tensor}`` for every member found in ``state``."""
-        return {name: permute_tensor(state[name], lays, sampler) for name, lays in self.members.items() if name in state}
+        """Return ``{name: permuted tensor}`` for every member found in
+        ``state``, and for every other name of the same tensor there (a
+        shared module)."""
+        out = {}
+        for name, lays in self.members.items():
+            if name in state:
+                out[name] = permute_tensor(state[name], lays, sampler)
+                for alias in self.aliases.get(name, ()):
+                    if alias in state and alias not in self.members:
+                        out[alias] = out[name]
+        return out
 
     # -- presentation (fxmerge.export) --------------------------------------
     def to_dict(self) -> dict:

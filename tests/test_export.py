@@ -107,3 +107,47 @@ def test_the_documented_example_applies_as_written():
     assert shown
     for g in shown:
         assert exported[g["id"]] == g
+
+
+class SharedEncoding(torch.nn.Module):
+    """One depthwise position encoding shared by two blocks (CoaT's): the
+    state dict names its tensors once per place."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"pos": self.pos, "conv": torch.nn.Conv2d(8, 8, 1)})
+                                           for _ in range(2)])
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for blk in self.blocks:
+            x = x + blk["conv"](torch.relu(blk["pos"](x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_module_shared_by_two_places_is_permuted_under_every_name():
+    torch.manual_seed(0)
+    model = SharedEncoding().eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    groups = fxmerge.analyze(model, x)
+    state = model.state_dict()
+    assert {"pos.weight", "blocks.0.pos.weight", "blocks.1.pos.weight"} <= set(state)
+    exported = json.loads(groups.to_json())
+    named = {m["param"] for g in exported["groups"] for m in g["members"]}
+    assert {"pos.weight", "blocks.0.pos.weight", "blocks.1.pos.weight"} <= named
+    permuted = copy.deepcopy(model)
+    permuted.load_state_dict(apply_permutations(state, exported, seed=3))
+    assert not torch.equal(permuted.pos.weight, model.pos.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), rtol=1e-9, atol=1e-12)
+    # fxmerge's own permutation of a state dict reaches every name too
+    import numpy as np
+    again = copy.deepcopy(model)
+    state2 = dict(state)
+    state2.update(groups.permute_state(state, groups.sampler(np.random.default_rng(1))))
+    again.load_state_dict(state2)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=1e-9, atol=1e-12)
