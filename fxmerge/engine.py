@@ -183,11 +183,12 @@ def pass_analyze(st: MergeState) -> None:
     st.pg = analyze(st.model_a, st.example_inputs, per_model_output=st.opts.labels == "disjoint")
     st.gm_a = st.pg.gm
     st.gm_b = copy.deepcopy(st.gm_a)
-    state_b = tensor_state(st.model_b)
+    state_b = dict(st.model_b.state_dict())
     wanted = tensor_state(st.gm_b)
     if any(k not in state_b for k in wanted):
-        # tensors the tracer turned into graph constants: read B's own from a
-        # trace of B (the same graph, the same names)
+        # non-persistent buffers (some are computed by the forward, at the
+        # input's size) and tensors the tracer turned into graph constants:
+        # read B's own from a trace of a copy of B (the same graph, names)
         state_b = {**tensor_state(trace(st.model_b, st.example_inputs, check=False).gm), **state_b}
     missing = [k for k in wanted if k not in state_b]
     if missing:
