@@ -5,7 +5,7 @@ Scenarios, data splits, families and training recipes are in
 ``benchmarks/common.py``: sources are trained on the training split, every
 merge calibrates on training images, and the tables report the test split
 (no choice of fxmerge's defaults has seen it: those were made on the
-validation split, docs/tuning.md). Per family and scenario: the sources,
+validation split, docs/algorithm.md). Per family and scenario: the sources,
 PLeaS, permutation alone, ZipIt! (heads aligned as units; on the ViT also
 without), Git Re-Basin, RegMean, averaging and the ensemble, and PLeaS-free
 on procedural ``generic`` images (the harsh setting; docs/pleas-free.md has
@@ -289,7 +289,7 @@ def write_report(results, args, argv, total, done) -> None:
              "(540). Models are trained here from scratch on the train split; calibration is "
              f"{args.calib} training images (or as many procedural `generic` images for pleas-free); every accuracy "
              "below is on the **test** split, which no default of fxmerge was chosen on (those were chosen on the "
-             "validation split: [tuning.md](tuning.md)). "
+             "validation split: [algorithm.md](algorithm.md#defaults-chosen-on-the-validation-split)). "
              "At 2.0x nothing is merged: pleas, perm and zipit all compute the ensemble (a tested property), so the "
              "ensemble row stands for them there. "
              "Cost is the measured multiply-accumulates of the merged model over one source model.", ""]
