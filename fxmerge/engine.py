@@ -593,6 +593,13 @@ def _check_budget(st: MergeState) -> None:
         listed = "; ".join(blockers[:4]) + (f" (+{len(blockers) - 4} more)" if len(blockers) > 4 else "")
         messages.append(f"budget {o.budget:.2f}x is out of reach for this model: it can cost at most {high:.3f}x"
                         + (f"; kept from widening by: {listed}" if blockers else ""))
+    if st.budget_reachable and o.budget >= 2.0 - tol and st.kept_merged and o.method in C.BUDGETED_METHODS:
+        # the cost is reached (a merged row reading both models' inputs costs
+        # as much as two rows), but a 2x merge is promised to be the ensemble
+        st.budget_reachable = False
+        reasons = "; ".join(sorted({why for r in st.kept_merged.values() for why in r}))
+        messages.append(f"at {o.budget:.2f}x the merged model is not the ensemble: some features stay merged "
+                        f"({reasons})")
     if st.pinned_share > C.PINNED_SHARE_WARNING and o.method not in ("avg", "regmean", "ensemble"):
         kinds = ", ".join(p.kind for p in st.pg.pinned[:3]) or "none"
         messages.append(f"{100 * st.pinned_share:.0f}% of the conv/linear weights cannot be permuted (pinned op kinds: "

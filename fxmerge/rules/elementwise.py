@@ -84,6 +84,12 @@ def broadcast_layouts(ctx, operands, out_shape):
         for t in operands:
             if k < t.ndim and t.shape[t.ndim - 1 - k] == size and size != 1:
                 axis_lays.append(t.lays[t.ndim - 1 - k])
+            elif k < t.ndim and t.shape[t.ndim - 1 - k] == 1 and size != 1:
+                # a one-channel segment of a channel axis broadcast across
+                # another axis (FocalNet's gates[:, l:l + 1]): widened, it
+                # would hold one entry per model and no longer broadcast, so
+                # it stays merged (pinned size-1 axes need no record)
+                ctx.mixing(t.lays[t.ndim - 1 - k])
         if not axis_lays:
             if size != 1:
                 # every operand broadcasts along this axis (size-1 to size n)

@@ -75,3 +75,30 @@ def test_prelu_slopes_follow_their_channels_and_glu_halves_share_one_order():
     assert any(("prelu.weight", 0) in g.members for g in groups.groups)
     # b's two output halves permute alike: one group covers both
     assert any(sum(1 for m in g.slices if m.param == "b.weight" and m.axis == 0) == 2 for g in groups.groups)
+
+
+class SlicedGates(nn.Module):
+    """FocalNet's modulation: one projection split into a context and
+    per-level gates; each gate is a one-channel slice broadcast over the
+    context's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(3, 6 + 2, 1)
+        self.ctx = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        ctx, gates = torch.split(self.f(x), (6, 2), 1)
+        out = 0
+        for level in range(2):
+            ctx = F.gelu(self.ctx(ctx))
+            out = out + ctx * gates[:, level:level + 1]
+        return self.head(out.mean((2, 3)))
+
+
+def test_a_one_channel_slice_broadcast_over_channels_stays_merged():
+    # widened, the gate slice would hold one channel per model and no longer
+    # broadcast: the gates stay merged, the budget warning names the product
+    groups = check(SlicedGates, X, exact_two_x=False)
+    assert any(m.kind == "call_function:operator.mul" for m in groups.mixings)
