@@ -48,6 +48,7 @@ MAX_SIDE = 448  # larger default inputs are rebuilt at 224 where the model allow
 MAX_PARAMS = 200e6  # larger models do not fit a float64 verification on this machine
 # three merges of a larger model (least squares over 2x-wide layers) take minutes each on 2 CPU cores
 MERGE_MAX_PARAMS = 30e6
+MERGE_ANYWAY: set = set()  # models merged whatever their size (--merge-anyway)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS_CACHE = os.path.join(HERE, "..", ".cache", "coverage-rows.json")
 
@@ -141,7 +142,7 @@ def at_merge_size(source, name, kw, model, size, side):
         pass
     try:
         torch.manual_seed(0)
-        kw2 = dict(kw, img_size=side)
+        kw2 = dict(kw, **{"img_size" if source == "timm" else "image_size": side})
         rebuilt = build_model(source, name, **kw2).eval()
         with torch.no_grad(), without_fast_path():
             rebuilt(torch.randn(1, *small))
@@ -221,7 +222,7 @@ def run_one(source, family, name, timeout, merge, merge_side=None):
         row["unsound"] = len(report.failing)
         row["applier"] = applier_keeps_function(model, x, groups)
         n_params = sum(p.numel() for p in model.parameters())
-        if merge and n_params > MERGE_MAX_PARAMS:
+        if merge and n_params > MERGE_MAX_PARAMS and name not in MERGE_ANYWAY:
             row["merge_skipped"] = f"{n_params / 1e6:.0f}M parameters: merges not run on this machine"
         elif merge:
             row.update(merge_checks(source, name, kw, model, size, groups, merge_side))
@@ -258,12 +259,14 @@ def main():
     ap.add_argument("--no-torchvision", action="store_true")
     ap.add_argument("--rerun", help="comma-separated families or torchvision models: re-run them in the last "
                     "sweep's results (kept under .cache) and rewrite the report")
+    ap.add_argument("--merge-anyway", default="", help="comma-separated models merged even above 30M parameters")
     ap.add_argument("--merge-size", type=int, default=64,
                     help="input side the merge checks run at where the model takes it (default 64)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     import timm
 
+    MERGE_ANYWAY.update(m for m in args.merge_anyway.split(",") if m)
     if args.rerun:
         return rerun(args, args.rerun.split(","))
     families = args.families.split(",") if args.families else sorted(timm.list_modules())
@@ -305,7 +308,8 @@ def rerun(args, names):
                 row = run_one(r["source"], r["family"], r["model"], args.timeout, args.merge, args.merge_size)
                 saved[key][i] = row
                 print(_line(row), flush=True)
-    saved.setdefault("reruns", []).append(",".join(names))
+    saved.setdefault("reruns", []).append(",".join(names) + (f" --merge-anyway {args.merge_anyway}"
+                                                              if args.merge_anyway else ""))
     saved["minutes"] += (time.perf_counter() - t_start) / 60
     with open(ROWS_CACHE, "w") as f:
         json.dump(saved, f)
