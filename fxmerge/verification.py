@@ -83,20 +83,25 @@ def verify(
     base = copy.deepcopy(model).eval()
     _randomize_degenerate(base, gen)
     dtype = torch.float64
+    # permuted copies are made from a copy that never ran: some models cache
+    # what their forward derives from parameters (LeViT's attention biases in
+    # eval mode), and a copy of a model that ran would reuse the stale cache
     try:
         base = base.to(dtype)
+        pristine = copy.deepcopy(base)
         run_inputs = inputs.map(lambda x: x.to(dtype) if x.is_floating_point() else x)
         with torch.no_grad():
             y0 = run_inputs.call(base)
     except Exception:
         dtype = torch.float32
         base = base.float()
+        pristine = copy.deepcopy(base)
         run_inputs = inputs
         with torch.no_grad():
             y0 = run_inputs.call(base)
     if tol is None:
         tol = 1e-7 if dtype == torch.float64 else 2e-4
-    state = {k: v for k, v in list(base.named_parameters()) + list(base.named_buffers())}
+    state = {k: v for k, v in list(pristine.named_parameters()) + list(pristine.named_buffers())}
     candidates = [g for g in groups.all_groups if g.kind != "output"]
     passes = 0
 
@@ -105,7 +110,7 @@ def verify(
         passes += 1
         sampler = groups.sampler(np.random.default_rng(seed + passes), subset)
         permuted = groups.permute_state(state, sampler)
-        m = copy.deepcopy(base)
+        m = copy.deepcopy(pristine)
         with torch.no_grad():
             for name, t in permuted.items():
                 get_tensor(m, name).copy_(t)

@@ -87,3 +87,28 @@ def test_source_model_is_not_mutated():
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class CachedBias(nn.Module):
+    """Caches a tensor derived from a parameter on its first eval-mode
+    forward (LeViT's attention biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.ones(6))
+        self.cache = {}
+
+    def forward(self, x):
+        if "scale" not in self.cache:
+            self.cache["scale"] = self.scale * 2
+        return self.b(torch.relu(self.a(x)) * self.cache["scale"])
+
+
+def test_verify_permutes_copies_that_never_ran():
+    # a copy of a model that ran would reuse its stale cache: a false alarm
+    model = CachedBias().eval()
+    x = torch.randn(3, 4)
+    groups = fxmerge.analyze(model, x)
+    assert len(groups) == 1
+    assert fxmerge.verify(model, x, groups).ok
