@@ -26,8 +26,14 @@ def build(entry, **extra):
     torch.manual_seed(0)
     kw = {**entry["kw"], **extra}
     if entry["source"] == "torchvision":
-        return torchvision.models.get_model(entry["model"], weights=None, **kw).eval()
-    return timm.create_model(entry["model"], pretrained=False, **kw).eval()
+        model = torchvision.models.get_model(entry["model"], weights=None, **kw).eval()
+    else:
+        model = timm.create_model(entry["model"], pretrained=False, **kw).eval()
+    with torch.no_grad():  # a zero-initialised head makes every output zero: the check would be vacuous
+        for p in model.parameters():
+            if p.ndim >= 2 and p.numel() > 1 and not bool(p.any()):
+                p.normal_(0.0, 0.02)
+    return model
 
 
 def model_and_input(entry):
