@@ -294,6 +294,8 @@ def analyze(
     _finalize_members(analysis)
     pg = PermutationGroups(traced, analysis, model_name=model_name or type(model).__name__)
     pg.aliases = tensor_aliases(model, pg.members)
+    persistent = set(model.state_dict())
+    pg.non_persistent = {n for n, _ in model.named_buffers(remove_duplicate=False) if n not in persistent}
     return pg
 
 

@@ -19,6 +19,11 @@ axis when absent) of axis ``axis`` of tensor ``param``:
 * ``structure.rows = {axis, start, stop}``: only where the index along that
   other axis lies in ``[start, stop)``.
 
+A member with ``"persistent": false`` is a non-persistent buffer (rotary
+frequency bands, cached tables): a saved state dict does not hold it, so pass
+``{**model.state_dict(), **dict(model.named_buffers())}`` and write the
+permuted buffers back into the module.
+
 All re-indexings are stated in the unpermuted tensor's coordinates; applying
 members with ``rows`` first, then the others from the deepest
 ``structure.depth`` to the shallowest, composes them correctly.

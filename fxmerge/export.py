@@ -43,14 +43,23 @@ def _with_aliases(d: dict, aliases: dict, members) -> list:
     return [d] + [{**d, "param": a} for a in aliases.get(d["param"], ()) if a not in members]
 
 
-def group_to_dict(g, member_shapes: dict, aliases: dict = None, members=()) -> dict:
+def _marked(d: dict, non_persistent) -> dict:
+    """A member that is a non-persistent buffer (outside the state dict,
+    rebuilt by the module, such as rotary frequency bands) says so: a state
+    dict alone cannot carry its permutation."""
+    if d["param"] in non_persistent:
+        d["persistent"] = False
+    return d
+
+
+def group_to_dict(g, member_shapes: dict, aliases: dict = None, members=(), non_persistent=()) -> dict:
     aliases = aliases or {}
     d = {
         "id": g.id,
         "kind": g.kind,
         "size": g.size,
         "permutations": g.permutations,
-        "members": [d for m in g.slices for d in _with_aliases(member_to_dict(m, member_shapes[m.param]), aliases, members)],
+        "members": [d for m in g.slices for d in _with_aliases(_marked(member_to_dict(m, member_shapes[m.param]), non_persistent), aliases, members)],
         "nodes": list(g.nodes),
         "numel": g.numel,
     }
@@ -68,7 +77,8 @@ def groups_to_dict(pg) -> dict:
         "shapes": {alias: list(pg.member_shapes[name]) for name in
                    dict.fromkeys(m.param for g in pg.groups for m in g.slices)
                    for alias in [name] + [a for a in aliases.get(name, ()) if a not in pg.members]},
-        "groups": [group_to_dict(g, pg.member_shapes, aliases, pg.members) for g in pg.groups],
+        "groups": [group_to_dict(g, pg.member_shapes, aliases, pg.members, getattr(pg, "non_persistent", ()))
+                   for g in pg.groups],
         "pinned": [{"op": p.kind, "count": p.count, "reason": p.reason} for p in pg.pinned],
     }
 

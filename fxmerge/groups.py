@@ -343,6 +343,8 @@ class PermutationGroups:
         self._by_root = {r.uid: g for g in self.all_groups for r in g.roots}
         # other state-dict names of a member tensor (a module shared by two places; set by ``analyze``)
         self.aliases: dict = {}
+        # buffers outside the state dict (set by ``analyze``): the export marks them
+        self.non_persistent: set = set()
 
     def __len__(self) -> int:
         return len(self.groups)

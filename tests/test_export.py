@@ -13,6 +13,7 @@ import torch
 
 import fxmerge
 from fxmerge.apply import apply_permutations
+from fxmerge.tensors import get_tensor
 from fxmerge.tracing import without_fast_path
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -82,8 +83,12 @@ def test_exported_groups_applied_without_fxmerge_keep_the_function(entry):
     exported = json.loads(groups.to_json())
     assert exported["schema"].startswith("fxmerge-groups/2")
     base = model.double()
+    # the state dict and the non-persistent buffers (members marked "persistent": false)
+    state = {**base.state_dict(), **dict(base.named_buffers())}
     permuted = copy.deepcopy(base)
-    permuted.load_state_dict(apply_permutations(base.state_dict(), exported, seed=7))
+    with torch.no_grad():
+        for name, t in apply_permutations(state, exported, seed=7).items():
+            get_tensor(permuted, name).copy_(t)
     changed = sum(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), permuted.state_dict().values()))
     assert changed > 0 or not exported["groups"]
     with torch.no_grad(), without_fast_path():
@@ -157,3 +162,31 @@ def test_a_module_shared_by_two_places_is_permuted_under_every_name():
     again.load_state_dict(state2)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+class BufferScaled(torch.nn.Module):
+    """A per-channel scale kept as a non-persistent buffer (rotary bands are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+        self.register_buffer("scale", torch.rand(6) + 0.5, persistent=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) * self.scale)
+
+
+def test_a_non_persistent_buffer_is_marked_and_applies_with_the_buffers():
+    torch.manual_seed(0)
+    model = BufferScaled().eval().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    exported = json.loads(fxmerge.analyze(model, x).to_json())
+    marked = [m for g in exported["groups"] for m in g["members"] if m["param"] == "scale"]
+    assert marked and all(m["persistent"] is False for m in marked)
+    assert "scale" not in model.state_dict()
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, t in apply_permutations({**model.state_dict(), **dict(model.named_buffers())}, exported,
+                                          seed=2).items():
+            get_tensor(permuted, name).copy_(t)
+        torch.testing.assert_close(permuted(x), model(x), rtol=1e-9, atol=1e-12)
