@@ -355,8 +355,9 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         (f" --merge --merge-size {args.merge_size}" if args.merge else "")
     cmd = getattr(args, "original", cmd)
     if reruns:
-        cmd += "`, then, after fixes, " + ", ".join(f"`python benchmarks/coverage.py --merge --rerun {r}" for r in reruns)
-        cmd += "` (those rows are from the re-run)"
+        cmd += "`, then, after fixes, " + ", ".join(f"`python benchmarks/coverage.py --merge --rerun {r}`"
+                                                     for r in reruns)
+        cmd += " (those rows are from the re-runs)"
     else:
         cmd += "`"
     lines = [
