@@ -38,8 +38,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxmerge  # noqa: E402
 from fxmerge import models  # noqa: E402
-from fxmerge.apply import apply_permutations  # noqa: E402
-from fxmerge.tensors import get_tensor  # noqa: E402
+from fxmerge.apply import apply_to_model  # noqa: E402
 from fxmerge.tracing import without_fast_path  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -124,13 +123,7 @@ def applier_keeps_function(model, x, groups) -> float:
     """Relative output change after applying random permutations from the
     exported JSON with the reference applier (float64)."""
     base = copy.deepcopy(model).double().eval()
-    # the state dict and the non-persistent buffers (the export marks those)
-    state = {**base.state_dict(), **dict(base.named_buffers())}
-    permuted = apply_permutations(state, json.loads(groups.to_json()), seed=7)
-    other = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, t in permuted.items():
-            get_tensor(other, name).copy_(t)
+    other = apply_to_model(copy.deepcopy(base), json.loads(groups.to_json()), seed=7)
     xd = x.double()
     with torch.no_grad(), without_fast_path():
         y0, y1 = base(xd), other(xd)

@@ -10,12 +10,12 @@ _LAZY = {
     "trace": "tracing", "analyze": "analysis", "PermutationGroups": "groups", "Group": "groups",
     "verify": "verification", "VerifyReport": "verification", "merge": "engine", "MergeResult": "engine",
     "MergePlan": "engine", "METHODS": "constants", "save": "io", "load": "io",
-    "apply_permutations": "apply",
+    "apply_permutations": "apply", "apply_to_model": "apply",
 }
 
 __all__ = [
     "trace", "TraceError", "analyze", "PermutationGroups", "Group", "verify", "VerifyReport",
-    "merge", "MergeResult", "MergePlan", "METHODS", "save", "load", "apply_permutations",
+    "merge", "MergeResult", "MergePlan", "METHODS", "save", "load", "apply_permutations", "apply_to_model",
     "FxmergeError", "InputError", "RewriteError", "BudgetError", "FxmergeWarning", "BudgetWarning", "MemoryWarning",
     "__version__",
 ]

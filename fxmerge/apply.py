@@ -20,9 +20,8 @@ axis when absent) of axis ``axis`` of tensor ``param``:
   other axis lies in ``[start, stop)``.
 
 A member with ``"persistent": false`` is a non-persistent buffer (rotary
-frequency bands, cached tables): a saved state dict does not hold it, so pass
-``{**model.state_dict(), **dict(model.named_buffers())}`` and write the
-permuted buffers back into the module.
+frequency bands, cached tables): a saved state dict does not hold it.
+``apply_to_model`` permutes a module in place, buffers included.
 
 All re-indexings are stated in the unpermuted tensor's coordinates; applying
 members with ``rows`` first, then the others from the deepest
@@ -110,3 +109,21 @@ def _reindex(t: torch.Tensor, m: dict, perms: list) -> torch.Tensor:
     part = view.narrow(axis, start, stop - start)
     part.copy_(part.index_select(axis, perm))
     return t
+
+
+def apply_to_model(model: torch.nn.Module, groups: Union[str, dict], permutations: Optional[dict] = None,
+                   seed: int = 0) -> torch.nn.Module:
+    """Permute ``model`` in place (its state dict and its non-persistent
+    buffers, which a saved state dict does not carry) and return it."""
+    state = {**model.state_dict(), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, t in apply_permutations(state, groups, permutations, seed).items():
+            if t is state[name]:
+                continue  # untouched
+            owner = model
+            *path, leaf = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            getattr(owner, leaf).copy_(t)
+    return model
+

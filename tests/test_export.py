@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import fxmerge
-from fxmerge.apply import apply_permutations
-from fxmerge.tensors import get_tensor
+from fxmerge.apply import apply_permutations, apply_to_model
 from fxmerge.tracing import without_fast_path
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -84,11 +83,7 @@ def test_exported_groups_applied_without_fxmerge_keep_the_function(entry):
     assert exported["schema"].startswith("fxmerge-groups/2")
     base = model.double()
     # the state dict and the non-persistent buffers (members marked "persistent": false)
-    state = {**base.state_dict(), **dict(base.named_buffers())}
-    permuted = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, t in apply_permutations(state, exported, seed=7).items():
-            get_tensor(permuted, name).copy_(t)
+    permuted = apply_to_model(copy.deepcopy(base), exported, seed=7)
     changed = sum(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), permuted.state_dict().values()))
     assert changed > 0 or not exported["groups"]
     with torch.no_grad(), without_fast_path():
@@ -184,9 +179,7 @@ def test_a_non_persistent_buffer_is_marked_and_applies_with_the_buffers():
     marked = [m for g in exported["groups"] for m in g["members"] if m["param"] == "scale"]
     assert marked and all(m["persistent"] is False for m in marked)
     assert "scale" not in model.state_dict()
-    permuted = copy.deepcopy(model)
+    permuted = apply_to_model(copy.deepcopy(model), exported, seed=2)
+    assert not torch.equal(permuted.scale, model.scale)
     with torch.no_grad():
-        for name, t in apply_permutations({**model.state_dict(), **dict(model.named_buffers())}, exported,
-                                          seed=2).items():
-            get_tensor(permuted, name).copy_(t)
         torch.testing.assert_close(permuted(x), model(x), rtol=1e-9, atol=1e-12)
