@@ -151,10 +151,35 @@ def sample_rows(mod: nn.Module, x: torch.Tensor, idx) -> torch.Tensor:
                 th, tw = dh * (kh - 1), dw * (kw - 1)
                 x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
             padding = 0
+        elif mod.padding_mode != "zeros":  # reflect / replicate / circular: pad as the layer does
+            (ph, pw) = padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=mod.padding_mode)
+            padding = 0
+        padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        if idx is not None:
+            return sampled_patches(x, mod.kernel_size, mod.stride, padding, mod.dilation, idx)
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
         X = rows(cols.permute(0, 2, 1), idx)  # (rows, in x taps)
         return X.reshape(X.shape[0], x.shape[1], -1)
     return rows(positions_view(x, x.ndim - 1), idx).unsqueeze(-1)
+
+
+def sampled_patches(x: torch.Tensor, kernel_size, stride, padding, dilation, idx: torch.Tensor) -> torch.Tensor:
+    """The im2col patches ``(batch x positions, channels, taps)`` of a 2-d
+    convolution at the output positions ``idx`` only, in ``F.unfold``'s
+    order: gathering the kept positions' taps reads a few dozen positions
+    instead of unfolding the whole map (at 224x224 the early layers have
+    thousands of positions, of which the statistics keep 64)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    b, c, h, w = x.shape
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    r, col = (idx // out_w) * sh, (idx % out_w) * sw
+    taps_r = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)
+    taps_c = (torch.arange(kw, device=x.device) * dw).repeat(kh)
+    patches = x[:, :, r[:, None] + taps_r[None], col[:, None] + taps_c[None]]  # (batch, channels, positions, taps)
+    return patches.permute(0, 2, 1, 3).reshape(-1, c, kh * kw)
 
 
 def output_view(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -363,9 +388,9 @@ def ridge_lambda(G: torch.Tensor, ridge: float) -> float:
 def solve_block(G: torch.Tensor, C: torch.Tensor, W0: torch.Tensor, ridge: float) -> torch.Tensor:
     """``argmin_W ||X W^T - Y||^2 + lam ||W - W0||^2`` from ``G = X^T X`` and
     ``C = X^T Y`` (``W0``: rows x cols). Returns ``W`` (rows x cols)."""
-    d = G.shape[0]
     lam = ridge_lambda(G, ridge)
-    A = G + lam * torch.eye(d, dtype=G.dtype, device=G.device)
+    A = G.clone()
+    A.diagonal().add_(lam)
     B = C + lam * W0.T
     try:
         L = torch.linalg.cholesky(A)

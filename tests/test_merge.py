@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge.lstsq import solve_block
+from fxmerge.lstsq import sample_rows, solve_block
+from fxmerge.tensors import rows
 from fxmerge.batchnorm import reset_batch_norm
 from nets import build
 
@@ -134,6 +135,26 @@ def test_least_squares_solution_satisfies_the_normal_equations():
 
     for _ in range(5):
         assert obj(W + 1e-3 * torch.randn(5, 12, generator=g, dtype=torch.float64)) > obj(W)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,mode", [
+    (3, 1, 1, 1, "zeros"), (3, 2, 1, 1, "zeros"), (7, 2, 3, 1, "zeros"), (1, 1, 0, 1, "zeros"),
+    ((3, 5), (2, 1), (1, 2), (1, 2), "zeros"), (3, 1, 1, 1, "reflect"), (3, 1, "same", 1, "zeros")])
+def test_sampled_conv_rows_reproduce_the_layer_and_the_full_unfold(kernel, stride, padding, dilation, mode):
+    # the rows least squares fits on are the layer's own input patches: X W^T + b
+    # is the convolution's output at the sampled positions, and gathering only
+    # those positions gives exactly the rows of the full im2col
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 4, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    x = torch.randn(3, 6, 13, 11)
+    y = conv(x)
+    n_pos = y.shape[2] * y.shape[3]
+    idx = torch.randperm(n_pos)[:7]
+    X = sample_rows(conv, x, idx)
+    pred = X.reshape(X.shape[0], -1) @ conv.weight.reshape(4, -1).T + conv.bias
+    torch.testing.assert_close(pred, rows(y.flatten(2).transpose(1, 2), idx), rtol=1e-5, atol=1e-5)
+    every = sample_rows(conv, x, None)
+    assert torch.equal(every.reshape(3, n_pos, 6, -1)[:, idx].reshape(X.shape), X)
 
 
 def test_least_squares_does_not_increase_the_layer_losses():
