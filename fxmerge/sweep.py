@@ -318,6 +318,8 @@ class Sweep:
 
             bar = tqdm(total=len(sched.waves), desc=self.desc, leave=False)
         n_batches = None
+        # where the time goes: the three models' nodes, the statistics, the solves
+        spent = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
         try:
             for wave in sched.waves:
                 points = [p for p in self.points if p.wave == wave]
@@ -333,22 +335,28 @@ class Sweep:
                 count = 0
                 for i, item in enumerate(source):
                     envs = {}
+                    t = time.perf_counter()
                     for s in self.slots:
                         nodes = self.nodes[s]
                         env = {nodes[n]: self.store.get((s, n, i)) for n in load[s]}
                         self._compute(interps[s], [nodes[n] for n in compute[s]], env, item)
                         envs[s] = env
                     value = lambda slot, node: envs[slot][self.nodes[slot][node.name]]  # noqa: E731
+                    t1 = time.perf_counter()
                     for p in points:
                         p.collect(i * world + me, value)
+                    spent["forward"] += t1 - t
+                    spent["statistics"] += time.perf_counter() - t1
                     if self.mode == "frontier":
                         self._keep(envs, compute, load, wave, i)
                     count += 1
                 if n_batches is None:
                     n_batches = count
                 sync()  # every rank reached the end of the wave
+                t = time.perf_counter()
                 for p in points:
                     p.finish()
+                spent["solve"] += time.perf_counter() - t
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -364,6 +372,7 @@ class Sweep:
             "frontier_spilled_bytes": self.store.spilled,
             "statistics_peak_bytes": self.stats_peak,
             "seconds": time.perf_counter() - t0,
+            **{f"{k}_seconds": v for k, v in spent.items()},
         }
         return self.report
 
