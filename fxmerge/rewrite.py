@@ -182,6 +182,8 @@ class WidenGraph:
                 self._rewrite_narrow(node, old)
             elif node.op == "call_function" and node.target is operator.getitem:
                 self._rewrite_getitem(node, old)
+            elif node.op == "call_function" and node.target is torch.nn.functional.group_norm:
+                self._rewrite_group_count(node, old)
 
     def _rewrite_shape_args(self, node, old, start):
         new_shape = self.new_shape(old)
@@ -218,6 +220,32 @@ class WidenGraph:
             node.kwargs = kwargs
         else:
             node.args = tuple(args[:start]) + ((tuple(sizes),) if packed else tuple(sizes))
+
+    def _rewrite_group_count(self, node, old):
+        """``F.group_norm(x, num_groups, ...)`` traced through a norm module:
+        blocks are widened whole, so the group count grows with the channels
+        (as ``nn.GroupNorm``'s resize rule does for the module)."""
+        x_old = old.args[0]
+        meta = x_old.meta.get("fxm_value")
+        new_shape = self.new_shape(x_old)
+        if new_shape is None or not isinstance(meta, TensorInfo) or new_shape[1] == meta.shape[1]:
+            return
+        old_c, new_c = meta.shape[1], new_shape[1]
+        if len(node.args) > 1:
+            groups = node.args[1]
+            args = list(node.args)
+            args[1] = self._grown_groups(node, groups, old_c, new_c)
+            node.args = tuple(args)
+        elif "num_groups" in node.kwargs:
+            node.kwargs = {**node.kwargs,
+                           "num_groups": self._grown_groups(node, node.kwargs["num_groups"], old_c, new_c)}
+
+    @staticmethod
+    def _grown_groups(node, groups, old_c: int, new_c: int) -> int:
+        if not isinstance(groups, int) or (new_c * groups) % old_c:
+            raise RewriteError(f"cannot rewrite the group count of '{node.name}' (group_norm): {groups!r} groups "
+                               f"for {old_c} channels widened to {new_c}")
+        return groups * new_c // old_c
 
     def _rewrite_split(self, node, old):
         """``split`` and ``chunk``: the parts of a widened axis need not keep

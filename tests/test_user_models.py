@@ -212,6 +212,34 @@ class SamePaddingNet(nn.Module):
         return self.head(F.gelu(self.b(F.gelu(self.a(x)))))
 
 
+class FunctionalGroupNorm(nn.Module):
+    """A norm module whose forward calls ``F.group_norm`` with its own group
+    count (timm's GroupNormAct, traced through): the traced call carries the
+    count as a constant that must grow with the channels."""
+
+    def __init__(self, groups, channels):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(channels))
+        self.bias = nn.Parameter(0.1 * torch.randn(channels))
+
+    def forward(self, x):
+        return F.relu(F.group_norm(x, self.groups, self.weight, self.bias, 1e-5))
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm_a = FunctionalGroupNorm(4, 8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm_b = nn.GroupNorm(2, 8)
+        self.head = Head(8)
+
+    def forward(self, x):
+        return self.head(F.relu(self.norm_b(self.b(self.norm_a(self.a(x))))))
+
+
 SIZE = 16
 NETS = {
     "concat": (ConcatNet, None, False),
@@ -226,6 +254,7 @@ NETS = {
     "flatten_linear": (FlattenNet, None, False),
     "packed_bias": (PackedBiasNet, None, False),
     "same_padding": (SamePaddingNet, None, False),
+    "group_norm": (GroupNormNet, None, False),
 }
 
 
