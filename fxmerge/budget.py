@@ -273,13 +273,46 @@ def normalized_roots(pg) -> set:
     return out
 
 
+def block_inner_roots(pg) -> set:
+    """Roots inside the blocks of a product whose blocks move whole (the
+    per-group channels of a grouped convolution): the rewrite widens such a
+    product block by block, so a root inside its blocks keeps its width even
+    where it also appears as an axis of its own (ResNeSt sums its radix
+    blocks into one axis and reads that axis with a dense layer)."""
+    inner: set = set()
+
+    def walk(x):
+        if isinstance(x, Dep):
+            for t in x.table:
+                walk(t)
+            return
+        s = find(x).structure
+        if isinstance(s, Concat):
+            for p in s.parts:
+                walk(p)
+        elif isinstance(s, Product):
+            if find(s.outer).pinned:
+                for i in s.inners:
+                    walk(i)
+            else:
+                walk(s.outer)
+                for i in s.inners:
+                    roots_within(i, inner)
+
+    for lays in pg.members.values():
+        for lay in lays:
+            walk(lay)
+    return inner
+
+
 def merged_only_roots(pg, norm_policy: str) -> dict:
     """Roots that must stay fully merged, each with the reason: blocks that
-    cannot move (a grouped op over a concatenation), features a
-    normalisation reads across the whole axis (all of them under
-    ``norm_policy="merged"``, those the rewrite cannot split otherwise), and
-    features an op combines (``Mixing``: reductions, softmax, normalize over
-    channels). Each root maps to the list of its reasons."""
+    cannot move (a grouped op over a concatenation), channels inside blocks
+    that widen whole, features a normalisation reads across the whole axis
+    (all of them under ``norm_policy="merged"``, those the rewrite cannot
+    split otherwise), and features an op combines (``Mixing``: reductions,
+    softmax, normalize over channels). Each root maps to the list of its
+    reasons."""
     from .analysis import op_kind
     from .rewrite import normalized_layouts, splittable
 
@@ -292,6 +325,8 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
 
     for u in frozen_roots(pg):
         why.setdefault(u, []).append("a grouped op over a concatenation keeps its blocks")
+    for u in block_inner_roots(pg):
+        why.setdefault(u, []).append("a grouped convolution widens its groups whole, never within one")
     nodes = {n.name: n for n in pg.gm.graph.nodes}
     for name, norm in pg.normalizations.items():
         node = nodes[name]

@@ -240,6 +240,33 @@ class GroupNormNet(nn.Module):
         return self.head(F.relu(self.norm_b(self.b(self.norm_a(self.a(x))))))
 
 
+class SplitAttentionNet(nn.Module):
+    """ResNeSt's split attention: a grouped convolution whose groups are the
+    radix splits, reshaped to ``(batch, radix, channels, h, w)``, summed over
+    the radix for a gate computed by dense layers, and gated per split (the
+    per-split channels appear both inside the convolution's blocks and as
+    an axis of their own)."""
+
+    def __init__(self, radix=2, channels=8):
+        super().__init__()
+        self.radix = radix
+        self.stem = ConvBN(3, 8)
+        self.conv = nn.Conv2d(8, channels * radix, 3, padding=1, groups=radix)
+        self.bn = nn.BatchNorm2d(channels * radix)
+        self.fc1 = nn.Conv2d(channels, 8, 1)
+        self.fc2 = nn.Conv2d(8, channels * radix, 1)
+        self.head = Head(channels)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(self.stem(x))))
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        gap = x.sum(dim=1).mean((2, 3), keepdim=True)
+        attn = self.fc2(F.relu(self.fc1(gap))).view(b, self.radix, -1).softmax(dim=1)
+        out = (x * attn.reshape(b, self.radix, rc // self.radix, 1, 1)).sum(dim=1)
+        return self.head(out)
+
+
 SIZE = 16
 NETS = {
     "concat": (ConcatNet, None, False),
@@ -255,6 +282,7 @@ NETS = {
     "packed_bias": (PackedBiasNet, None, False),
     "same_padding": (SamePaddingNet, None, False),
     "group_norm": (GroupNormNet, None, False),
+    "split_attention": (SplitAttentionNet, None, True),
 }
 
 
