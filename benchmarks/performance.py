@@ -34,6 +34,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fxmerge.allocator import keep_freed_memory  # noqa: E402
+
 
 def models(arch):
     import timm
@@ -256,6 +258,7 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "performance.md"))
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()  # the command line's allocator setting, in every process of the benchmark
     if args.child_memory:
         child_memory(args.arch, args.memory_size, args.child_memory, args.budget, args.child_schedule,
                      args.child_max_memory)
@@ -287,7 +290,8 @@ def main():
         f"Produced by `{cmd}` (fxmerge {fxmerge.__version__}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, device {args.device}). "
         "Random-init source models (seeds 0 and 1, 10 classes), generic calibration images, budget "
-        f"{args.budget}x, every other option at its default. Every figure below is a ratio within this run.",
+        f"{args.budget}x, every other option at its default; the C allocator set up as the command line sets it (freed memory kept for "
+        "reuse: fxmerge/allocator.py). Every figure below is a ratio within this run.",
         "",
     ] + ([] if str(args.device).startswith("cuda") else [
         "CUDA figures: not yet measured (no GPU has been available to this project). On a machine with one, "

@@ -10,6 +10,7 @@ import time
 import warnings
 
 from . import constants as C
+from .allocator import keep_freed_memory
 from .errors import FxmergeError, FxmergeWarning
 
 EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -289,6 +290,8 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     if argv is None and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _interrupt)  # the command line: a kill cleans up like Ctrl-C
+    if argv is None:  # the command line, not a test calling main(): see fxmerge/allocator.py
+        keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -1,4 +1,8 @@
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,3 +191,13 @@ def test_help_and_version_print_and_exit_0(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_the_command_line_allocator_setting_applies_unless_told_not_to():
+    code = "from fxmerge.allocator import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if k != "FXMERGE_MALLOC"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
+                                   check=True).stdout.strip()
+    assert run(env) == "True"
+    assert run({**env, "FXMERGE_MALLOC": "system"}) == "False"
