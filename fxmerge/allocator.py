@@ -4,10 +4,9 @@ glibc hands every block above its mmap threshold (at most 32 MB) back to the
 operating system when it is freed and maps it afresh on the next
 allocation, whose first touch of every page then faults. A forward pass at
 224x224 allocates activations of hundreds of megabytes per layer, so a
-fresh process spends most of a forward pass in the kernel: resnet50 over
-128 images on two threads took 16 s, 15 of them system time, and 6.5 s with
-every allocation served from a heap that is never trimmed.
-``keep_freed_memory`` sets that up: freed memory stays in the process for
+fresh process spends much of a forward pass in the kernel, zeroing pages.
+``keep_freed_memory`` serves every allocation from a heap that is never
+trimmed: freed memory stays in the process for
 the next allocation (the peak resident memory is unchanged; it is just not
 given back before the process exits). The command line calls it unless
 ``FXMERGE_MALLOC=system``; the Python API leaves the allocator alone.
