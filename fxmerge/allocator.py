@@ -6,10 +6,11 @@ allocation, whose first touch of every page then faults. A forward pass at
 224x224 allocates activations of hundreds of megabytes per layer, so a
 fresh process spends much of a forward pass in the kernel, zeroing pages.
 ``keep_freed_memory`` serves every allocation from a heap that is never
-trimmed: freed memory stays in the process for
-the next allocation (the peak resident memory is unchanged; it is just not
-given back before the process exits). The command line calls it unless
-``FXMERGE_MALLOC=system``; the Python API leaves the allocator alone.
+trimmed: freed memory stays in the process for the next allocation and is
+not given back before the process exits, and the peak resident memory can
+be somewhat higher (a freed block is not always reusable for a larger
+request; docs/performance.md measures both). The command line calls it
+unless ``FXMERGE_MALLOC=system``; the Python API leaves the allocator alone.
 """
 from __future__ import annotations
 
