@@ -9,8 +9,9 @@ fresh process spends much of a forward pass in the kernel, zeroing pages.
 trimmed: freed memory stays in the process for the next allocation and is
 not given back before the process exits, and the peak resident memory can
 be somewhat higher (a freed block is not always reusable for a larger
-request; docs/performance.md measures both). The command line calls it
-unless ``FXMERGE_MALLOC=system``; the Python API leaves the allocator alone.
+request; docs/performance.md measures the peak under this setting). The
+command line calls it unless ``FXMERGE_MALLOC=system``; the Python API
+leaves the allocator alone.
 """
 from __future__ import annotations
 
