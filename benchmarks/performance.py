@@ -204,6 +204,11 @@ def merge_vs_forward(arch, size, calib, budget, ls_inputs, device="cpu"):
             "cost_planned": res.report["cost_planned"], "cost_measured": res.report["cost_measured"]}
 
 
+SPILL_NOTE = ("The frontier's in-memory part is capped at `--max-memory` less the statistics' peak; whatever "
+              "does not fit spills to disk. A larger calibration set first fills that cap, so the peak grows by "
+              "up to the cap's free part, then stays put (the spilled column grows instead).")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. On Linux the high-water mark of
     its own address space (VmHWM): ``ru_maxrss`` also counts the parent's
@@ -343,6 +348,8 @@ def main():
             f"Frontier over recompute at {sizes[0]} images: **{mem[('frontier', sizes[0])]['maxrss_mb'] - rec['maxrss_mb']:+.0f} MB**; "
             f"growth of the frontier run's peak from {sizes[0]} to {sizes[-1]} images: "
             f"**{100 * (mem[('frontier', sizes[-1])]['maxrss_mb'] / mem[('frontier', sizes[0])]['maxrss_mb'] - 1):.1f}%**.",
+            "",
+            SPILL_NOTE,
         ]
     if ls:
         lines += [
