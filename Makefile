@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
            scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
 
-.PHONY: install test demo groups bench bench-quick perf tune seeds pleas-free coverage scaling gpu-check clean
+.PHONY: install test demo groups bench bench-quick perf tune budget-curve seeds pleas-free coverage scaling gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -34,11 +34,12 @@ coverage: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py
 
-# the commands behind docs/performance*.md (about an hour in all on 2 cores)
+# the commands behind docs/performance*.md (about an hour in all on 2 cores; --adam-max-cols N adds the
+# closed form against Adam on the layers with at most N columns, which takes hours more)
 perf: $(STAMP)
-	$(PY) benchmarks/performance.py --arch resnet50 --adam-max-cols 1200 --out docs/performance.md
-	$(PY) benchmarks/performance.py --arch resnet18 --out docs/performance-resnet18.md
-	$(PY) benchmarks/performance.py --arch vit_tiny_patch16_224 --adam-max-cols 800 --memory-size 224 --out docs/performance-vit.md
+	$(PY) benchmarks/performance.py --arch resnet50 --calib 512 --adam-max-cols 0 --out docs/performance.md
+	$(PY) benchmarks/performance.py --arch vit_tiny_patch16_224 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-vit.md
+	$(PY) benchmarks/performance.py --arch resnet18 --calib 512 --adam-max-cols 0 --out docs/performance-resnet18.md
 
 # every tuned default, chosen on the validation split (test figures beside it; about 3 h)
 tune: $(STAMP)
@@ -47,6 +48,12 @@ tune: $(STAMP)
 	$(PY) benchmarks/tune.py --option ls_inputs --values merged,ensemble --set bn_stats=source --out docs/ls-inputs.md
 	$(PY) benchmarks/tune.py --option ls_targets --values output,normalized --set bn_stats=source --out docs/ls-targets.md
 	$(PY) benchmarks/tune.py --option planner --values pairs,reach,residual,auto --out docs/planner.md
+	$(PY) benchmarks/tune.py --option matching --values activation,weight --threads 1 --out docs/matching.md
+	$(PY) benchmarks/tune.py --option frontier_dtype --values float32,bfloat16,float16 --families resnet18,mobilenetv3,vit --budgets 1,1.2 --threads 1 --out docs/frontier-dtype.md
+
+# how much budget PLeaS needs to come within 3 points of the ensemble (the families furthest from it)
+budget-curve: $(STAMP)
+	$(PY) benchmarks/budget_curve.py --families mobilenetv3,mbnet,vit --out docs/budget-curve.md
 
 # data-parallel merging under torchrun (gloo) against one process
 scaling: $(STAMP)
