@@ -326,7 +326,7 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
     for u in frozen_roots(pg):
         why.setdefault(u, []).append("a grouped op over a concatenation keeps its blocks")
     for u in block_inner_roots(pg):
-        why.setdefault(u, []).append("a grouped convolution widens its groups whole, never within one")
+        why.setdefault(u, []).append("blocks (convolution groups, heads) widen whole, never within one")
     nodes = {n.name: n for n in pg.gm.graph.nodes}
     for name, norm in pg.normalizations.items():
         node = nodes[name]
