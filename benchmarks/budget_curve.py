@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
-from common import FAMILIES, SCENARIOS, log  # noqa: E402
+from common import log  # noqa: E402
 
 import fxmerge  # noqa: E402
 
@@ -69,20 +66,9 @@ def report(args, argv, results: dict, minutes: float) -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(FAMILIES))
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--budgets", default="1,1.2,1.5,1.8,2")
     p.add_argument("--within", type=float, default=3.0, help="points of the ensemble counted as near it")
-    p.add_argument("--calib", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    results = run(args)
-    common.write(args.out, report(args, argv, results, (time.perf_counter() - t0) / 60))
-    log(f"wrote {args.out}")
-    return 0
+    common.add_pair_arguments(p, budgets="1,1.2,1.5,1.8,2")
+    return common.run_and_write(p.parse_args(argv), argv, run, report)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 import numpy as np
 import torch
@@ -204,6 +205,28 @@ def environment() -> str:
     return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
             f"scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}; "
             f"{platform.machine()}, {os.cpu_count()} CPU threads")
+
+
+def add_pair_arguments(p, budgets: str) -> None:
+    """The options of a script that merges the suite's source pairs at a list
+    of budgets and writes one markdown report."""
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--budgets", default=budgets)
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True)
+
+
+def run_and_write(args, argv, run, report) -> int:
+    """``report(args, argv, run(args), minutes)`` written to ``args.out``,
+    on ``args.threads`` BLAS threads."""
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    results = run(args)
+    write(args.out, report(args, argv, results, (time.perf_counter() - t0) / 60))
+    log(f"wrote {args.out}")
+    return 0
 
 
 def write(path: str, lines: list) -> None:

@@ -18,13 +18,12 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
-from common import FAMILIES, SCENARIOS, log  # noqa: E402
+from common import FAMILIES, log  # noqa: E402
 
 import fxmerge  # noqa: E402
 
@@ -105,19 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--values", required=True, help="comma-separated values to compare")
     p.add_argument("--set", default="", help="other options held fixed, as k=v,k=v")
     p.add_argument("--method", default="pleas")
-    p.add_argument("--families", default=",".join(FAMILIES))
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--budgets", default="1,1.2,1.5")
-    p.add_argument("--calib", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    results = run(args)
-    common.write(args.out, report(args, argv, results, (time.perf_counter() - t0) / 60))
-    log(f"wrote {args.out}")
-    return 0
+    common.add_pair_arguments(p, budgets="1,1.2,1.5")
+    return common.run_and_write(p.parse_args(argv), argv, run, report)
 
 
 if __name__ == "__main__":
