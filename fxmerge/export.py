@@ -59,7 +59,9 @@ def group_to_dict(g, member_shapes: dict, aliases: dict = None, members=(), non_
         "kind": g.kind,
         "size": g.size,
         "permutations": g.permutations,
-        "members": [d for m in g.slices for d in _with_aliases(_marked(member_to_dict(m, member_shapes[m.param]), non_persistent), aliases, members)],
+        "members": [d for m in g.slices
+                    for d in _with_aliases(_marked(member_to_dict(m, member_shapes[m.param]), non_persistent),
+                                           aliases, members)],
         "nodes": list(g.nodes),
         "numel": g.numel,
     }
@@ -70,15 +72,14 @@ def group_to_dict(g, member_shapes: dict, aliases: dict = None, members=(), non_
 
 
 def groups_to_dict(pg) -> dict:
-    aliases = getattr(pg, "aliases", {})
+    aliases = pg.aliases
     return {
         "schema": SCHEMA,
         "model": pg.model_name,
         "shapes": {alias: list(pg.member_shapes[name]) for name in
                    dict.fromkeys(m.param for g in pg.groups for m in g.slices)
                    for alias in [name] + [a for a in aliases.get(name, ()) if a not in pg.members]},
-        "groups": [group_to_dict(g, pg.member_shapes, aliases, pg.members, getattr(pg, "non_persistent", ()))
-                   for g in pg.groups],
+        "groups": [group_to_dict(g, pg.member_shapes, aliases, pg.members, pg.non_persistent) for g in pg.groups],
         "pinned": [{"op": p.kind, "count": p.count, "reason": p.reason} for p in pg.pinned],
     }
 
