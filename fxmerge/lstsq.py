@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import scipy.linalg.blas as blas
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ from .distributed import all_sum
 from .runner import sample_positions
 from .sweep import A, B, M, Point
 from .tensors import get_tensor, positions_view, row_blocks, rows
-from .widening import Widening, widen_features
+from .widening import ROLE_A, ROLE_B, ROLE_M, Widening, widen_features
 
 
 def supports(mod: nn.Module) -> bool:
@@ -86,6 +85,69 @@ class LayerSystem:
     loss_init: float = field(default=float("nan"))
     loss_fit: float = field(default=float("nan"))
     taps: Callable | None = None  # the weight's input and output inside an opaque module (``Contraction.taps``)
+    # where the weight's columns and rows sit in gram / cross / yy (None: in
+    # the weight's own order); set by the first ``accumulate``
+    layout: "StatisticsLayout | None" = None
+
+    def dense(self) -> tuple:
+        """``(gram, cross, yy)`` in the weight's own column and row order,
+        zero where no row class reads (for tools that read the systems
+        whole; the solver reads ``layout`` directly)."""
+        if self.layout is None:
+            return self.gram, self.cross, self.yy
+        inv_c = torch.as_tensor(self.layout.inverse_cols, device=self.gram.device)
+        inv_r = torch.as_tensor(self.layout.inverse_outs, device=self.gram.device)
+        gram = self.gram.index_select(1, inv_c).index_select(2, inv_c)
+        return gram, self.cross.index_select(1, inv_c).index_select(2, inv_r), self.yy.index_select(1, inv_r)
+
+
+@dataclass
+class StatisticsLayout:
+    """The order of a layer's statistics when no output row is merged: the
+    A-only rows read only A's and the merged columns, the B-only rows only
+    B's and the merged ones, so the Gram block of A-only against B-only
+    columns is never read. With the columns ordered ``[A-only | merged,
+    bias | B-only]`` and the rows ``[A-only | B-only]``, each row class's
+    system is one contiguous square of the Gram matrix and the unread
+    block is one rectangle that accumulation skips (half of a fully
+    widened layer's work)."""
+    cols: np.ndarray  # statistics column -> weight column
+    outs: np.ndarray  # statistics row -> weight output row
+    a_cols_end: int  # columns [0, a_cols_end): A-only
+    b_cols_start: int  # columns [b_cols_start, end): B-only
+    a_outs_end: int  # rows [0, a_outs_end): A-only, the rest B-only
+
+    @property
+    def inverse_cols(self) -> np.ndarray:
+        return np.argsort(self.cols)
+
+    @property
+    def inverse_outs(self) -> np.ndarray:
+        return np.argsort(self.outs)
+
+
+def statistics_layout(sysm: LayerSystem, ncols: int) -> Optional[StatisticsLayout]:
+    """The ``StatisticsLayout`` of a dense layer with ``ncols`` weight
+    columns (taps and bias included), or None where every column pair is
+    read (a merged output row, grouped weights, no A-only or B-only side)."""
+    if sysm.groups != 1:
+        return None
+    role_out, role_in = sysm.w_out.role, sysm.w_in.role
+    rows_a, rows_b = np.flatnonzero(role_out == ROLE_A), np.flatnonzero(role_out == ROLE_B)
+    if (role_out == ROLE_M).any() or not len(rows_a) or not len(rows_b):
+        return None
+    has_bias = sysm.bias is not None
+    taps = (ncols - has_bias) // sysm.w_in.size
+
+    def expand(channels):
+        return (channels[:, None] * taps + np.arange(taps)[None, :]).reshape(-1)
+
+    only_a, shared, only_b = (expand(np.flatnonzero(role_in == r)) for r in (ROLE_A, ROLE_M, ROLE_B))
+    if not len(only_a) or not len(only_b):
+        return None
+    bias = np.array([ncols - 1] if has_bias else [], dtype=np.int64)
+    cols = np.concatenate([only_a, shared, bias, only_b]).astype(np.int64)
+    return StatisticsLayout(cols, np.concatenate([rows_a, rows_b]), len(only_a), ncols - len(only_b), len(rows_a))
 
 
 def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, stacked: bool = False) -> tuple:
@@ -187,21 +249,38 @@ def output_view(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return positions_view(y, 1 if isinstance(mod, nn.modules.conv._ConvNd) else y.ndim - 1)
 
 
-def gram_upper(X: torch.Tensor) -> torch.Tensor:
-    """The upper triangle of ``X^T X`` for ``X`` (samples, d), in X's
-    precision, with a zero strict lower triangle. On the CPU a symmetric
-    rank-k update (half the work of a general product). Callers add batches
-    into float64 sums and mirror the triangle once, with ``symmetric``."""
-    if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64) and X.shape[0] > 0:
-        syrk = blas.ssyrk if X.dtype == torch.float32 else blas.dsyrk
-        return torch.from_numpy(syrk(1.0, X.detach().contiguous().numpy(), trans=1, lower=0))
-    return torch.triu(X.T @ X)
+# columns per block of ``add_gram_upper``: wide enough for an efficient
+# matrix product, narrow enough that the skipped lower blocks save most of
+# the work below the diagonal
+GRAM_BLOCK = 512
+
+
+def add_gram_upper(acc: torch.Tensor, X: torch.Tensor, skip: tuple | None = None) -> torch.Tensor:
+    """Adds the upper block triangle of ``X^T X`` (``X``: samples x d) to
+    the float64 sum ``acc`` (d x d) and returns it: each block of
+    ``GRAM_BLOCK`` rows from its diagonal block rightwards, one float32
+    product added in place, so about half the work of the full product and
+    no full-size temporary. Entries below the diagonal blocks are left as
+    they are; ``symmetric`` mirrors the upper triangle once at the end.
+    ``skip = (i, j)``: rows before ``i`` stop at column ``j`` (the block
+    nobody reads, see ``StatisticsLayout``). Torch's own products, not a
+    BLAS symmetric rank-k update: a second BLAS's worker threads spin on
+    the cores the next convolution needs (on two cores a 3x3 convolution
+    ran at half speed after each update)."""
+    d = X.shape[1]
+    rows_end, cols_end = skip if skip is not None else (0, d)
+    starts = sorted(set(range(0, d, GRAM_BLOCK)) | ({rows_end} if 0 < rows_end < d else set()))
+    for start, stop in zip(starts, starts[1:] + [d]):
+        end = cols_end if start < rows_end else d
+        acc[start:stop, start:end].add_(X[:, start:stop].T @ X[:, start:end])
+    return acc
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``upper``'s (its strict
-    lower triangle must be zero, as ``gram_upper`` leaves it)."""
-    full = upper + upper.transpose(-1, -2)
+    """The symmetric matrix whose upper triangle is ``upper``'s (what is
+    below its diagonal is ignored)."""
+    full = torch.triu(upper)
+    full = full + full.transpose(-1, -2)
     full.diagonal(dim1=-2, dim2=-1).mul_(0.5)
     return full
 
@@ -357,26 +436,36 @@ def system_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
 def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optional[int] = None) -> None:
     """Add one batch's ``(rows, groups, cols)`` inputs and ``(rows, groups,
     outs)`` targets to the layer's float64 sums (``model``: RegMean's
-    per-model Gram diagonals)."""
+    per-model Gram diagonals). Products are float32, their sums float64."""
     if sysm.bias is not None:
         X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
-    if sysm.groups == 1:
-        G = gram_upper(X[:, 0])[None]  # mirrored once, in ``finish``
-    else:
-        G = torch.einsum("ngi,ngj->gij", X, X)
-    C = torch.einsum("ngi,ngo->gio", X, Y)
-    yy = Y.pow(2).sum(0, dtype=torch.float64)
+    g, cols, outs = X.shape[1], X.shape[2], Y.shape[2]
     if sysm.gram is None:
-        sysm.gram, sysm.cross, sysm.yy = G.double(), C.double(), yy
+        f64 = dict(dtype=torch.float64, device=X.device)
+        sysm.gram = torch.zeros(g, cols, cols, **f64)
+        sysm.cross = torch.zeros(g, cols, outs, **f64)
+        sysm.yy = torch.zeros(g, outs, **f64)
+        sysm.layout = statistics_layout(sysm, cols) if model is None else None
+    lay = sysm.layout
+    if lay is not None:
+        X = X[:, 0].index_select(1, torch.as_tensor(lay.cols, device=X.device))
+        Y = Y[:, 0].index_select(1, torch.as_tensor(lay.outs, device=Y.device))
+        i, j, r = lay.a_cols_end, lay.b_cols_start, lay.a_outs_end
+        add_gram_upper(sysm.gram[0], X, skip=(i, j))
+        sysm.cross[0, :j, :r].add_(X[:, :j].T @ Y[:, :r])
+        sysm.cross[0, i:, r:].add_(X[:, i:].T @ Y[:, r:])
+        X, Y = X[:, None], Y[:, None]
+    elif g == 1:
+        add_gram_upper(sysm.gram[0], X[:, 0])  # mirrored once, in ``finish``
+        sysm.cross[0].add_(X[:, 0].T @ Y[:, 0])
     else:
-        # float32 batch products added into float64 sums without a converted copy
-        sysm.gram.add_(G)
-        sysm.cross.add_(C)
-        sysm.yy += yy
+        sysm.gram.add_(torch.einsum("ngi,ngj->gij", X, X))
+        sysm.cross.add_(torch.einsum("ngi,ngo->gio", X, Y))
+    sysm.yy += Y.pow(2).sum(0, dtype=torch.float64)
     if model is not None:
         if sysm.diag is None:
-            sysm.diag = [torch.zeros_like(G.diagonal(dim1=1, dim2=2)) for _ in range(2)]
-        sysm.diag[model] += G.diagonal(dim1=1, dim2=2)
+            sysm.diag = [torch.zeros(g, cols, dtype=torch.float64, device=X.device) for _ in range(2)]
+        sysm.diag[model] += X.pow(2).sum(0, dtype=torch.float64)
     sysm.n += X.shape[0]
 
 
@@ -432,19 +521,26 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
     if g == 1:
         ncol = W0.shape[-1]
         k_taps = (ncol - (bias is not None)) // sysm.w_in.size
+        lay = sysm.layout
+        stat_col = lay.inverse_cols if lay is not None else np.arange(ncol)
+        stat_out = lay.inverse_outs if lay is not None else np.arange(out)
         for cols, out_rows in row_blocks(sysm.w_out, sysm.w_in):
             full = (cols[:, None] * k_taps + np.arange(k_taps)[None, :]).reshape(-1)
             if bias is not None:
                 full = np.concatenate([full, [ncol - 1]])
+            # unknowns in the statistics' order: a contiguous square under a layout
+            full = full[np.argsort(stat_col[full], kind="stable")]
             S = torch.as_tensor(full, device=W.device)
             R = torch.as_tensor(out_rows, device=W.device)
-            Gs = take_square(sysm.gram[0], full)
-            Cs = sysm.cross[0][S][:, R]
+            Gs = take_square(sysm.gram[0], stat_col[full])
+            Cs = sysm.cross[0].index_select(0, torch.as_tensor(stat_col[full], device=W.device))
+            Cs = Cs.index_select(1, torch.as_tensor(stat_out[out_rows], device=W.device))
+            yy = sysm.yy[0].index_select(0, torch.as_tensor(stat_out[out_rows], device=W.device))
             W0s = W0[0][R][:, S]
             Ws = solve_block(Gs, Cs, W0s, ridge)
             W[0][R.unsqueeze(1), S.unsqueeze(0)] = Ws
-            init_loss += layer_loss(Gs, Cs, sysm.yy[0][R], W0s)
-            fit_loss += solved_loss(Gs, Cs, sysm.yy[0][R], W0s, Ws, ridge)
+            init_loss += layer_loss(Gs, Cs, yy, W0s)
+            fit_loss += solved_loss(Gs, Cs, yy, W0s, Ws, ridge)
     else:
         for j in range(g):
             W[j] = solve_block(sysm.gram[j], sysm.cross[j], W0[j], ridge)

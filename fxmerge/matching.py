@@ -157,12 +157,11 @@ class CorrelationStats:
         # the cross-product of one batch in the activations' precision (the
         # costly part), every sum over batches in float64
         self.n += a.shape[0]
-        self.sab += (a.T @ b).double()
-        a, b = a.double(), b.double()
-        self.sa += a.sum(0)
-        self.sb += b.sum(0)
-        self.saa += (a * a).sum(0)
-        self.sbb += (b * b).sum(0)
+        self.sab += a.T @ b
+        self.sa += a.sum(0, dtype=torch.float64)
+        self.sb += b.sum(0, dtype=torch.float64)
+        self.saa += a.pow(2).sum(0, dtype=torch.float64)
+        self.sbb += b.pow(2).sum(0, dtype=torch.float64)
 
     @staticmethod
     def nbytes(d: int) -> int:

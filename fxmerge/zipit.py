@@ -35,7 +35,7 @@ import torch
 from scipy.linalg import block_diag
 
 from .ir import Concat, Dep, Product, find, is_pinned
-from .lstsq import gram_upper, symmetric
+from .lstsq import add_gram_upper, symmetric
 from .matching import ActivationCollector, correlation_from_moments
 from .rules.registry import tensors_in
 from .tracing import TensorInfo
@@ -60,7 +60,7 @@ class JointStats:
             self.shift = x.mean(0)
         x = x - self.shift
         self.n += x.shape[0]
-        self.ss += gram_upper(x)  # mirrored in correlation()
+        add_gram_upper(self.ss, x)  # mirrored in correlation()
         self.s += x.double().sum(0)
 
     @staticmethod

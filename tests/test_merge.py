@@ -137,6 +137,46 @@ def test_least_squares_solution_satisfies_the_normal_equations():
         assert obj(W + 1e-3 * torch.randn(5, 12, generator=g, dtype=torch.float64)) > obj(W)
 
 
+def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch):
+    # a layer whose output rows are all A-only or B-only never reads the Gram
+    # block of A-only against B-only columns: accumulating in the layout that
+    # skips it gives the same systems on every block a row class reads and
+    # the same solution as the full Gram matrix
+    from fxmerge import lstsq
+    from fxmerge.widening import ROLE_A, ROLE_B, ROLE_M, Widening
+
+    rng = np.random.default_rng(0)
+    role_in = rng.permutation(np.array([ROLE_A] * 5 + [ROLE_M] * 3 + [ROLE_B] * 4, dtype=np.int8))
+    role_out = rng.permutation(np.array([ROLE_A] * 3 + [ROLE_B] * 4, dtype=np.int8))
+    w_in, w_out = Widening(np.arange(12), role_in), Widening(np.arange(7), role_out)
+    taps = 3
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(50, 1, 12 * taps, generator=g), torch.randn(50, 1, 7, generator=g)) for _ in range(3)]
+    weight, bias = torch.randn(7, 12 * taps, generator=g), torch.randn(7, generator=g)
+
+    def fit():
+        sysm = lstsq.LayerSystem("fc", "fc.weight", "fc.bias", 1, w_in, w_out, w_in, w_out)
+        for X, Y in batches:
+            lstsq.accumulate(sysm, X, Y)
+        sysm.gram = lstsq.symmetric(sysm.gram)
+        return sysm, lstsq.solve_layer(sysm, weight, bias, 1e-3)
+
+    skipped, (w_skip, b_skip) = fit()
+    assert skipped.layout is not None
+    monkeypatch.setattr(lstsq, "statistics_layout", lambda *args: None)
+    full, (w_full, b_full) = fit()
+    assert full.layout is None
+    torch.testing.assert_close(w_skip, w_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_skip, b_full, rtol=1e-5, atol=1e-5)
+    assert skipped.loss_fit == pytest.approx(full.loss_fit, rel=1e-9)
+    G, C, yy = skipped.dense()
+    torch.testing.assert_close(yy, full.yy)
+    for cols, out_rows in lstsq.row_blocks(w_out, w_in):
+        read = np.concatenate([(cols[:, None] * taps + np.arange(taps)).reshape(-1), [12 * taps]])
+        torch.testing.assert_close(G[0][read][:, read], full.gram[0][read][:, read], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(C[0][read][:, out_rows], full.cross[0][read][:, out_rows], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel,stride,padding,dilation,mode", [
     (3, 1, 1, 1, "zeros"), (3, 2, 1, 1, "zeros"), (7, 2, 3, 1, "zeros"), (1, 1, 0, 1, "zeros"),
     ((3, 5), (2, 1), (1, 2), (1, 2), "zeros"), (3, 1, 1, 1, "reflect"), (3, 1, "same", 1, "zeros")])
