@@ -277,12 +277,17 @@ def add_gram_upper(acc: torch.Tensor, X: torch.Tensor, skip: tuple | None = None
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``upper``'s (what is
-    below its diagonal is ignored)."""
-    full = torch.triu(upper)
-    full = full + full.transpose(-1, -2)
-    full.diagonal(dim1=-2, dim2=-1).mul_(0.5)
-    return full
+    """Mirrors the upper triangle of ``upper`` onto its lower one, in place,
+    and returns it (what was below the diagonal is ignored). Block by block,
+    so no full-size temporary: a fully widened layer's Gram matrix is
+    hundreds of megabytes, and two copies of it were the merge's peak."""
+    d = upper.shape[-1]
+    for start in range(0, d, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, d)
+        block = upper[..., start:stop, start:stop]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).transpose(-1, -2))
+        upper[..., stop:, start:stop] = upper[..., start:stop, stop:].transpose(-1, -2)
+    return upper
 
 
 class LeastSquaresPoint(Point):

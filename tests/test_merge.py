@@ -137,6 +137,23 @@ def test_least_squares_solution_satisfies_the_normal_equations():
         assert obj(W + 1e-3 * torch.randn(5, 12, generator=g, dtype=torch.float64)) > obj(W)
 
 
+def test_gram_accumulation_and_mirroring_give_x_transpose_x():
+    # block-upper accumulation over batches plus the in-place mirror is X^T X,
+    # whatever was below the diagonal, across several column blocks
+    from fxmerge.lstsq import GRAM_BLOCK, add_gram_upper, symmetric
+
+    g = torch.Generator().manual_seed(0)
+    d = 2 * GRAM_BLOCK + 37
+    X = torch.randn(300, d, generator=g)
+    acc = torch.randn(d, d, generator=g, dtype=torch.float64).tril(-1)  # junk below the diagonal
+    for part in X.split(100):
+        add_gram_upper(acc, part)
+    full = symmetric(acc)
+    assert full.data_ptr() == acc.data_ptr()
+    torch.testing.assert_close(full, X.double().T @ X.double(), rtol=1e-5, atol=1e-3)
+    assert torch.equal(full, full.T)
+
+
 def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch):
     # a layer whose output rows are all A-only or B-only never reads the Gram
     # block of A-only against B-only columns: accumulating in the layout that
