@@ -16,13 +16,15 @@ rows: all), with a ridge term pulling toward the initial widened weights
 
     (G_SS + lam I) W_R^T = C_SR + lam W0_RS^T,   lam = ridge * trace(G_SS) / |S|
 
-The bias is an extra all-ones column that every row may read.
+The bias is an extra all-ones column that every row may read. A layer with
+no merged output row never reads the Gram block of A-only against B-only
+columns; its statistics are kept in a ``StatisticsLayout`` that skips it.
 
 Two choices of inputs (``inputs=``): ``"ensemble"`` takes ``X~`` from the
 permuted ensemble (teacher forcing: one pass over the data fits every layer),
 ``"merged"`` takes the merged model's own inputs to the layer, so each layer
-also corrects the error of the layers before it (one pass per wave of layers
-whose upstream layers are already fitted).
+also corrects the error of the layers before it (its wave of the fitting
+sweep comes after every fit upstream of it: fxmerge/sweep.py).
 """
 from __future__ import annotations
 
