@@ -71,6 +71,7 @@ def batches(n, size, batch=32, seed=0):
 
 def block_mask(sysm, W0, has_bias):
     """1 where a row may read a column (its row block's columns), else 0."""
+    from fxmerge.lstsq import weight_columns
     from fxmerge.tensors import row_blocks
 
     mask = torch.ones_like(W0)
@@ -79,7 +80,7 @@ def block_mask(sysm, W0, has_bias):
         ncol = W0.shape[-1]
         taps = (ncol - has_bias) // sysm.w_in.size
         for cols, rows in row_blocks(sysm.w_out, sysm.w_in):
-            full = (torch.as_tensor(cols)[:, None] * taps + torch.arange(taps)[None]).reshape(-1)
+            full = torch.as_tensor(weight_columns(cols, taps))
             if has_bias:
                 full = torch.cat([full, torch.tensor([ncol - 1])])
             mask[0][torch.as_tensor(rows)[:, None], full[None]] = 1

@@ -128,6 +128,12 @@ class StatisticsLayout:
         return np.argsort(self.outs)
 
 
+def weight_columns(channels: np.ndarray, taps: int) -> np.ndarray:
+    """The flattened weight columns of input ``channels``, each with its
+    ``taps`` kernel positions (a convolution's columns are channel-major)."""
+    return (np.asarray(channels)[:, None] * taps + np.arange(taps)[None, :]).reshape(-1)
+
+
 def statistics_layout(sysm: LayerSystem, ncols: int) -> Optional[StatisticsLayout]:
     """The ``StatisticsLayout`` of a dense layer with ``ncols`` weight
     columns (taps and bias included), or None where every column pair is
@@ -140,11 +146,7 @@ def statistics_layout(sysm: LayerSystem, ncols: int) -> Optional[StatisticsLayou
         return None
     has_bias = sysm.bias is not None
     taps = (ncols - has_bias) // sysm.w_in.size
-
-    def expand(channels):
-        return (channels[:, None] * taps + np.arange(taps)[None, :]).reshape(-1)
-
-    only_a, shared, only_b = (expand(np.flatnonzero(role_in == r)) for r in (ROLE_A, ROLE_M, ROLE_B))
+    only_a, shared, only_b = (weight_columns(np.flatnonzero(role_in == r), taps) for r in (ROLE_A, ROLE_M, ROLE_B))
     if not len(only_a) or not len(only_b):
         return None
     bias = np.array([ncols - 1] if has_bias else [], dtype=np.int64)
@@ -532,17 +534,17 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
         stat_col = lay.inverse_cols if lay is not None else np.arange(ncol)
         stat_out = lay.inverse_outs if lay is not None else np.arange(out)
         for cols, out_rows in row_blocks(sysm.w_out, sysm.w_in):
-            full = (cols[:, None] * k_taps + np.arange(k_taps)[None, :]).reshape(-1)
+            full = weight_columns(cols, k_taps)
             if bias is not None:
                 full = np.concatenate([full, [ncol - 1]])
             # unknowns in the statistics' order: a contiguous square under a layout
             full = full[np.argsort(stat_col[full], kind="stable")]
             S = torch.as_tensor(full, device=W.device)
             R = torch.as_tensor(out_rows, device=W.device)
+            stat_s, stat_r = (torch.as_tensor(i, device=W.device) for i in (stat_col[full], stat_out[out_rows]))
             Gs = take_square(sysm.gram[0], stat_col[full])
-            Cs = sysm.cross[0].index_select(0, torch.as_tensor(stat_col[full], device=W.device))
-            Cs = Cs.index_select(1, torch.as_tensor(stat_out[out_rows], device=W.device))
-            yy = sysm.yy[0].index_select(0, torch.as_tensor(stat_out[out_rows], device=W.device))
+            Cs = sysm.cross[0].index_select(0, stat_s).index_select(1, stat_r)
+            yy = sysm.yy[0].index_select(0, stat_r)
             W0s = W0[0][R][:, S]
             Ws = solve_block(Gs, Cs, W0s, ridge)
             W[0][R.unsqueeze(1), S.unsqueeze(0)] = Ws

@@ -129,9 +129,9 @@ class FrontierStore:
     """Values kept between waves, keyed by ``(slot, node name, batch)``: in
     memory up to ``budget`` bytes, beyond it in files of a temporary
     directory (raw bytes, one file per tensor, read back whole when a wave
-    needs it). ``dtype``
-    (bfloat16, float16) stores floating values at reduced precision; they
-    come back as float32. CUDA values are kept in host memory."""
+    needs it). ``dtype`` (bfloat16, float16) stores floating values at
+    reduced precision; they come back as float32. CUDA values are kept in
+    host memory."""
 
     def __init__(self, budget: int, dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None):
         self.budget = max(0, int(budget))

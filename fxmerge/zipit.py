@@ -61,7 +61,7 @@ class JointStats:
         x = x - self.shift
         self.n += x.shape[0]
         add_gram_upper(self.ss, x)  # mirrored in correlation()
-        self.s += x.double().sum(0)
+        self.s += x.sum(0, dtype=torch.float64)
 
     @staticmethod
     def nbytes(d: int) -> int:
