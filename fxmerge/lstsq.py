@@ -333,38 +333,38 @@ class LeastSquaresPoint(Point):
 
     def collect(self, batch: int, value) -> None:
         node = self._node = self._node or _find_node(self.models[A], self.node)
-        slots = (A, B, M) if self.merged_inputs else (A, B)
+        xs, ys = {}, {}  # by model slot: what ``reads`` declares, nothing more
         if self.sysm.taps is None:
-            xs = [value(s, node.args[0]) for s in slots]
-            ys = [value(A, node), value(B, node)]
+            for s in (M,) if self.merged_inputs else (A, B):
+                xs[s] = value(s, node.args[0])
+            ys = {A: value(A, node), B: value(B, node)}
         else:
-            xs, ys = [], []
-            for s in slots:
+            for s in (A, B, M) if self.merged_inputs else (A, B):
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: value(s, a))
-                x, y = self.sysm.taps(self.models[s].get_submodule(node.target), *args, **kwargs,
-                                      output=value(s, node) if s != M else None)
-                xs.append(x)
-                ys.append(y)
-            ys = ys[:2]
+                xs[s], y = self.sysm.taps(self.models[s].get_submodule(node.target), *args, **kwargs,
+                                          output=value(s, node) if s != M else None)
+                if s != M:
+                    ys[s] = y
         mod = self.models[M if self.models[M] is not None else A].get_submodule(node.target)
         sysm = self.sysm
         stacked = self.inputs == "stacked"
         for m in range(2 if stacked else 1):
             gen = torch.Generator().manual_seed(self.seed * 7919 + batch * 104729 + len(sysm.node) + 31 * m)
-            yv = [output_view(mod, y) for y in ys]
-            idx = sample_positions(yv[0].shape[1], self.positions, gen, yv[0].device)
+            yv = {s: output_view(mod, ys[s]) for s in (A, B)}
+            idx = sample_positions(yv[A].shape[1], self.positions, gen, yv[A].device)
+            yr = {s: rows(yv[s], idx) for s in (((A, B)[m],) if stacked else (A, B))}
             if stacked:
                 # RegMean: each model's own inputs and outputs, stacked as samples
-                X, Y = sample_rows(mod, xs[m], idx), rows(yv[m], idx)
+                X, Y = sample_rows(mod, xs[(A, B)[m]], idx), yr[(A, B)[m]]
             else:
                 if self.merged_inputs:
-                    X = sample_rows(mod, xs[2], idx)
+                    X = sample_rows(mod, xs[M], idx)
                 else:
-                    X = widen_features(sample_rows(mod, xs[0], idx), sample_rows(mod, xs[1], idx), 1, sysm.w_x)
+                    X = widen_features(sample_rows(mod, xs[A], idx), sample_rows(mod, xs[B], idx), 1, sysm.w_x)
                 if self.norm is None:
-                    Y = widen_features(rows(yv[0], idx), rows(yv[1], idx), 1, sysm.w_y)
+                    Y = widen_features(yr[A], yr[B], 1, sysm.w_y)
                 else:
-                    Y = self._normalized_target(rows(yv[0], idx), rows(yv[1], idx))
+                    Y = self._normalized_target(yr[A], yr[B])
             g = sysm.groups
             accumulate(sysm, X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1), m if stacked else None)
 
