@@ -26,12 +26,13 @@ forward pass per wave).
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 import time
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -131,14 +132,26 @@ class FrontierStore:
     directory (raw bytes, one file per tensor, read back whole when a wave
     needs it). ``dtype`` (bfloat16, float16) stores floating values at
     reduced precision; they come back as float32. CUDA values are kept in
-    host memory."""
+    host memory.
 
-    def __init__(self, budget: int, dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None):
+    ``next_read(key)`` (optional) says when a kept value is read next, as
+    anything sortable. When a new value does not fit, the values read last
+    go to disk first (Belady's rule: a residual branch's input, read three
+    waves on, rather than the convolution outputs the next wave reads; each
+    spilled byte costs one write and one read however far off its read is,
+    so spilling the furthest keeps the most reads in memory). Without it
+    the new value spills."""
+
+    def __init__(self, budget: int, dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None,
+                 next_read: Optional[Callable[[tuple], Any]] = None):
         self.budget = max(0, int(budget))
         self.dtype = dtype
         self.spill_dir = spill_dir
+        self.next_read = next_read
         self.tmp: Optional[str] = None
-        self.values: dict = {}  # key -> (treespec, leaves, device) ; a leaf is a tensor or ("file", path, dtype, shape)
+        # key -> (treespec, leaves, device, dtypes, bytes); a leaf is a tensor or a SpilledTensor
+        self.values: dict = {}
+        self.in_memory: set = set()  # keys whose leaves are all in memory
         self.ram = 0
         self.peak_ram = 0
         self.peak_total = 0
@@ -157,17 +170,42 @@ class FrontierStore:
         dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in leaves]
         packed = [self._pack(t) if isinstance(t, torch.Tensor) else t for t in leaves]
         size = sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
-        if self.ram + size > self.budget and size > 0:
-            packed = [self._spill(t) if isinstance(t, torch.Tensor) else t for t in packed]
-            self.spilled += size
-        else:
-            self.ram += size
-            self.peak_ram = max(self.peak_ram, self.ram)
+        self.values[key] = (spec, packed, device, dtypes, size)
         self.total += size
         self.peak_total = max(self.peak_total, self.total)
-        self.values[key] = (spec, packed, device, dtypes, size)
+        if size == 0:
+            return
+        if self.ram + size > self.budget and self.next_read is not None:
+            self._make_room(key, size)
+        if self.ram + size > self.budget:
+            self._to_disk(key)
+        else:
+            self.in_memory.add(key)
+            self.ram += size
+            self.peak_ram = max(self.peak_ram, self.ram)
 
-    def _spill(self, t: torch.Tensor):
+    def _make_room(self, key, size: int) -> None:
+        """Spill kept values read after ``key`` is, furthest first, while
+        that makes room for ``size`` bytes."""
+        mine = self.next_read(key)
+        later = sorted(((self.next_read(k), k) for k in self.in_memory), key=lambda x: x[0], reverse=True)
+        later = [k for when, k in later if when > mine]
+        if self.ram - sum(self.values[k][4] for k in later) + size > self.budget:
+            return  # not even all of them make room: the new value spills
+        for k in later:
+            if self.ram + size <= self.budget:
+                break
+            self.in_memory.discard(k)
+            self.ram -= self.values[k][4]
+            self._to_disk(k)
+
+    def _to_disk(self, key) -> None:
+        spec, packed, device, dtypes, size = self.values[key]
+        packed = [self._spill(t) if isinstance(t, torch.Tensor) else t for t in packed]
+        self.values[key] = (spec, packed, device, dtypes, size)
+        self.spilled += size
+
+    def _spill(self, t: torch.Tensor) -> "SpilledTensor":
         if self.tmp is None:
             self.tmp = tempfile.mkdtemp(prefix="fxmerge-frontier-", dir=self.spill_dir)
         self._files += 1
@@ -176,15 +214,14 @@ class FrontierStore:
         # in small pieces, at a fifth of the disk's speed)
         with open(path, "wb", buffering=0) as f:
             f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
-        return ("file", path, t.dtype, tuple(t.shape))
+        return SpilledTensor(path, t.dtype, tuple(t.shape))
 
     def get(self, key):
         spec, packed, device, dtypes, _ = self.values[key]
         leaves = []
         for t, dt in zip(packed, dtypes):
-            if isinstance(t, tuple) and len(t) == 4 and t[0] == "file":
-                _, path, stored, shape = t
-                t = read_tensor(path, stored, shape)
+            if isinstance(t, SpilledTensor):
+                t = read_tensor(t.path, t.dtype, t.shape)
             if isinstance(t, torch.Tensor):
                 if t.dtype != dt:
                     t = t.to(dt)
@@ -195,25 +232,48 @@ class FrontierStore:
 
     def drop(self, key) -> None:
         spec, packed, device, dtypes, size = self.values.pop(key)
-        on_disk = False
+        if key in self.in_memory:
+            self.in_memory.discard(key)
+            self.ram -= size
         for t in packed:
-            if isinstance(t, tuple) and len(t) == 4 and t[0] == "file":
-                on_disk = True
+            if isinstance(t, SpilledTensor):
                 try:
-                    os.unlink(t[1])
+                    os.unlink(t.path)
                 except OSError:
                     pass
-        if not on_disk:
-            self.ram -= size
         self.total -= size
 
     def close(self) -> None:
         """Forget every value and remove the temporary directory."""
         self.values.clear()
+        self.in_memory.clear()
         self.ram = self.total = 0
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+
+
+class SpilledTensor(NamedTuple):
+    """A frontier tensor in a file of the spill directory."""
+
+    path: str
+    dtype: torch.dtype
+    shape: tuple
+
+
+def value_bytes(node: fx.Node) -> Optional[int]:
+    """Bytes of a node's value at the traced example's batch size, from its
+    ``fxm_value`` summary (None when it has none)."""
+    from .tracing import TensorInfo
+
+    if "fxm_value" not in node.meta:
+        return None
+    leaves = pytree.tree_leaves(node.meta["fxm_value"], is_leaf=lambda v: isinstance(v, TensorInfo))
+    total = 0
+    for v in leaves:
+        if isinstance(v, TensorInfo):
+            total += math.prod(v.shape) * v.dtype.itemsize
+    return total
 
 
 class Schedule:
@@ -223,8 +283,9 @@ class Schedule:
     models' graphs: the same nodes, though a rewrite may have turned a
     computed size into a constant (one edge fewer)."""
 
-    def __init__(self, graphs: dict, points: list):
+    def __init__(self, graphs: dict, points: list, pull_forward: bool = True):
         slots = tuple(graphs)
+        self.graph_nodes = {s: {n.name: n for n in graphs[s].nodes} for s in slots}
         ref = graphs[M] if M in graphs else graphs[slots[-1]]
         self.order = [n.name for n in ref.nodes]
         by_name = {n.name: n for n in ref.nodes}
@@ -250,6 +311,7 @@ class Schedule:
                 self.point_reads[slot][p.wave].add(node.name)
         self.step: dict = {s: {} for s in slots}
         self.last: dict = {s: {} for s in slots}
+        self.reads: dict = {s: {} for s in slots}  # slot -> node -> the waves that read it, in order
         self.inputs: dict = {}
         first = self.waves[0] if self.waves else 0
         for s in slots:
@@ -268,6 +330,46 @@ class Schedule:
                     raise AssertionError(f"the merged model's '{n.name}' is read before it is fitted")
                 step[n.name] = t
                 last[n.name] = max(consumers)
+                self.reads[s][n.name] = sorted(consumers)
+            if pull_forward:
+                self._pull_forward(s, graphs[s], need[s])
+
+    def _pull_forward(self, slot: int, graph: fx.Graph, need: dict) -> None:
+        """Computes a node earlier than its first reader when that frees at
+        least its own size in the frontier at every wave in between: a
+        residual add (and the BatchNorm and activation around it) right
+        after the branch's last convolution, so the frontier holds the sum
+        instead of the branch's output and the shortcut. Sizes come from
+        the traced shapes (``fxm_value``); a node without one stays put.
+        The merged model's nodes never move before their level."""
+        step, last, reads, inputs = self.step[slot], self.last[slot], self.reads[slot], self.inputs[slot]
+        users = {n.name: [u.name for u in n.users] for n in graph.nodes}
+        by_name = self.graph_nodes[slot]
+
+        def consumers(name: str) -> set:
+            return set(need.get(name, ())) | {step[u] for u in users[name] if step.get(u, NEVER) < NEVER}
+
+        for n in graph.nodes:  # graph order: a node's inputs have moved already
+            t = step.get(n.name, NEVER)
+            if t >= NEVER or n.op in ("placeholder", "output") or not inputs[n.name]:
+                continue
+            earliest = max(step[i] for i in inputs[n.name])
+            if slot == M:
+                earliest = max(earliest, self.level[n.name])
+            size = value_bytes(n)
+            if earliest >= t or size is None:
+                continue
+            step[n.name] = earliest  # tentatively: what its inputs' readers become
+            freed = 0
+            for i in inputs[n.name]:
+                if last[i] == t and max(consumers(i)) <= earliest:
+                    freed += value_bytes(by_name[i]) or 0
+            if freed < size:
+                step[n.name] = t
+                continue
+            for i in inputs[n.name]:
+                c = consumers(i)
+                last[i], reads[i] = max(c), sorted(c)
 
     def computed_at(self, slot: int, wave: int) -> list:
         """Names of the nodes ``slot`` computes in ``wave``, in graph order."""
@@ -315,8 +417,19 @@ class Sweep:
         self.schedule = Schedule({s: models[s].graph for s in self.slots}, points)
         self.nodes = {s: {n.name: n for n in models[s].graph.nodes} for s in self.slots}
         self.stats_peak = max((sum(p.nbytes() for p in points if p.wave == w) for w in self.schedule.waves), default=0)
-        self.store = FrontierStore(max(0, max_memory - self.stats_peak), frontier_dtype, spill_dir)
+        self.store = FrontierStore(max(0, max_memory - self.stats_peak), frontier_dtype, spill_dir,
+                                   next_read=self._next_read)
+        self._now = (-1, -1)  # (wave, batch) being computed
         self.report: dict = {}
+
+    def _next_read(self, key) -> tuple:
+        """``(wave, batch)`` at which a kept value is read next."""
+        slot, node, batch = key
+        wave, current = self._now
+        for r in self.schedule.reads[slot].get(node, ()):
+            if r > wave or (r == wave and batch > current):
+                return (r, batch)
+        return (NEVER, batch)
 
     @torch.no_grad()
     def run(self, batches: Callable[[], Iterable]) -> dict:
@@ -350,6 +463,7 @@ class Sweep:
                 source = batches() if (self.mode == "recompute" or n_batches is None) else range(n_batches)
                 count = 0
                 for i, item in enumerate(source):
+                    self._now = (wave, i)
                     envs = {}
                     for s in self.slots:
                         nodes = self.nodes[s]
@@ -414,11 +528,12 @@ class Sweep:
     def _keep(self, envs: dict, compute: dict, load: dict, wave: int, batch: int) -> None:
         """Store what later waves read; drop what no later wave reads."""
         sched = self.schedule
+        for s in self.slots:  # drops first: their room goes to this wave's values
+            for n in load[s]:
+                if sched.last[s].get(n, -1) == wave:
+                    self.store.drop((s, n, batch))
         for s in self.slots:
             last, nodes = sched.last[s], self.nodes[s]
             for n in compute[s]:
                 if last.get(n, -1) > wave:
                     self.store.put((s, n, batch), envs[s][nodes[n]])
-            for n in load[s]:
-                if last.get(n, -1) == wave:
-                    self.store.drop((s, n, batch))

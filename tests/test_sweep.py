@@ -143,3 +143,58 @@ def test_max_memory_parsing():
             parse_memory(bad)
     with pytest.raises(fxmerge.InputError, match="max_memory"):
         fxmerge.merge(net([("residual", 1)], 0), net([("residual", 1)], 1), calib(2), max_memory="lots")
+
+
+def _planned_frontier(schedule) -> list:
+    """Bytes the frontier holds after each wave (traced batch size)."""
+    from fxmerge.sweep import NEVER, value_bytes
+
+    out = []
+    for w in schedule.waves:
+        total = 0
+        for s, step in schedule.step.items():
+            nodes = schedule.graph_nodes[s]
+            total += sum(value_bytes(nodes[n]) or 0 for n, t in step.items()
+                         if t <= w < schedule.last[s].get(n, -1) and t < NEVER)
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("spec", [[("residual", 1), ("residual", 2)], [("concat", 0), ("residual", 0), ("se", 1)]])
+def test_pulling_source_nodes_forward_never_grows_the_frontier(monkeypatch, spec):
+    from fxmerge import sweep as S
+
+    seen = []
+    original = S.Sweep.run
+
+    def run(self, batches):
+        seen.append(self)
+        return original(self, batches)
+
+    monkeypatch.setattr(S.Sweep, "run", run)
+    a, b = net(spec, 1), net(spec, 2)
+    fxmerge.merge(a, b, calib(2), budget=1.2, bn_stats="sweep")
+    sweep = seen[-1]
+    graphs = {s: sweep.models[s].graph for s in sweep.slots}
+    pulled, late = _planned_frontier(sweep.schedule), _planned_frontier(S.Schedule(graphs, sweep.points,
+                                                                                     pull_forward=False))
+    assert all(p <= q for p, q in zip(pulled, late))
+    if spec[0][0] == "residual":  # the block's sum replaces its branch output and shortcut
+        assert sum(pulled) < sum(late)
+
+
+def test_the_store_spills_the_value_read_last():
+    reads = {"near": 1, "far": 5, "new": 2}
+    store = FrontierStore(2 * 16, next_read=lambda key: reads[key[1]])
+    store.put((0, "far", 0), torch.ones(4))
+    store.put((0, "near", 0), torch.ones(4))
+    store.put((0, "new", 0), torch.ones(4))  # no room: "far" is read after it, so "far" goes to disk
+    try:
+        assert store.in_memory == {(0, "near", 0), (0, "new", 0)}
+        assert store.spilled == 16 and store.ram == 32
+        assert torch.equal(store.get((0, "far", 0)), torch.ones(4))
+        reads["newer"] = 9  # read after everything kept: it spills itself
+        store.put((0, "newer", 0), torch.zeros(4))
+        assert (0, "newer", 0) not in store.in_memory and store.spilled == 32
+    finally:
+        store.close()
