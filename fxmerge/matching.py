@@ -358,6 +358,9 @@ class ActivationCollector:
                     if st is None:
                         continue
                     self.keys[root.uid] = root
+                if len(pos) == ra.shape[1] and np.array_equal(pos, np.arange(len(pos))):
+                    st.add(ra, rb)  # the root is the whole axis: no copy
+                    continue
                 p = torch.as_tensor(pos, device=ra.device)
                 st.add(ra.index_select(1, p), rb.index_select(1, p))
 
