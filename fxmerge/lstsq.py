@@ -40,7 +40,7 @@ from torch import fx
 from .distributed import all_sum
 from .runner import sample_positions
 from .sweep import A, B, M, Point
-from .tensors import get_tensor, positions_view, row_blocks, rows
+from .tensors import get_tensor, matmul, positions_view, row_blocks, rows
 from .widening import ROLE_A, ROLE_B, ROLE_M, Widening, widen_features
 
 
@@ -262,21 +262,22 @@ GRAM_BLOCK = 512
 def add_gram_upper(acc: torch.Tensor, X: torch.Tensor, skip: tuple | None = None) -> torch.Tensor:
     """Adds the upper block triangle of ``X^T X`` (``X``: samples x d) to
     the float64 sum ``acc`` (d x d) and returns it: each block of
-    ``GRAM_BLOCK`` rows from its diagonal block rightwards, one float32
-    product added in place, so about half the work of the full product and
-    no full-size temporary. Entries below the diagonal blocks are left as
-    they are; ``symmetric`` mirrors the upper triangle once at the end.
-    ``skip = (i, j)``: rows before ``i`` stop at column ``j`` (the block
-    nobody reads, see ``StatisticsLayout``). Torch's own products, not a
-    BLAS symmetric rank-k update: a second BLAS's worker threads spin on
-    the cores the next convolution needs (on two cores a 3x3 convolution
-    ran at half speed after each update)."""
+    ``GRAM_BLOCK`` columns with the rows from the first to its last, one
+    float32 product (``matmul``) added in place, so about half the work of
+    the full product and no full-size temporary. Entries below the diagonal
+    blocks are left as they are; ``symmetric`` mirrors the upper triangle
+    once at the end. ``skip = (i, j)``: columns from ``j`` on start at row
+    ``i`` (the block nobody reads, see ``StatisticsLayout``). Not a BLAS
+    symmetric rank-k update: a second BLAS's worker threads spin on the
+    cores the next convolution needs (on two cores a 3x3 convolution ran at
+    half speed after each update)."""
     d = X.shape[1]
-    rows_end, cols_end = skip if skip is not None else (0, d)
-    starts = sorted(set(range(0, d, GRAM_BLOCK)) | ({rows_end} if 0 < rows_end < d else set()))
+    rows_start, cols_from = skip if skip is not None else (0, d)
+    Xt = X.T.contiguous()  # each block's rows, contiguous
+    starts = sorted(set(range(0, d, GRAM_BLOCK)) | ({cols_from} if 0 < cols_from < d else set()))
     for start, stop in zip(starts, starts[1:] + [d]):
-        end = cols_end if start < rows_end else d
-        acc[start:stop, start:end].add_(X[:, start:stop].T @ X[:, start:end])
+        first = rows_start if start >= cols_from else 0
+        acc[first:stop, start:stop].add_(matmul(Xt[first:stop], X[:, start:stop]))
     return acc
 
 
@@ -461,12 +462,12 @@ def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optio
         Y = Y[:, 0].index_select(1, torch.as_tensor(lay.outs, device=Y.device))
         i, j, r = lay.a_cols_end, lay.b_cols_start, lay.a_outs_end
         add_gram_upper(sysm.gram[0], X, skip=(i, j))
-        sysm.cross[0, :j, :r].add_(X[:, :j].T @ Y[:, :r])
-        sysm.cross[0, i:, r:].add_(X[:, i:].T @ Y[:, r:])
+        sysm.cross[0, :j, :r].add_(matmul(X[:, :j].T, Y[:, :r]))
+        sysm.cross[0, i:, r:].add_(matmul(X[:, i:].T, Y[:, r:]))
         X, Y = X[:, None], Y[:, None]
     elif g == 1:
         add_gram_upper(sysm.gram[0], X[:, 0])  # mirrored once, in ``finish``
-        sysm.cross[0].add_(X[:, 0].T @ Y[:, 0])
+        sysm.cross[0].add_(matmul(X[:, 0].T, Y[:, 0]))
     else:
         sysm.gram.add_(torch.einsum("ngi,ngj->gij", X, X))
         sysm.cross.add_(torch.einsum("ngi,ngo->gio", X, Y))

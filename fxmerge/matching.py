@@ -33,7 +33,7 @@ from .ir import Concat, Dep, Dim, Product, find
 from .permute import PermutationSampler, permute_tensor
 from .rules.registry import tensors_in
 from .runner import sample_positions
-from .tensors import positions_view, rows
+from .tensors import matmul, positions_view, rows
 
 
 class MatchSampler(PermutationSampler):
@@ -157,7 +157,7 @@ class CorrelationStats:
         # the cross-product of one batch in the activations' precision (the
         # costly part), every sum over batches in float64
         self.n += a.shape[0]
-        self.sab += a.T @ b
+        self.sab += matmul(a.T, b)
         self.sa += a.sum(0, dtype=torch.float64)
         self.sb += b.sum(0, dtype=torch.float64)
         self.saa += a.pow(2).sum(0, dtype=torch.float64)

@@ -154,6 +154,21 @@ def test_gram_accumulation_and_mirroring_give_x_transpose_x():
     assert torch.equal(full, full.T)
 
 
+@pytest.mark.parametrize("p,n,q", [(3, 5, 7), (300, 200, 150), (1, 4096, 1100)])
+def test_the_statistics_product_is_the_matrix_product(p, n, q):
+    # small products go to torch.mm, large ones through oneDNN's convolution;
+    # both take transposed (non-contiguous) operands
+    from fxmerge.tensors import matmul
+
+    g = torch.Generator().manual_seed(p)
+    x, y = torch.randn(n, p, generator=g), torch.randn(n, q, generator=g)
+    ref = x.double().T @ y.double()
+    out = matmul(x.T, y)
+    assert out.shape == (p, q) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(matmul(y.T, x).double(), ref.T, rtol=1e-4, atol=1e-3)
+
+
 def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch):
     # a layer whose output rows are all A-only or B-only never reads the Gram
     # block of A-only against B-only columns: accumulating in the layout that
