@@ -14,13 +14,15 @@ calibration batch only the nodes that the wave's points need and that no
 earlier wave computed, for each model (A, aligned B, merged), from the
 *frontier*: the values of earlier waves that later ones still read. Every
 node of every model is computed at most once, as late as possible (so the
-frontier stays small), so a whole fit costs about one forward pass of each
-model plus the statistics. After the last batch of a wave its points finish
-(sum across ranks, solve, write into the merged model).
+frontier stays small) unless computing it earlier frees more than it holds
+(a residual sum right after its branch), so a whole fit costs about one
+forward pass of each model plus the statistics. After the last batch of a
+wave its points finish (sum across ranks, solve, write into the merged
+model).
 
-The frontier lives in memory up to a cap and spills beyond it to a
-temporary directory (``FrontierStore``), which is removed on success, error
-and interrupt. ``schedule="recompute"`` keeps no frontier and recomputes
+The frontier lives in memory up to a cap and spills beyond it, the values
+read last first, to a temporary directory (``FrontierStore``), which is
+removed on success, error and interrupt. ``schedule="recompute"`` keeps no frontier and recomputes
 every wave from the inputs (the wave-by-wave method: the same systems, one
 forward pass per wave).
 """
@@ -279,11 +281,14 @@ def value_bytes(node: fx.Node) -> Optional[int]:
 class Schedule:
     """When each model computes each node: waves of the points, and for every
     slot and node (by name) the wave in which it is computed (as late as its
-    readers allow; never, when nothing reads it). ``graphs[slot]`` are the
+    readers allow, or earlier where that shrinks the frontier; never, when
+    nothing reads it). ``graphs[slot]`` are the
     models' graphs: the same nodes, though a rewrite may have turned a
     computed size into a constant (one edge fewer)."""
 
     def __init__(self, graphs: dict, points: list, pull_forward: bool = True):
+        """``pull_forward=False`` keeps every node at its first reader's
+        wave (``_pull_forward``)."""
         slots = tuple(graphs)
         self.graph_nodes = {s: {n.name: n for n in graphs[s].nodes} for s in slots}
         ref = graphs[M] if M in graphs else graphs[slots[-1]]
@@ -415,7 +420,7 @@ class Sweep:
         self.desc = desc
         self.slots = tuple(i for i, m in enumerate(models) if m is not None)
         self.schedule = Schedule({s: models[s].graph for s in self.slots}, points)
-        self.nodes = {s: {n.name: n for n in models[s].graph.nodes} for s in self.slots}
+        self.nodes = self.schedule.graph_nodes
         self.stats_peak = max((sum(p.nbytes() for p in points if p.wave == w) for w in self.schedule.waves), default=0)
         self.store = FrontierStore(max(0, max_memory - self.stats_peak), frontier_dtype, spill_dir,
                                    next_read=self._next_read)
