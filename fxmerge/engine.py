@@ -52,7 +52,7 @@ from .lstsq import (LeastSquaresPoint, conv_weight, following_batch_norm, from_c
                     regmean_layer, solve_layer)
 from .matching import ActivationCollector, Matching, activation_matching, check_finite_state, weight_matching
 from .permute import permute_tensor
-from .rewrite import WidenGraph, check_shapes, in_axes_of, split_contractions
+from .rewrite import WidenGraph, check_shapes, in_axes_of, module_row_blocks, split_contractions
 from .runner import LockstepRunner
 from .sweep import Sweep, available_memory, parse_memory
 from .tracing import trace
@@ -345,7 +345,8 @@ def pass_fit(st: MergeState) -> None:
     models = [st.gm_a, st.gm_b, st.merged]
     sweep = Sweep(models, points, schedule=o.schedule, max_memory=o.max_memory,
                   frontier_dtype=getattr(torch, o.frontier_dtype), spill_dir=o.spill_dir, progress=o.progress,
-                  desc="fit")
+                  desc="fit", row_blocks={target: (kind, ins, outs) for target, kind, ins, outs, _ in
+                                          module_row_blocks(st.merged, st.pg, st.widener) if kind is not None})
     st.sweep = sweep.run(st.batches)
     if inputs is not None:
         st.least_squares = {"layers": len([p for p in points if isinstance(p, LeastSquaresPoint)]), "ridge": o.ridge,

@@ -438,41 +438,47 @@ def _split_functional(gm: fx.GraphModule, node: fx.Node, c, pg, widener: LayoutW
     return 1
 
 
-def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
-    """Replace widened dense convolutions and linears with row-block modules
-    wherever their weight has structural zeros. Returns how many."""
-    count = 0
+def module_row_blocks(gm: fx.GraphModule, pg, widener: LayoutWidener) -> list:
+    """``(module target, row-block module class, in_index, out_index,
+    contraction)`` for every widened convolution, linear or packed
+    projection (class None) whose weight has structural zeros (row classes
+    that do not read every column)."""
+    plan = []
     nodes = {n.name: n for n in gm.graph.nodes}
     for c in pg.contractions.values():
-        if c.groups != 1:
-            continue
         node = nodes[c.node]
-        if node.op == "call_function":
-            count += _split_functional(gm, node, c, pg, widener)
-            continue
-        if node.op != "call_module":
+        if c.groups != 1 or node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        packed = hasattr(mod, "split_projection")  # a module with several projections (packed attention)
         conv = type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
         linear = isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
-        if not (packed or conv or linear):
-            continue
-        if c.weight_in_axis != (0 if conv and mod.transposed else 1):
+        packed = hasattr(mod, "split_projection")  # a module with several projections (packed attention)
+        if not (packed or conv or linear) or c.weight_in_axis != (0 if conv and mod.transposed else 1):
             continue
         lays = weight_layouts(pg, c)
         w_out, w_in = widener.widen(lays[1 - c.weight_in_axis]), widener.widen(lays[c.weight_in_axis])
         blocks = row_blocks(w_out, w_in)
         if all(len(cols) == w_in.size for cols, _ in blocks):
             continue  # every row reads every column: nothing to skip
-        in_index = [b[0] for b in blocks]
-        out_index = [b[1] for b in blocks]
-        if packed:
-            mod.split_projection(c.weight[len(node.target) + 1:], in_index, out_index)
-            count += 1
-            continue
-        new = PartialConv(mod, in_index, out_index) if conv else PartialLinear(mod, in_index, out_index)
-        replace_module(gm, node.target, new)
+        kind = None if packed else PartialConv if conv else PartialLinear
+        plan.append((node.target, kind, [b[0] for b in blocks], [b[1] for b in blocks], c))
+    return plan
+
+
+def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
+    """Replace widened dense convolutions and linears with row-block modules
+    wherever their weight has structural zeros. Returns how many."""
+    count = 0
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for c in pg.contractions.values():
+        node = nodes[c.node]
+        if c.groups == 1 and node.op == "call_function":
+            count += _split_functional(gm, node, c, pg, widener)
+    for target, kind, in_index, out_index, c in module_row_blocks(gm, pg, widener):
+        if kind is None:
+            gm.get_submodule(target).split_projection(c.weight[len(target) + 1:], in_index, out_index)
+        else:
+            replace_module(gm, target, kind(gm.get_submodule(target), in_index, out_index))
         count += 1
     gm.to(model_device(gm))  # the row blocks' index buffers join the model's device
     gm.recompile()

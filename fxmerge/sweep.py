@@ -403,6 +403,33 @@ class Schedule:
         return [n for n in self.order if n in closure]
 
 
+class RowBlockInterpreter(fx.Interpreter):
+    """The merged model's interpreter: a widened layer with structural zeros
+    runs as the row-block module the emitted model will have (built from
+    its current weights, rebuilt when the fit replaces them), not as the
+    dense widened layer, whose fully widened convolutions cost twice the
+    row blocks' arithmetic. ``row_blocks``: ``{target: (row-block class,
+    in_index, out_index)}`` (``rewrite.module_row_blocks``)."""
+
+    def __init__(self, module: fx.GraphModule, row_blocks: dict):
+        super().__init__(module, garbage_collect_values=False)
+        self.row_blocks = row_blocks
+        self._built: dict = {}  # target -> (tensors it was built from, their versions, module)
+
+    def call_module(self, target, args, kwargs):
+        spec = self.row_blocks.get(target)
+        if spec is None:
+            return super().call_module(target, args, kwargs)
+        mod = self.fetch_attr(target)
+        source = tuple(t for t in (mod.weight, mod.bias) if t is not None)
+        versions = tuple(t._version for t in source)
+        built = self._built.get(target)
+        if built is None or any(a is not b for a, b in zip(built[0], source)) or built[1] != versions:
+            kind, in_index, out_index = spec
+            built = self._built[target] = (source, versions, kind(mod, in_index, out_index).to(mod.weight.device))
+        return built[2](*args, **kwargs)
+
+
 class Sweep:
     """Runs the points of a fit over the calibration data (see the module
     docstring). ``models[slot]`` are GraphModules of one graph (A, aligned
@@ -410,10 +437,11 @@ class Sweep:
 
     def __init__(self, models: list, points: list, *, schedule: str = "frontier", max_memory: int = 1 << 62,
                  frontier_dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None,
-                 progress: bool = False, desc: str = "fit"):
+                 progress: bool = False, desc: str = "fit", row_blocks: Optional[dict] = None):
         if schedule not in ("frontier", "recompute"):
             raise ValueError(f"unknown schedule '{schedule}'")
         self.models = models
+        self.row_blocks = row_blocks or {}
         self.points = points
         self.mode = schedule
         self.progress = progress
@@ -443,7 +471,8 @@ class Sweep:
 
         t0 = time.perf_counter()
         sched = self.schedule
-        interps = {s: fx.Interpreter(self.models[s], garbage_collect_values=False) for s in self.slots}
+        interps = {s: RowBlockInterpreter(self.models[s], self.row_blocks) if s == M
+                   else fx.Interpreter(self.models[s], garbage_collect_values=False) for s in self.slots}
         world, me = world_size(), rank()
         bar = None
         if self.progress:

@@ -9,6 +9,7 @@ BatchNorm sees in the final merged model.
 import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -198,3 +199,28 @@ def test_the_store_spills_the_value_read_last():
         assert (0, "newer", 0) not in store.in_memory and store.spilled == 32
     finally:
         store.close()
+
+
+def test_the_merged_model_runs_its_widened_layers_as_row_blocks_and_follows_refits():
+    from fxmerge.layers import PartialConv
+    from fxmerge.sweep import RowBlockInterpreter
+
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1)))
+    conv = gm.get_submodule("0")
+    in_index, out_index = [np.arange(0, 2), np.arange(2, 4)], [np.arange(0, 3), np.arange(3, 6)]
+    with torch.no_grad():  # the structural zeros of a fully widened layer
+        conv.weight[:3, 2:] = 0
+        conv.weight[3:, :2] = 0
+    interp = RowBlockInterpreter(gm, {"0": (PartialConv, in_index, out_index)})
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(interp.run(x), gm(x))
+    assert isinstance(interp._built["0"][2], PartialConv)
+    new = torch.randn_like(conv.weight)  # a fit writes a new weight
+    new[:3, 2:] = 0
+    new[3:, :2] = 0
+    conv.weight = torch.nn.Parameter(new)
+    torch.testing.assert_close(interp.run(x), gm(x))
+    with torch.no_grad():
+        conv.weight.mul_(2)  # or changes it in place
+    torch.testing.assert_close(interp.run(x), gm(x))
