@@ -22,9 +22,9 @@ model).
 
 The frontier lives in memory up to a cap and spills beyond it, the values
 read last first, to a temporary directory (``FrontierStore``), which is
-removed on success, error and interrupt. ``schedule="recompute"`` keeps no frontier and recomputes
-every wave from the inputs (the wave-by-wave method: the same systems, one
-forward pass per wave).
+removed on success, error and interrupt. ``schedule="recompute"`` keeps no
+frontier and recomputes every wave from the inputs (the wave-by-wave
+method: the same systems, one forward pass per wave).
 """
 from __future__ import annotations
 
@@ -323,8 +323,7 @@ class Schedule:
             step, last = self.step[s], self.last[s]
             self.inputs[s] = {n.name: [i.name for i in n.all_input_nodes] for n in graphs[s].nodes}
             for n in reversed(list(graphs[s].nodes)):
-                consumers = set(need[s].get(n.name, ())) | {step[u.name] for u in n.users
-                                                            if step.get(u.name, NEVER) < NEVER}
+                consumers = self._consumers(s, n, need[s])
                 if n.op == "output" or not consumers:
                     step[n.name] = NEVER
                     continue
@@ -339,6 +338,12 @@ class Schedule:
             if pull_forward:
                 self._pull_forward(s, graphs[s], need[s])
 
+    def _consumers(self, slot: int, node: fx.Node, need: dict) -> set:
+        """The waves that read ``node``'s value: its points' (``need``) and
+        those in which its users are computed."""
+        step = self.step[slot]
+        return set(need.get(node.name, ())) | {step[u.name] for u in node.users if step.get(u.name, NEVER) < NEVER}
+
     def _pull_forward(self, slot: int, graph: fx.Graph, need: dict) -> None:
         """Computes a node earlier than its first reader when that frees at
         least its own size in the frontier at every wave in between: a
@@ -348,12 +353,7 @@ class Schedule:
         the traced shapes (``fxm_value``); a node without one stays put.
         The merged model's nodes never move before their level."""
         step, last, reads, inputs = self.step[slot], self.last[slot], self.reads[slot], self.inputs[slot]
-        users = {n.name: [u.name for u in n.users] for n in graph.nodes}
         by_name = self.graph_nodes[slot]
-
-        def consumers(name: str) -> set:
-            return set(need.get(name, ())) | {step[u] for u in users[name] if step.get(u, NEVER) < NEVER}
-
         for n in graph.nodes:  # graph order: a node's inputs have moved already
             t = step.get(n.name, NEVER)
             if t >= NEVER or n.op in ("placeholder", "output") or not inputs[n.name]:
@@ -367,13 +367,13 @@ class Schedule:
             step[n.name] = earliest  # tentatively: what its inputs' readers become
             freed = 0
             for i in inputs[n.name]:
-                if last[i] == t and max(consumers(i)) <= earliest:
+                if last[i] == t and max(self._consumers(slot, by_name[i], need)) <= earliest:
                     freed += value_bytes(by_name[i]) or 0
             if freed < size:
                 step[n.name] = t
                 continue
             for i in inputs[n.name]:
-                c = consumers(i)
+                c = self._consumers(slot, by_name[i], need)
                 last[i], reads[i] = max(c), sorted(c)
 
     def computed_at(self, slot: int, wave: int) -> list:
