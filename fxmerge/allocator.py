@@ -12,11 +12,20 @@ be somewhat higher (a freed block is not always reusable for a larger
 request; docs/performance.md measures the peak under this setting). The
 command line calls it unless ``FXMERGE_MALLOC=system``; the Python API
 leaves the allocator alone.
+
+``release_freed_memory`` hands the free pages inside the heap back to the
+operating system (glibc's ``malloc_trim``). The sweep calls it once per wave:
+the frontier frees hundreds of megabytes of values as the waves pass, in
+blocks scattered between live ones, and a later wave's large statistics do
+not fit those holes; without it the peak resident memory is the frontier's
+high-water mark plus the late waves' statistics, with it roughly what is
+live (docs/performance.md).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -25,13 +34,29 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Serve every allocation from the heap and never trim it (glibc only).
     Returns whether the setting took effect."""
-    if not sys.platform.startswith("linux") or os.environ.get("FXMERGE_MALLOC") == "system":
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)  # not glibc (musl has no mallopt)
+    if mallopt is None or os.environ.get("FXMERGE_MALLOC") == "system":
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the operating system (glibc only;
+    the blocks stay the heap's, a later allocation faults their pages in
+    again). Returns whether any memory was released."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    return bool(trim(0)) if trim is not None else False

@@ -40,6 +40,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from .allocator import release_freed_memory
+
 A, B, M = 0, 1, 2  # model slots: source A, aligned source B, merged
 NEVER = 1 << 30
 
@@ -522,6 +524,9 @@ class Sweep:
                     n_batches = count
                 sync()  # every rank reached the end of the wave
                 t = time.perf_counter()
+                # the values this wave read last are free: their pages go back
+                # before the solves allocate (fxmerge/allocator.py)
+                release_freed_memory()
                 for p in points:
                     p.finish()
                 spent["solve"] += time.perf_counter() - t
