@@ -54,7 +54,7 @@ from .matching import ActivationCollector, Matching, activation_matching, check_
 from .permute import permute_tensor
 from .rewrite import WidenGraph, check_shapes, in_axes_of, module_row_blocks, split_contractions
 from .runner import LockstepRunner
-from .sweep import Sweep, available_memory, parse_memory
+from .sweep import Sweep, available_memory, parse_memory, wave_bytes
 from .tracing import trace
 from .tensors import owner_of, set_tensor, tensor_state
 from .widening import LayoutWidener
@@ -393,10 +393,10 @@ def _within_memory(points: list, st: MergeState) -> list:
     others keep their initial weights, with a warning."""
     keep, skipped = [], []
     for p in points:
-        (keep if p.nbytes() <= st.opts.max_memory else skipped).append(p)
+        (keep if wave_bytes([p]) <= st.opts.max_memory else skipped).append(p)
     if skipped:
-        names = ", ".join(f"'{p.key}' ({p.nbytes() / 2**30:.1f} GiB)" for p in skipped[:3])
-        warnings.warn(f"least squares skipped for {len(skipped)} layer(s) whose statistics exceed max_memory "
+        names = ", ".join(f"'{p.key}' ({wave_bytes([p]) / 2**30:.1f} GiB)" for p in skipped[:3])
+        warnings.warn(f"least squares skipped for {len(skipped)} layer(s) whose statistics and solve exceed max_memory "
                       f"({st.opts.max_memory / 2**30:.1f} GiB): {names}; they keep their permuted weights",
                       MemoryWarning, stacklevel=4)
         st.skipped_layers = [p.key for p in skipped]

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
@@ -400,6 +401,9 @@ class LeastSquaresPoint(Point):
     def nbytes(self) -> int:
         return system_bytes(self.sysm, self.models[M] if self.models[M] is not None else self.models[A])
 
+    def solve_nbytes(self) -> int:
+        return solve_bytes(self.sysm, self.models[M] if self.models[M] is not None else self.models[A])
+
 
 def _batch_norm_rows(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """An eval-mode BatchNorm (its affine part included, no activation) on
@@ -443,6 +447,17 @@ def system_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
     return 8 * g * cols * (cols + rows_per_group + 1)
 
 
+def solve_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
+    """Bytes a layer's solve holds besides its statistics: one float64 copy
+    of its largest Gram block (``solve_block``), at most one group's full
+    Gram matrix."""
+    w = gm.get_parameter(sysm.weight)
+    if sysm.taps is None:
+        w = conv_weight(gm.get_submodule(sysm.weight.rsplit(".", 1)[0]), w)
+    cols = int(np.prod(w.shape[1:])) + (sysm.bias is not None)
+    return 8 * cols * cols
+
+
 def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optional[int] = None) -> None:
     """Add one batch's ``(rows, groups, cols)`` inputs and ``(rows, groups,
     outs)`` targets to the layer's float64 sums (``model``: RegMean's
@@ -484,18 +499,42 @@ def ridge_lambda(G: torch.Tensor, ridge: float) -> float:
     return max(ridge * float(torch.diagonal(G).sum()) / max(G.shape[0], 1), 1e-12)
 
 
+def cholesky_in_place(A: torch.Tensor) -> bool:
+    """Factors the symmetric positive definite ``A`` where it lies: its upper
+    triangle becomes ``U`` with ``A = U^T U`` (the strict lower triangle is
+    left as it was). torch's factorisation returns a new tensor, and a
+    layer's Gram block is up to hundreds of megabytes: its copy and the
+    factor were the whole merge's peak. On the CPU, LAPACK's ``potrf`` runs
+    on A's own memory. Returns False when A is not positive definite (A is
+    then partly overwritten)."""
+    if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) and A.is_contiguous():
+        potrf = lapack.dpotrf if A.dtype == torch.float64 else lapack.spotrf
+        # A's memory read column-major is A^T = A; the lower factor there is U here
+        column_major = A.numpy().T
+        factor, info = potrf(column_major, lower=True, overwrite_a=True, clean=False)
+        if not np.shares_memory(factor, column_major):  # LAPACK was handed a copy
+            column_major[...] = factor
+        return info == 0
+    U, info = torch.linalg.cholesky_ex(A, upper=True)
+    if int(info) != 0:
+        return False
+    A.copy_(U)
+    return True
+
+
 def solve_block(G: torch.Tensor, C: torch.Tensor, W0: torch.Tensor, ridge: float) -> torch.Tensor:
     """``argmin_W ||X W^T - Y||^2 + lam ||W - W0||^2`` from ``G = X^T X`` and
-    ``C = X^T Y`` (``W0``: rows x cols). Returns ``W`` (rows x cols)."""
+    ``C = X^T Y`` (``W0``: rows x cols). Returns ``W`` (rows x cols). Holds
+    one copy of G besides G (``solve_bytes``)."""
     lam = ridge_lambda(G, ridge)
-    A = G.clone()
-    A.diagonal().add_(lam)
     B = C + lam * W0.T
-    try:
-        L = torch.linalg.cholesky(A)
-        return torch.cholesky_solve(B, L).T
-    except RuntimeError:
-        return torch.linalg.lstsq(A, B).solution.T
+    A = G.clone(memory_format=torch.contiguous_format)
+    A.diagonal().add_(lam)
+    if cholesky_in_place(A):
+        return torch.cholesky_solve(B, A, upper=True).T
+    A.copy_(G)  # not positive definite (no ridge, dead inputs): the least-norm solution
+    A.diagonal().add_(lam)
+    return torch.linalg.lstsq(A, B).solution.T
 
 
 def layer_loss(G, C, yy, W) -> float:
@@ -534,7 +573,9 @@ def solve_layer(sysm: LayerSystem, weight: torch.Tensor, bias: torch.Tensor | No
         lay = sysm.layout
         stat_col = lay.inverse_cols if lay is not None else np.arange(ncol)
         stat_out = lay.inverse_outs if lay is not None else np.arange(out)
-        for cols, out_rows in row_blocks(sysm.w_out, sysm.w_in):
+        # the largest block first: the smaller ones' copies then fit in the memory its copy freed
+        blocks = sorted(row_blocks(sysm.w_out, sysm.w_in), key=lambda block: -len(block[0]))
+        for cols, out_rows in blocks:
             full = weight_columns(cols, k_taps)
             if bias is not None:
                 full = np.concatenate([full, [ncol - 1]])

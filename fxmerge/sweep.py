@@ -73,6 +73,17 @@ class Point:
         """Bytes of its accumulated statistics."""
         return 0
 
+    def solve_nbytes(self) -> int:
+        """Bytes its ``finish`` holds besides the statistics (the points of a
+        wave finish one at a time)."""
+        return 0
+
+
+def wave_bytes(points: list) -> int:
+    """Peak bytes of one wave's statistics: all of them, and the largest
+    solve's working memory on top (they finish in turn)."""
+    return sum(p.nbytes() for p in points) + max((p.solve_nbytes() for p in points), default=0)
+
 
 def parse_memory(value) -> Optional[int]:
     """``max_memory`` as bytes: an int, or a string such as ``"2G"``,
@@ -451,7 +462,7 @@ class Sweep:
         self.slots = tuple(i for i, m in enumerate(models) if m is not None)
         self.schedule = Schedule({s: models[s].graph for s in self.slots}, points)
         self.nodes = self.schedule.graph_nodes
-        self.stats_peak = max((sum(p.nbytes() for p in points if p.wave == w) for w in self.schedule.waves), default=0)
+        self.stats_peak = max((wave_bytes([p for p in points if p.wave == w]) for w in self.schedule.waves), default=0)
         self.store = FrontierStore(max(0, max_memory - self.stats_peak), frontier_dtype, spill_dir,
                                    next_read=self._next_read)
         self._now = (-1, -1)  # (wave, batch) being computed

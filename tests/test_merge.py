@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge.lstsq import sample_rows, solve_block
+from fxmerge.lstsq import cholesky_in_place, sample_rows, solve_block
 from fxmerge.tensors import rows
 from fxmerge.batchnorm import reset_batch_norm
 from nets import build
@@ -135,6 +135,23 @@ def test_least_squares_solution_satisfies_the_normal_equations():
 
     for _ in range(5):
         assert obj(W + 1e-3 * torch.randn(5, 12, generator=g, dtype=torch.float64)) > obj(W)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cholesky_in_place_factors_in_the_matrix_own_memory(dtype):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    G = (X.T @ X).to(dtype)
+    A = G.clone()
+    where = A.data_ptr()
+    assert cholesky_in_place(A)
+    U = torch.triu(A)
+    assert A.data_ptr() == where
+    torch.testing.assert_close(U.T @ U, G, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-3)
+    torch.testing.assert_close(torch.tril(A, -1), torch.tril(G, -1))  # the lower triangle is left alone
+    singular = torch.zeros(4, 4, dtype=dtype)
+    singular[0, 0] = 1.0
+    assert not cholesky_in_place(singular)
 
 
 def test_gram_accumulation_and_mirroring_give_x_transpose_x():
