@@ -20,9 +20,11 @@ forward pass of each model plus the statistics. After the last batch of a
 wave its points finish (sum across ranks, solve, write into the merged
 model).
 
-The frontier lives in memory up to a cap and spills beyond it, the values
-read last first, to a temporary directory (``FrontierStore``), which is
-removed on success, error and interrupt. ``schedule="recompute"`` keeps no
+The frontier lives in memory up to a cap (``max_memory`` less the largest
+wave's statistics and solve, ``wave_bytes``) and spills beyond it, the
+values read last first, to a temporary directory (``FrontierStore``), which
+is removed on success, error and interrupt. Each wave hands the heap's free
+pages back before its solves (``allocator.release_freed_memory``). ``schedule="recompute"`` keeps no
 frontier and recomputes every wave from the inputs (the wave-by-wave
 method: the same systems, one forward pass per wave).
 """
@@ -44,6 +46,7 @@ from .allocator import release_freed_memory
 
 A, B, M = 0, 1, 2  # model slots: source A, aligned source B, merged
 NEVER = 1 << 30
+RELEASE_BYTES = 256 << 20  # the least frontier shrinkage after which freed pages go back to the system
 
 
 class Point:
@@ -169,6 +172,7 @@ class FrontierStore:
         self.in_memory: set = set()  # keys whose leaves are all in memory
         self.ram = 0
         self.peak_ram = 0
+        self.peak_since_release = 0  # reset by the sweep when it releases memory
         self.peak_total = 0
         self.total = 0
         self.spilled = 0  # bytes written to disk over the sweep
@@ -198,6 +202,7 @@ class FrontierStore:
             self.in_memory.add(key)
             self.ram += size
             self.peak_ram = max(self.peak_ram, self.ram)
+            self.peak_since_release = max(self.peak_since_release, self.ram)
 
     def _make_room(self, key, size: int) -> None:
         """Spill kept values read after ``key`` is, furthest first, while
@@ -535,9 +540,15 @@ class Sweep:
                     n_batches = count
                 sync()  # every rank reached the end of the wave
                 t = time.perf_counter()
-                # the values this wave read last are free: their pages go back
-                # before the solves allocate (fxmerge/allocator.py)
-                release_freed_memory()
+                # once the frontier has shrunk by a quarter (and RELEASE_BYTES), the
+                # pages of the values it freed go back before the solves allocate:
+                # those values lay between live blocks, where a large Gram block
+                # does not fit (fxmerge/allocator.py); releasing every wave would
+                # fault the steady waves' activations in afresh each time
+                store = self.store
+                if store.peak_since_release - store.ram >= max(RELEASE_BYTES, store.peak_since_release // 4):
+                    release_freed_memory()
+                    store.peak_since_release = store.ram
                 for p in points:
                     p.finish()
                 spent["solve"] += time.perf_counter() - t

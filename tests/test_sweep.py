@@ -224,3 +224,19 @@ def test_the_merged_model_runs_its_widened_layers_as_row_blocks_and_follows_refi
     with torch.no_grad():
         conv.weight.mul_(2)  # or changes it in place
     torch.testing.assert_close(interp.run(x), gm(x))
+
+
+def test_freed_memory_goes_back_once_the_frontier_has_shrunk(monkeypatch):
+    import fxmerge.sweep as sweep
+
+    spec = [("residual", 1), ("concat", 0), ("residual", 2)]
+    a, b = net(spec, 3), net(spec, 4)
+    calls = []
+    monkeypatch.setattr(sweep, "release_freed_memory", lambda: calls.append(1) or True)
+    res = fxmerge.merge(a, b, calib(3), budget=1.2)
+    frontier = res.report["sweep"]["frontier_peak_memory_bytes"]
+    assert frontier < sweep.RELEASE_BYTES and calls == []  # a small frontier never releases
+    monkeypatch.setattr(sweep, "RELEASE_BYTES", 1)
+    again = fxmerge.merge(a, b, calib(3), budget=1.2)
+    assert 0 < len(calls) < again.report["sweep"]["waves"]  # not every wave: only after it shrank by a quarter
+    assert_same_weights(weights(res.model), weights(again.model), rtol=0, atol=0)
