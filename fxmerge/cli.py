@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "times the layers reading its group (reach), residual streams first (residual), or residual "
                    f"streams first where a LayerNorm normalises them (auto) (default {C.DEFAULT_PLANNER})")
     m.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory for the fitting sweep's frontier and statistics, such as 2G or 512M; beyond it the "
+                   help="memory for the fitting sweep's frontier, statistics and solves, such as 2G or 512M; beyond it the "
                    f"frontier spills to a temporary directory (default {C.DEFAULT_MEMORY_SHARE * 100:.0f}%% of the memory "
                    "available at the start)")
     m.add_argument("--frontier-dtype", default="float32", choices=C.FRONTIER_DTYPES,

@@ -115,7 +115,7 @@ class MergeOptions:
     device: torch.device = torch.device("cpu")
     progress: bool = False
     on_least_squares: Optional[Callable] = None
-    max_memory: int = 0  # bytes for the sweep's frontier and statistics
+    max_memory: int = 0  # bytes for the sweep's frontier, statistics and solves
     frontier_dtype: str = "float32"
     schedule: str = "frontier"
     spill_dir: Optional[str] = None
@@ -794,7 +794,7 @@ def merge(
     ``"source"`` keeps the sources' statistics (``reset_bn=False`` is the
     same); the default is the method's (``constants.BN_STATS_OF``). ``ridge`` pulls each least-squares solution toward the permuted
     weights. ``max_memory`` (bytes or ``"2G"``; default a quarter of the
-    available memory) caps the sweep's frontier and statistics: beyond it the
+    available memory) caps the sweep's frontier, statistics and solves: beyond it the
     frontier spills to a temporary directory (``spill_dir``), stored as
     ``frontier_dtype``. ``planner``: what the budget planner counts when it
     un-merges a pair (``"pairs"``: its disagreement; ``"reach"``: its
