@@ -449,8 +449,8 @@ def system_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
 
 def solve_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
     """Bytes a layer's solve holds besides its statistics: one float64 copy
-    of its largest Gram block (``solve_block``), at most one group's full
-    Gram matrix."""
+    of its largest Gram block (``solve_block``; narrow systems, below
+    ``IN_PLACE_MIN_COLS``, hold two), at most one group's full Gram matrix."""
     w = gm.get_parameter(sysm.weight)
     if sysm.taps is None:
         w = conv_weight(gm.get_submodule(sysm.weight.rsplit(".", 1)[0]), w)
@@ -499,41 +499,51 @@ def ridge_lambda(G: torch.Tensor, ridge: float) -> float:
     return max(ridge * float(torch.diagonal(G).sum()) / max(G.shape[0], 1), 1e-12)
 
 
+IN_PLACE_MIN_COLS = 2048  # systems at least this wide are factored in place (``solve_block``)
+
+
 def cholesky_in_place(A: torch.Tensor) -> bool:
-    """Factors the symmetric positive definite ``A`` where it lies: its upper
-    triangle becomes ``U`` with ``A = U^T U`` (the strict lower triangle is
-    left as it was). torch's factorisation returns a new tensor, and a
-    layer's Gram block is up to hundreds of megabytes: its copy and the
-    factor were the whole merge's peak. On the CPU, LAPACK's ``potrf`` runs
-    on A's own memory. Returns False when A is not positive definite (A is
-    then partly overwritten)."""
-    if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) and A.is_contiguous():
-        potrf = lapack.dpotrf if A.dtype == torch.float64 else lapack.spotrf
-        # A's memory read column-major is A^T = A; the lower factor there is U here
-        column_major = A.numpy().T
-        factor, info = potrf(column_major, lower=True, overwrite_a=True, clean=False)
-        if not np.shares_memory(factor, column_major):  # LAPACK was handed a copy
-            column_major[...] = factor
-        return info == 0
-    U, info = torch.linalg.cholesky_ex(A, upper=True)
-    if int(info) != 0:
-        return False
-    A.copy_(U)
-    return True
+    """Factors the symmetric positive definite ``A`` (contiguous, CPU, float)
+    where it lies: its upper triangle becomes ``U`` with ``A = U^T U`` (the
+    strict lower triangle is left as it was). LAPACK's ``potrf`` on A's own
+    memory, read column-major (A^T = A there, so the lower factor there is U
+    here). Returns False when A is not positive definite (A is then partly
+    overwritten)."""
+    potrf = lapack.dpotrf if A.dtype == torch.float64 else lapack.spotrf
+    column_major = A.numpy().T
+    factor, info = potrf(column_major, lower=True, overwrite_a=True, clean=False)
+    if not np.shares_memory(factor, column_major):  # LAPACK was handed a copy
+        column_major[...] = factor
+    return info == 0
 
 
 def solve_block(G: torch.Tensor, C: torch.Tensor, W0: torch.Tensor, ridge: float) -> torch.Tensor:
     """``argmin_W ||X W^T - Y||^2 + lam ||W - W0||^2`` from ``G = X^T X`` and
-    ``C = X^T Y`` (``W0``: rows x cols). Returns ``W`` (rows x cols). Holds
-    one copy of G besides G (``solve_bytes``)."""
+    ``C = X^T Y`` (``W0``: rows x cols). Returns ``W`` (rows x cols).
+
+    A wide system on the CPU holds one copy of G (``solve_bytes``): the ridge
+    copy, factored and solved in place by LAPACK (``potrf``, ``potrs``). torch's
+    factorisation and triangular solve each copy their input, and a fully
+    widened layer's Gram block is hundreds of megabytes: four copies of it were
+    the merge's peak. Narrow systems keep torch's routines, which are faster
+    there (they run on torch's own threads)."""
     lam = ridge_lambda(G, ridge)
     B = C + lam * W0.T
     A = G.clone(memory_format=torch.contiguous_format)
     A.diagonal().add_(lam)
-    if cholesky_in_place(A):
-        return torch.cholesky_solve(B, A, upper=True).T
-    A.copy_(G)  # not positive definite (no ridge, dead inputs): the least-norm solution
-    A.diagonal().add_(lam)
+    if A.shape[-1] >= IN_PLACE_MIN_COLS and A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64):
+        if cholesky_in_place(A):
+            potrs = lapack.dpotrs if A.dtype == torch.float64 else lapack.spotrs
+            X, info = potrs(A.numpy().T, B.numpy(), lower=True)
+            if info == 0:
+                return torch.from_numpy(X).T
+        A.copy_(G)
+        A.diagonal().add_(lam)
+    else:
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return torch.cholesky_solve(B, L).T
+    # not positive definite (no ridge, dead inputs): the least-norm solution
     return torch.linalg.lstsq(A, B).solution.T
 
 

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
+from fxmerge import lstsq
 from fxmerge.lstsq import cholesky_in_place, sample_rows, solve_block
 from fxmerge.tensors import rows
 from fxmerge.batchnorm import reset_batch_norm
@@ -115,7 +116,7 @@ def test_weight_matching_recovers_a_permutation():
         torch.testing.assert_close(res.model(X), a(X), rtol=1e-3, atol=1e-4)
 
 
-def test_least_squares_solution_satisfies_the_normal_equations():
+def test_least_squares_solution_satisfies_the_normal_equations(monkeypatch):
     g = torch.Generator().manual_seed(0)
     Xs = torch.randn(200, 12, generator=g, dtype=torch.float64)
     Ys = torch.randn(200, 5, generator=g, dtype=torch.float64)
@@ -123,6 +124,10 @@ def test_least_squares_solution_satisfies_the_normal_equations():
     G, C = Xs.T @ Xs, Xs.T @ Ys
     for ridge in (0.0, 1e-3, 1.0):
         W = solve_block(G, C, W0, ridge)
+        # the in-place LAPACK route of wide systems gives the same solution
+        monkeypatch.setattr(lstsq, "IN_PLACE_MIN_COLS", 1)
+        torch.testing.assert_close(solve_block(G, C, W0, ridge), W, rtol=1e-9, atol=1e-9)
+        monkeypatch.undo()
         lam = max(ridge * float(torch.diagonal(G).sum()) / 12, 1e-12)
         lhs = (G + lam * torch.eye(12, dtype=torch.float64)) @ W.T
         torch.testing.assert_close(lhs, C + lam * W0.T, rtol=1e-9, atol=1e-9)
