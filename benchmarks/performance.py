@@ -206,8 +206,8 @@ def merge_vs_forward(arch, size, calib, budget, ls_inputs, device="cpu"):
             "cost_planned": res.report["cost_planned"], "cost_measured": res.report["cost_measured"]}
 
 
-SPILL_NOTE = ("The frontier's in-memory part is capped at `--max-memory` less the statistics' peak; whatever "
-              "does not fit spills to disk. A larger calibration set first fills that cap, so the peak grows by "
+SPILL_NOTE = ("The frontier's in-memory part is capped at `--max-memory` less the largest wave's statistics and "
+              "solve; whatever does not fit spills to disk. A larger calibration set first fills that cap, so the peak grows by "
               "up to the cap's free part, then stays put (the spilled column grows instead).")
 
 
@@ -339,7 +339,7 @@ def main():
             f"## Peak memory ({args.memory_size}x{args.memory_size} images, fresh processes)",
             "",
             f"`recompute`: no frontier, every wave recomputed from the inputs; `frontier` with `--max-memory "
-            f"{args.max_memory}` (the frontier and the statistics; beyond it the frontier spills to disk).",
+            f"{args.max_memory}` (the frontier, the statistics and the largest solve; beyond it the frontier spills to disk).",
             "",
             "| schedule | images | peak RSS (MB) | frontier peak (MB) | in memory (MB) | spilled (MB) |",
             "|---|---|---|---|---|---|",
