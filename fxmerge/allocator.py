@@ -14,12 +14,13 @@ command line calls it unless ``FXMERGE_MALLOC=system``; the Python API
 leaves the allocator alone.
 
 ``release_freed_memory`` hands the free pages inside the heap back to the
-operating system (glibc's ``malloc_trim``). The sweep calls it once per wave:
-the frontier frees hundreds of megabytes of values as the waves pass, in
-blocks scattered between live ones, and a later wave's large statistics do
-not fit those holes; without it the peak resident memory is the frontier's
-high-water mark plus the late waves' statistics, with it roughly what is
-live (docs/performance.md).
+operating system (glibc's ``malloc_trim``). The sweep calls it before a
+wave's solves once its frontier has shrunk by a quarter since the last
+call: the frontier frees hundreds of megabytes of values as the waves pass,
+in blocks scattered between live ones, and a later wave's large statistics
+do not fit those holes; without it the peak resident memory is the
+frontier's high-water mark plus the late waves' statistics (calling it
+every wave would fault the steady waves' pages in afresh each time).
 """
 from __future__ import annotations
 

@@ -33,9 +33,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.linalg import lapack
 from torch import fx
 
 from .distributed import all_sum
@@ -435,26 +435,28 @@ def _find_node(gm: fx.GraphModule, name: str) -> fx.Node:
     raise KeyError(name)
 
 
-def system_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
-    """Bytes of one layer's float64 statistics (Gram matrix and cross
-    products), from its weight's shape."""
+def _system_shape(sysm: LayerSystem, gm: fx.GraphModule) -> tuple:
+    """``(rows per group, columns)`` of one layer's system, from its weight's
+    shape (the bias is one more column)."""
     w = gm.get_parameter(sysm.weight)
     if sysm.taps is None:
         w = conv_weight(gm.get_submodule(sysm.weight.rsplit(".", 1)[0]), w)
-    g = sysm.groups
-    rows_per_group = w.shape[0] // g if sysm.taps is None else w.shape[0]
-    cols = int(np.prod(w.shape[1:])) + (sysm.bias is not None)
-    return 8 * g * cols * (cols + rows_per_group + 1)
+    rows_per_group = w.shape[0] // sysm.groups if sysm.taps is None else w.shape[0]
+    return rows_per_group, int(np.prod(w.shape[1:])) + (sysm.bias is not None)
+
+
+def system_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
+    """Bytes of one layer's float64 statistics (Gram matrix and cross
+    products), from its weight's shape."""
+    rows_per_group, cols = _system_shape(sysm, gm)
+    return 8 * sysm.groups * cols * (cols + rows_per_group + 1)
 
 
 def solve_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
     """Bytes a layer's solve holds besides its statistics: one float64 copy
     of its largest Gram block (``solve_block``; narrow systems, below
     ``IN_PLACE_MIN_COLS``, hold two), at most one group's full Gram matrix."""
-    w = gm.get_parameter(sysm.weight)
-    if sysm.taps is None:
-        w = conv_weight(gm.get_submodule(sysm.weight.rsplit(".", 1)[0]), w)
-    cols = int(np.prod(w.shape[1:])) + (sysm.bias is not None)
+    _, cols = _system_shape(sysm, gm)
     return 8 * cols * cols
 
 

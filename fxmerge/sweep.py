@@ -23,8 +23,9 @@ model).
 The frontier lives in memory up to a cap (``max_memory`` less the largest
 wave's statistics and solve, ``wave_bytes``) and spills beyond it, the
 values read last first, to a temporary directory (``FrontierStore``), which
-is removed on success, error and interrupt. Each wave hands the heap's free
-pages back before its solves (``allocator.release_freed_memory``). ``schedule="recompute"`` keeps no
+is removed on success, error and interrupt. Once the frontier has shrunk by
+a quarter, the heap's free pages go back before the wave's solves
+(``allocator.release_freed_memory``). ``schedule="recompute"`` keeps no
 frontier and recomputes every wave from the inputs (the wave-by-wave
 method: the same systems, one forward pass per wave).
 """
