@@ -94,7 +94,12 @@ def main(argv=None) -> int:
     import tempfile
 
     common.source_pair("resnet18", "disjoint", 0)  # trained and cached before anything is timed
-    out_dir = tempfile.mkdtemp(prefix="fxmerge-scaling-")
+    # the workers' weights and reports: removed on success, error and Ctrl-C
+    with tempfile.TemporaryDirectory(prefix="fxmerge-scaling-") as out_dir:
+        return _measure(args, argv, out_dir)
+
+
+def _measure(args, argv, out_dir: str) -> int:
     me = os.path.abspath(__file__)
     n = args.nproc
     log("one process, 2 threads")
