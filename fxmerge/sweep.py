@@ -173,11 +173,20 @@ class FrontierStore:
         self.in_memory: set = set()  # keys whose leaves are all in memory
         self.ram = 0
         self.peak_ram = 0
-        self.peak_since_release = 0  # reset by the sweep when it releases memory
+        self.peak_since_release = 0  # the largest ``ram`` since ``mark_released``
         self.peak_total = 0
         self.total = 0
         self.spilled = 0  # bytes written to disk over the sweep
         self._files = 0
+
+    def shrunk_since_release(self, least: int) -> bool:
+        """Whether the in-memory part has shrunk, since ``mark_released``, by
+        a quarter of its peak and at least ``least`` bytes."""
+        return self.peak_since_release - self.ram >= max(least, self.peak_since_release // 4)
+
+    def mark_released(self) -> None:
+        """The memory its dropped values held has gone back to the system."""
+        self.peak_since_release = self.ram
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point() and t.dtype != self.dtype and self.dtype != torch.float32:
@@ -546,10 +555,9 @@ class Sweep:
                 # those values lay between live blocks, where a large Gram block
                 # does not fit (fxmerge/allocator.py); releasing every wave would
                 # fault the steady waves' activations in afresh each time
-                store = self.store
-                if store.peak_since_release - store.ram >= max(RELEASE_BYTES, store.peak_since_release // 4):
+                if self.store.shrunk_since_release(RELEASE_BYTES):
                     release_freed_memory()
-                    store.peak_since_release = store.ram
+                    self.store.mark_released()
                 for p in points:
                     p.finish()
                 spent["solve"] += time.perf_counter() - t
