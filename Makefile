@@ -38,7 +38,7 @@ bench: $(STAMP)
 # closed form against Adam on the layers with at most N columns, which takes hours more)
 perf: $(STAMP)
 	$(PY) benchmarks/products.py
-	$(PY) benchmarks/performance.py --arch resnet50 --calib 512 --adam-max-cols 0 --memory-size 160 --out docs/performance.md
+	$(PY) benchmarks/performance.py --arch resnet50 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance.md
 	$(PY) benchmarks/performance.py --arch vit_tiny_patch16_224 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-vit.md
 	$(PY) benchmarks/performance.py --arch resnet18 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-resnet18.md
 
