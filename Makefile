@@ -34,7 +34,7 @@ coverage: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py
 
-# the commands behind docs/performance*.md (about an hour in all on 2 cores; --adam-max-cols N adds the
+# the commands behind docs/performance*.md (about an hour and a half in all on 2 cores; --adam-max-cols N adds the
 # closed form against Adam on the layers with at most N columns, which takes hours more)
 perf: $(STAMP)
 	$(PY) benchmarks/products.py
