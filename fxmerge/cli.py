@@ -292,21 +292,40 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # the command line: a kill cleans up like Ctrl-C
     if argv is None:  # the command line, not a test calling main(): see fxmerge/allocator.py
         keep_freed_memory()
+    code = None  # stays None while an unexpected error propagates (its traceback is printed)
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
     except FxmergeError as e:
         # one line: torch.fx appends the failing node and a traceback to errors
         print(f"fxmerge: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        code = EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fxmerge: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
     finally:
         if "torch.distributed" in sys.modules:
-            from .distributed import shutdown
+            from .distributed import available, shutdown
 
+            grouped = available()
             shutdown()
+            if grouped and argv is None and code is not None:
+                _exit_now(code)
+    return code
+
+
+def _exit_now(code) -> None:
+    """End a rank of a process group here, its files closed and its
+    temporary files removed: the interpreter's own teardown would destroy
+    the distributed runtime's C++ objects, whose threads now and then abort
+    the process (SIGABRT, "terminate called without an active exception")
+    after the rank has finished cleanly."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
 
 
 if __name__ == "__main__":
