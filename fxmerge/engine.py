@@ -130,8 +130,8 @@ class MergeState:
     """What the passes read and write."""
 
     opts: MergeOptions
-    model_a: Optional[nn.Module]  # copies of the sources; dropped once the passes no longer read them
-    model_b: Optional[nn.Module]
+    model_a: nn.Module
+    model_b: nn.Module
     data: Any
     example_inputs: Inputs
     n_images: int
@@ -199,11 +199,6 @@ def pass_analyze(st: MergeState) -> None:
             raise InputError(f"{k!r} is {tuple(v.shape)} in model A but {tuple(state_b[k].shape)} in model B: "
                              "merge two models of the same architecture")
         set_tensor(st.gm_b, k, state_b[k].detach().clone())
-    # the graphs hold what later passes read: the copies go (a model's worth
-    # of memory each, through the fitting sweep); ZipIt!'s cut re-reads B
-    st.model_a = None
-    if "zip_cut" not in METHOD_PASSES[st.opts.method]:
-        st.model_b = None
 
 
 def pass_match(st: MergeState) -> None:
