@@ -427,13 +427,42 @@ def _lsa(sim: np.ndarray):
     return perm, sim[np.arange(sim.shape[0]), perm]
 
 
-def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Matching:
+def _assign_within(inner: Dim, sim: np.ndarray) -> tuple:
+    """The assignment inside one block pair of a product: ``({root uid: perm},
+    similarity per A position)``. An atom inner dim is one Hungarian problem;
+    a structured one (a head's ``[q | k | v]`` when q and k share their order)
+    one per atom root it is made of, its occurrences' similarities summed, so
+    the assignment never moves a feature across the parts; positions of
+    anything else keep their order."""
+    r = find(inner)
+    if r.pinned:
+        return {}, np.diagonal(sim).copy()
+    if r.structure is None:
+        perm, val = _lsa(sim)
+        return {r.uid: perm}, val
+    occ = occurrences(r)
+    if not occ or any(root.structure is not None for root, _ in occ):
+        return {}, np.diagonal(sim).copy()
+    by_root: dict = {}
+    for root, pos in occ:
+        block = sim[np.ix_(pos, pos)]
+        by_root[root.uid] = block if root.uid not in by_root else by_root[root.uid] + block
+    perms = {uid: _lsa(block)[0] for uid, block in by_root.items()}
+    val = np.diagonal(sim).copy()
+    for root, pos in occ:
+        val[pos] = sim[pos, pos[perms[root.uid]]]
+    return perms, val
+
+
+def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset(), given: dict | None = None) -> Matching:
     """Assignments from per-root similarity matrices (A rows, B columns).
 
     Atoms: one Hungarian problem. Products: group every product root by its
     outer; score each block pair by the Hungarian optimum of its inner
     similarity (summed over the products that share the outer), assign blocks,
-    and keep the inner assignments of the chosen pairs.
+    and keep the inner assignments of the chosen pairs. Products over a
+    structured outer pair their blocks as the outer's parts are assigned (in
+    this solve, else in ``given``).
     """
     m = Matching()
     by_outer: dict = defaultdict(list)
@@ -456,10 +485,12 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
         g = outer.size
         # products sharing their inner roots (q and k heads) sum their evidence
         families: dict = defaultdict(lambda: None)
+        inner_dims: dict = {}
         for r, sim in items:
             s = r.structure
             fam = tuple(find(i).uid for i in s.inners)
             families[fam] = sim if families[fam] is None else families[fam] + sim
+            inner_dims.update({find(i).uid: find(i) for i in s.inners})
         score = np.zeros((g, g))
         inner: dict = {}
         for fam, sim in families.items():
@@ -468,46 +499,59 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset()) -> Mat
             if isinstance(sim, BlockDiagonal):  # shared within-block order: only the diagonals were kept
                 score += sim.diag.sum(-1)
                 continue
+            # one order shared by every block: each pair scored at its best
+            # order (the shared one is assigned once the pairs are chosen)
+            shared = len(set(fam)) == 1 and not find(inner_dims[fam[0]]).pinned
             blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
             for a in range(g):
                 for b in range(g):
-                    if free and n > 1:
-                        perm, val = _lsa(blocks[a, b])
+                    if (free or shared) and n > 1:
+                        perms, val = _assign_within(inner_dims[fam[b]], blocks[a, b])
                     else:
-                        perm, val = np.arange(n), np.diagonal(blocks[a, b]).copy()
+                        perms, val = {}, np.diagonal(blocks[a, b]).copy()
                     score[a, b] += val.sum()
-                    inner[(fam, a, b)] = perm
+                    inner[(fam, a, b)] = perms
         perm, val = _lsa(score)
         m.perms[ouid] = perm
         n_total = sum(sim.shape[0] // g for sim in families.values())
         m.sims[ouid] = val / max(n_total, 1)
         for fam, sim in families.items():
-            if len(set(fam)) != g:
-                continue
-            for a in range(g):
-                b = perm[a]
-                m.perms[fam[b]] = inner[(fam, a, b)]
-    _match_inners_of_structured(m, structured, exclude)
+            if len(set(fam)) == g:
+                for a in range(g):
+                    m.perms.update(inner[(fam, a, perm[a])])
+            elif len(set(fam)) == 1 and fam[0] not in m.perms and not isinstance(sim, BlockDiagonal):
+                # one order shared by every block (ResNeSt's splits): assigned
+                # over the chosen block pairs, unless the dim was matched where
+                # it occurs on its own
+                n = sim.shape[0] // g
+                blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
+                m.perms.update(_assign_within(inner_dims[fam[0]], sum(blocks[a, perm[a]] for a in range(g)))[0])
+    _match_inners_of_structured(m, structured, exclude, given or {})
     return m
 
 
-def _match_inners_of_structured(m: Matching, structured: dict, exclude: set) -> None:
+def _match_inners_of_structured(m: Matching, structured: dict, exclude: set, given: dict) -> None:
     """Inner dims of products over a structured outer: the block pairing is
     fixed by the outer's parts (already matched), so only the inner dims of
-    each pair are assigned; a shared inner dim gets one assignment over all pairs."""
+    each pair are assigned; a shared inner dim gets one assignment over all pairs.
+    Outers nested in other products (depthwise multipliers in a row) wait for
+    the inner dims they are made of: shallowest outers first, and each pairing
+    read from the assignments made so far."""
     if not structured:
         return
-    index = MatchSampler(dict(m.perms)).index
-    for ouid, items in structured.items():
+    outers = {ouid: find(items[0][0].structure.outer) for ouid, items in structured.items()}
+    for ouid in sorted(structured, key=lambda u: _nesting_depth(outers[u])):
         if ouid in exclude:
             continue
-        outer = find(items[0][0].structure.outer)
-        pair = index(outer)  # B block per A block
+        items, outer = structured[ouid], outers[ouid]
+        pair = MatchSampler({**given, **m.perms}).index(outer)  # B block per A block
         g = outer.size
         families: dict = defaultdict(lambda: None)
+        inner_dims: dict = {}
         for r, sim in items:
             fam = tuple(find(i).uid for i in r.structure.inners)
             families[fam] = sim if families[fam] is None else families[fam] + sim
+            inner_dims.update({find(i).uid: find(i) for i in r.structure.inners})
         for fam, sim in families.items():
             n = sim.shape[0] // g
             if n < 2:
@@ -515,9 +559,22 @@ def _match_inners_of_structured(m: Matching, structured: dict, exclude: set) -> 
             blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
             if len(set(fam)) == g:
                 for a in range(g):
-                    m.perms[fam[pair[a]]] = _lsa(blocks[a, pair[a]])[0]
+                    m.perms.update(_assign_within(inner_dims[fam[pair[a]]], blocks[a, pair[a]])[0])
             elif len(set(fam)) == 1 and fam[0] not in m.perms:
-                m.perms[fam[0]] = _lsa(sum(blocks[a, pair[a]] for a in range(g)))[0]
+                m.perms.update(_assign_within(inner_dims[fam[0]], sum(blocks[a, pair[a]] for a in range(g)))[0])
+
+
+def _nesting_depth(d) -> int:
+    """How many products and concatenations a dim is built of, nested: 0 for
+    an atom."""
+    if isinstance(d, Dep):
+        return 0
+    s = find(d).structure
+    if s is None:
+        return 0
+    if isinstance(s, Concat):
+        return 1 + max(_nesting_depth(p) for p in s.parts)
+    return 1 + max([_nesting_depth(s.outer)] + [_nesting_depth(i) for i in s.inners])
 
 
 # ----------------------------------------------------------------------------
@@ -531,7 +588,7 @@ def _matchable_roots(pg) -> dict:
         if not pg.member_is_param.get(name, False):
             continue
         for lay in lays:
-            for r, _ in occurrences(lay):
+            for r, _ in occurrences(lay, structured_outers=True):
                 roots[r.uid] = r
     return roots
 
@@ -545,7 +602,7 @@ def weight_matching(pg, state_a: dict, state_b: dict, *, iters: int = 30, seed: 
         if not pg.member_is_param.get(name, False) or name not in state_a:
             continue
         for axis, lay in enumerate(lays):
-            for r, pos in occurrences(lay):
+            for r, pos in occurrences(lay, structured_outers=True):
                 members_of[r.uid].append((name, axis, pos))
     rng = np.random.default_rng(seed)
     perms: dict = {}
@@ -566,7 +623,13 @@ def weight_matching(pg, state_a: dict, state_b: dict, *, iters: int = 30, seed: 
                 fa = wa.index_select(axis, p).movedim(axis, 0).reshape(len(pos), -1)
                 fb = wb.index_select(axis, p).movedim(axis, 0).reshape(len(pos), -1)
                 sim += (fa @ fb.T).cpu().numpy()
-            sub = solve({uid: sim}, {uid: r})
+            # B's columns back in their own order: a product over a structured
+            # outer still has the outer's parts permuted here (they are its
+            # block pairing, which solve reads from ``saved``)
+            order_b = sampler.index(r)
+            if not np.array_equal(order_b, np.arange(r.size)):
+                sim = sim[:, np.argsort(order_b)]
+            sub = solve({uid: sim}, {uid: r}, given=saved)
             new = dict(saved)
             new.update(sub.perms)
             if any(not np.array_equal(new.get(k, np.arange(len(v))), perms.get(k, np.arange(len(v)))) for k, v in new.items()):

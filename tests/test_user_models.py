@@ -3,10 +3,11 @@ library's test suite (one op pattern per network): concatenation, cascaded
 concatenation, split, reshape, transposed convolution, a customised layer
 that normalises over channels, a cosine classifier, a softmax over channels,
 multiple inputs and outputs, unused parameters, a flattened map into a
-linear layer.
+linear layer, depthwise multipliers in a row, attention packed per head.
 
 For every one: the groups verify; a permuted copy merges back to the same
-function at 1x; at 2x the merged model is the ensemble, or, where an op
+function at 1x (matching on activations and on weights, with and without
+least squares); at 2x the merged model is the ensemble, or, where an op
 combines the channels it would widen, the budget is reported out of reach
 with that op named; at 1.5x the measured cost is the planned one; the
 merge's statistics stay far below 4 GB.
@@ -267,6 +268,50 @@ class SplitAttentionNet(nn.Module):
         return self.head(out)
 
 
+class StackedMultipliersNet(nn.Module):
+    """Depthwise convolutions with a channel multiplier, three in a row (as
+    FastViT's patch embedding and final convolution): each one's blocks are
+    the channels the one before made, so its within-block orders can only be
+    matched once the blocks they sit in are."""
+
+    def __init__(self, depth=3):
+        super().__init__()
+        self.stem = ConvBN(3, 4)
+        c, self.dws = 4, nn.ModuleList()
+        for _ in range(depth):
+            self.dws.append(nn.Conv2d(c, 2 * c, 3, padding=1, groups=c))
+            c *= 2
+        self.head = Head(c)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for dw in self.dws:
+            x = F.gelu(dw(x))
+        return self.head(x)
+
+
+class PerHeadQKVNet(nn.Module):
+    """Attention whose projection packs ``[q | k | v]`` per head (CoAtNet's
+    and MaxViT's layout): a head's block of the projection is made of three
+    parts, q and k sharing their within-head order."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.stem = ConvBN(3, dim)
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.head = Head(dim)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, self.heads, 3 * c // self.heads, h * w).chunk(3, dim=2)
+        attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        out = (v @ attn.transpose(-2, -1)).reshape(b, c, h, w)
+        return self.head(x + self.proj(out))
+
+
 SIZE = 16
 NETS = {
     "concat": (ConcatNet, None, False),
@@ -283,6 +328,8 @@ NETS = {
     "same_padding": (SamePaddingNet, None, False),
     "group_norm": (GroupNormNet, None, False),
     "split_attention": (SplitAttentionNet, None, True),
+    "stacked_multipliers": (StackedMultipliersNet, None, False),
+    "per_head_qkv": (PerHeadQKVNet, None, False),
 }
 
 
@@ -330,8 +377,9 @@ def with_bn_stats(model, batches):
     return m.eval()
 
 
+@pytest.mark.parametrize("matching", ["activation", "weight"])
 @pytest.mark.parametrize("name", list(NETS))
-def test_groups_verify_and_a_permuted_copy_merges_back(name):
+def test_groups_verify_and_a_permuted_copy_merges_back(name, matching):
     a, _, kind = pair(name)
     batches = data(kind)
     a = with_bn_stats(a, batches)
@@ -344,9 +392,14 @@ def test_groups_verify_and_a_permuted_copy_merges_back(name):
     state.update(groups.permute_state(state, sampler))
     b = copy.deepcopy(a)
     b.load_state_dict(state)
-    res = fxmerge.merge(a, b, batches, budget=1.0, method="pleas", bn_stats="source", max_memory="3G")
     want = call(a, x)
     scale = max(float(y.abs().max()) for y in (want if isinstance(want, tuple) else (want,)))
+    # the matching alone recovers the permutation: averaging B's aligned
+    # weights with A's gives A's (least squares could hide a wrong match)
+    res = fxmerge.merge(a, b, batches, budget=1.0, method="perm", bn_stats="source", matching=matching)
+    assert_outputs_close(call(res.model, x), want, rtol=1e-4, atol=1e-5 * scale)
+    res = fxmerge.merge(a, b, batches, budget=1.0, method="pleas", bn_stats="source", matching=matching,
+                        max_memory="3G")
     # least squares re-solves every layer from float32 statistics: exact up to
     # their rounding (the 16385-column system of the flattened map has 48 samples)
     assert_outputs_close(call(res.model, x), want, rtol=1e-3, atol=2e-3 * scale)
