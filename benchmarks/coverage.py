@@ -50,7 +50,17 @@ MAX_PARAMS = 200e6  # larger models do not fit a float64 verification on this ma
 MERGE_MAX_PARAMS = 30e6
 MERGE_ANYWAY: set = set()  # models merged whatever their size (--merge-anyway)
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROWS_CACHE = os.path.join(HERE, "..", ".cache", "coverage-rows.json")
+CACHE_DIR = os.path.join(HERE, "..", ".cache")
+
+
+def rows_cache(out: str) -> str:
+    """Where the sweep that writes report ``out`` keeps its rows for
+    ``--rerun``: one file per report, so a trial sweep written elsewhere never
+    replaces the rows of the page it does not write."""
+    import hashlib
+
+    key = hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:12]
+    return os.path.join(CACHE_DIR, f"coverage-rows-{key}.json")
 
 
 class Timeout(Exception):
@@ -296,8 +306,8 @@ def main():
             tv_rows.append(row)
             print(_line(row), flush=True)
     minutes = (time.perf_counter() - t_start) / 60
-    os.makedirs(os.path.dirname(ROWS_CACHE), exist_ok=True)
-    with open(ROWS_CACHE, "w") as f:
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    with open(rows_cache(args.out), "w") as f:
         json.dump({"argv": sys.argv[1:], "rows": rows, "tv_rows": tv_rows, "minutes": minutes}, f)
     write_report(args, rows, tv_rows, minutes)
 
@@ -305,7 +315,10 @@ def main():
 def rerun(args, names):
     """Re-run the named timm families / torchvision models of the last sweep
     (after a fix) and rewrite the report; the report names them."""
-    with open(ROWS_CACHE) as f:
+    cache = rows_cache(args.out)
+    if not os.path.exists(cache):
+        raise SystemExit(f"no saved sweep for {args.out}: run the sweep that writes it first (without --rerun)")
+    with open(cache) as f:
         saved = json.load(f)
     t_start = time.perf_counter()
     for key in ("rows", "tv_rows"):
@@ -314,10 +327,13 @@ def rerun(args, names):
                 row = run_one(r["source"], r["family"], r["model"], args.timeout, args.merge, args.merge_size)
                 saved[key][i] = row
                 print(_line(row), flush=True)
-    saved.setdefault("reruns", []).append(",".join(names) + (f" --merge-anyway {args.merge_anyway}"
-                                                              if args.merge_anyway else ""))
+    default_out = os.path.abspath(os.path.join(HERE, "..", "docs", "coverage.md"))
+    saved.setdefault("reruns", []).append(",".join(names) + (" --merge" if args.merge else "")
+                                          + (f" --merge-anyway {args.merge_anyway}"
+                                                              if args.merge_anyway else "")
+                                          + (f" --out {args.out}" if os.path.abspath(args.out) != default_out else ""))
     saved["minutes"] += (time.perf_counter() - t_start) / 60
-    with open(ROWS_CACHE, "w") as f:
+    with open(cache, "w") as f:
         json.dump(saved, f)
     args.original = " ".join(["python benchmarks/coverage.py"] + saved["argv"])
     write_report(args, saved["rows"], saved["tv_rows"], saved["minutes"], saved["reruns"])
@@ -348,7 +364,7 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         (f" --merge --merge-size {args.merge_size}" if args.merge else "")
     cmd = getattr(args, "original", cmd)
     if reruns:
-        cmd += "`, then, after fixes, " + ", ".join(f"`python benchmarks/coverage.py --merge --rerun {r}`"
+        cmd += "`, then, after fixes, " + ", ".join(f"`python benchmarks/coverage.py --rerun {r}`"
                                                      for r in reruns)
         cmd += " (those rows are from the re-runs)"
     else:
@@ -406,6 +422,7 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         if failed:
             lines += ["## Merge shortfalls", ""] + [f"- {r['family']} / {r['model']}: {_why(r)}" for r in failed] + [""]
     lines += ["## timm", ""] + _table(rows, args.merge) + ["", "## torchvision", ""] + _table(tv_rows, args.merge)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(os.path.dirname(args.out), "coverage-models.json"), "w") as f:
