@@ -11,6 +11,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import operator
 import os
 import sys
 import traceback
@@ -271,11 +272,61 @@ def trace(
             source=_user_frame(e.__traceback__),
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    out_of_place(gm)
     with torch.no_grad():
         traced_out = ValueProp(gm).run(*inputs.for_placeholders(gm))
         if check:
             _check_against_eager(gm, eager, inputs, traced_out, atol=atol, rtol=rtol)
     return Traced(gm=gm, example_inputs=inputs, concrete_args=concrete)
+
+
+_IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                       operator.itruediv: operator.truediv}
+
+
+def out_of_place(gm: fx.GraphModule) -> None:
+    """Make the graph's in-place operations write new tensors.
+
+    The passes keep node values for later (a convolution's output is the
+    target least squares fits it to); an activation that overwrites its input
+    in place (``nn.ReLU(inplace=True)`` after a squeeze-excitation's first
+    convolution) would rewrite that value behind their back. Modules' and
+    functions' ``inplace`` flags are switched off; a tensor method or
+    operator that updates its input in place (``x.relu_()``, ``x += y``) is
+    replaced by its out-of-place form where nothing reads the input after it
+    (the graph then computes the same values; the trace check confirms it)."""
+    for module in gm.modules():
+        if getattr(module, "inplace", None) is True:
+            module.inplace = False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and callable(n.target):
+            try:
+                params = list(inspect.signature(n.target).parameters)
+            except (TypeError, ValueError):
+                params = []
+            if "inplace" in params:
+                i = params.index("inplace")
+                if n.kwargs.get("inplace") is True:
+                    n.kwargs = {**n.kwargs, "inplace": False}
+                    changed = True
+                elif i < len(n.args) and n.args[i] is True:
+                    n.args = n.args[:i] + (False,) + n.args[i + 1:]
+                    changed = True
+        if not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        mutated = n.args[0]
+        read_after = any(order[u] > order[n] for u in mutated.users if u is not n)
+        if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
+            if hasattr(torch.Tensor, n.target[:-1]) and not read_after:
+                n.target = n.target[:-1]
+                changed = True
+        elif n.op == "call_function" and n.target in _IN_PLACE_OPERATORS and not read_after:
+            n.target = _IN_PLACE_OPERATORS[n.target]
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 @contextlib.contextmanager

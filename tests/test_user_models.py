@@ -3,7 +3,8 @@ library's test suite (one op pattern per network): concatenation, cascaded
 concatenation, split, reshape, transposed convolution, a customised layer
 that normalises over channels, a cosine classifier, a softmax over channels,
 multiple inputs and outputs, unused parameters, a flattened map into a
-linear layer, depthwise multipliers in a row, attention packed per head.
+linear layer, depthwise multipliers in a row, attention packed per head,
+activations in place.
 
 For every one: the groups verify; a permuted copy merges back to the same
 function at 1x (matching on activations and on weights, with and without
@@ -312,6 +313,28 @@ class PerHeadQKVNet(nn.Module):
         return self.head(x + self.proj(out))
 
 
+class InPlaceNet(nn.Module):
+    """Activations that overwrite a convolution's output in place, the way
+    squeeze-excitation and ResNet code writes them: ``nn.ReLU(inplace=True)``
+    right after a convolution, ``F.relu(..., inplace=True)``, ``x.relu_()``
+    and ``x += y``."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.reduce, self.act, self.expand = nn.Conv2d(c, 4, 1), nn.ReLU(inplace=True), nn.Conv2d(4, c, 1)
+        self.head = Head(c)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x), inplace=True)
+        y = self.conv(x).relu_()
+        gate = torch.sigmoid(self.expand(self.act(self.reduce(y.mean((2, 3), keepdim=True)))))
+        y = y * gate
+        y += x
+        return self.head(y)
+
+
 SIZE = 16
 NETS = {
     "concat": (ConcatNet, None, False),
@@ -330,6 +353,7 @@ NETS = {
     "split_attention": (SplitAttentionNet, None, True),
     "stacked_multipliers": (StackedMultipliersNet, None, False),
     "per_head_qkv": (PerHeadQKVNet, None, False),
+    "in_place": (InPlaceNet, None, False),
 }
 
 
