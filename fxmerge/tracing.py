@@ -317,12 +317,15 @@ def out_of_place(gm: fx.GraphModule) -> None:
         if not n.args or not isinstance(n.args[0], fx.Node):
             continue
         mutated = n.args[0]
-        read_after = any(order[u] > order[n] for u in mutated.users if u is not n)
+        # a parameter or buffer updated in place is state the model keeps: left alone
+        keep = mutated.op == "get_attr" or any(order[u] > order[n] for u in mutated.users if u is not n)
+        if keep:
+            continue
         if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
-            if hasattr(torch.Tensor, n.target[:-1]) and not read_after:
+            if callable(getattr(torch.Tensor, n.target[:-1], None)):
                 n.target = n.target[:-1]
                 changed = True
-        elif n.op == "call_function" and n.target in _IN_PLACE_OPERATORS and not read_after:
+        elif n.op == "call_function" and n.target in _IN_PLACE_OPERATORS:
             n.target = _IN_PLACE_OPERATORS[n.target]
             changed = True
     if changed:
