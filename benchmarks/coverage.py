@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -57,8 +58,6 @@ def rows_cache(out: str) -> str:
     """Where the sweep that writes report ``out`` keeps its rows for
     ``--rerun``: one file per report, so a trial sweep written elsewhere never
     replaces the rows of the page it does not write."""
-    import hashlib
-
     key = hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:12]
     return os.path.join(CACHE_DIR, f"coverage-rows-{key}.json")
 
@@ -328,10 +327,9 @@ def rerun(args, names):
                 saved[key][i] = row
                 print(_line(row), flush=True)
     default_out = os.path.abspath(os.path.join(HERE, "..", "docs", "coverage.md"))
-    saved.setdefault("reruns", []).append(",".join(names) + (" --merge" if args.merge else "")
-                                          + (f" --merge-anyway {args.merge_anyway}"
-                                                              if args.merge_anyway else "")
-                                          + (f" --out {args.out}" if os.path.abspath(args.out) != default_out else ""))
+    flags = (" --merge" if args.merge else "") + (f" --merge-anyway {args.merge_anyway}" if args.merge_anyway else "")
+    flags += f" --out {args.out}" if os.path.abspath(args.out) != default_out else ""
+    saved.setdefault("reruns", []).append(",".join(names) + flags)
     saved["minutes"] += (time.perf_counter() - t_start) / 60
     with open(cache, "w") as f:
         json.dump(saved, f)
