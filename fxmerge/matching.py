@@ -374,8 +374,12 @@ class ActivationCollector:
             inners = {find(i).uid: find(i) for i in s.inners}
             outer = find(s.outer)
             # matching reads only the block diagonals: within-block orders fixed,
-            # or one order shared by blocks that move freely
-            shared = all(r.pinned for r in inners.values()) or (outer.structure is None and len(inners) < outer.size)
+            # or a few orders shared by blocks that move freely; one free order
+            # shared by every block keeps its blocks whole, since it may be
+            # permuted itself (NesT's heads, read as the inner dim of the value order)
+            one_free = len(inners) == 1 and not next(iter(inners.values())).pinned
+            shared = all(r.pinned for r in inners.values()) or (
+                outer.structure is None and len(inners) < outer.size and not one_free)
         if shared and self.stats_class is CorrelationStats:
             g, t = find(s.outer).size, s.inner_size
             size = BlockDiagonalStats.nbytes(g, t)

@@ -4,7 +4,7 @@ concatenation, split, reshape, transposed convolution, a customised layer
 that normalises over channels, a cosine classifier, a softmax over channels,
 multiple inputs and outputs, unused parameters, a flattened map into a
 linear layer, depthwise multipliers in a row, attention packed per head,
-activations in place.
+attention read back heads last, activations in place.
 
 For every one: the groups verify; a permuted copy merges back to the same
 function at 1x (matching on activations and on weights, with and without
@@ -313,6 +313,29 @@ class PerHeadQKVNet(nn.Module):
         return self.head(x + self.proj(out))
 
 
+class HeadsLastNet(nn.Module):
+    """Attention whose output lays its channels out as (head dim, heads), the
+    transpose of its projection's (heads, head dim) (NesT's
+    ``permute(0, 2, 3, 4, 1)``): the value order, shared by every head, is
+    also the blocks of a product whose inner dim is the heads."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.stem = ConvBN(3, dim)
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.head = Head(dim)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        out = (v @ attn.transpose(-2, -1)).permute(0, 2, 1, 3).reshape(b, c, h, w)
+        return self.head(x + self.proj(out))
+
+
 class InPlaceNet(nn.Module):
     """Activations that overwrite a convolution's output in place, the way
     squeeze-excitation and ResNet code writes them: ``nn.ReLU(inplace=True)``
@@ -354,6 +377,8 @@ NETS = {
     "stacked_multipliers": (StackedMultipliersNet, None, False),
     "per_head_qkv": (PerHeadQKVNet, None, False),
     "in_place": (InPlaceNet, None, False),
+    # the heads widen whole in one layout and sit inside the value order in the other
+    "heads_last": (HeadsLastNet, None, "widen whole, never within"),
 }
 
 
@@ -441,7 +466,8 @@ def test_two_x_is_the_ensemble_or_says_why_not(name):
     if mixes:
         assert not r["budget_reachable"] and r["cost_measured"] < 2.0
         assert r["kept_merged"] and any(issubclass(w.category, fxmerge.BudgetWarning) for w in caught)
-        assert any("combines" in k["reason"] for k in r["kept_merged"])
+        why = "combines" if mixes is True else mixes
+        assert any(why in k["reason"] for k in r["kept_merged"])
         return
     assert r["budget_reachable"] and r["cost_measured"] == pytest.approx(2.0, rel=1e-6)
     ya, yb = call(a, x), call(b, x)
