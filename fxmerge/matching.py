@@ -487,14 +487,7 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset(), given:
             continue
         outer = find(items[0][0].structure.outer)
         g = outer.size
-        # products sharing their inner roots (q and k heads) sum their evidence
-        families: dict = defaultdict(lambda: None)
-        inner_dims: dict = {}
-        for r, sim in items:
-            s = r.structure
-            fam = tuple(find(i).uid for i in s.inners)
-            families[fam] = sim if families[fam] is None else families[fam] + sim
-            inner_dims.update({find(i).uid: find(i) for i in s.inners})
+        families, inner_dims = _families(items)
         score = np.zeros((g, g))
         inner: dict = {}
         for fam, sim in families.items():
@@ -505,8 +498,8 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset(), given:
                 continue
             # one order shared by every block: each pair scored at its best
             # order (the shared one is assigned once the pairs are chosen)
-            shared = len(set(fam)) == 1 and not find(inner_dims[fam[0]]).pinned
-            blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
+            shared = len(set(fam)) == 1 and not inner_dims[fam[0]].pinned
+            blocks = _block_pairs(sim, g)
             for a in range(g):
                 for b in range(g):
                     if (free or shared) and n > 1:
@@ -527,9 +520,7 @@ def solve(sims_by_root: dict, roots: dict, *, exclude: set = frozenset(), given:
                 # one order shared by every block (ResNeSt's splits): assigned
                 # over the chosen block pairs, unless the dim was matched where
                 # it occurs on its own
-                n = sim.shape[0] // g
-                blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
-                m.perms.update(_assign_within(inner_dims[fam[0]], sum(blocks[a, perm[a]] for a in range(g)))[0])
+                m.perms.update(_assign_shared(inner_dims[fam[0]], _block_pairs(sim, g), perm))
     _match_inners_of_structured(m, structured, exclude, given or {})
     return m
 
@@ -550,22 +541,40 @@ def _match_inners_of_structured(m: Matching, structured: dict, exclude: set, giv
         items, outer = structured[ouid], outers[ouid]
         pair = MatchSampler({**given, **m.perms}).index(outer)  # B block per A block
         g = outer.size
-        families: dict = defaultdict(lambda: None)
-        inner_dims: dict = {}
-        for r, sim in items:
-            fam = tuple(find(i).uid for i in r.structure.inners)
-            families[fam] = sim if families[fam] is None else families[fam] + sim
-            inner_dims.update({find(i).uid: find(i) for i in r.structure.inners})
+        families, inner_dims = _families(items)
         for fam, sim in families.items():
-            n = sim.shape[0] // g
-            if n < 2:
+            if sim.shape[0] // g < 2:
                 continue
-            blocks = sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
+            blocks = _block_pairs(sim, g)
             if len(set(fam)) == g:
                 for a in range(g):
                     m.perms.update(_assign_within(inner_dims[fam[pair[a]]], blocks[a, pair[a]])[0])
             elif len(set(fam)) == 1 and fam[0] not in m.perms:
-                m.perms.update(_assign_within(inner_dims[fam[0]], sum(blocks[a, pair[a]] for a in range(g)))[0])
+                m.perms.update(_assign_shared(inner_dims[fam[0]], blocks, pair))
+
+
+def _families(items) -> tuple:
+    """Products over one outer grouped by their inner roots (q and k heads
+    share theirs and sum their evidence): ``({inner uids: summed similarity},
+    {inner uid: inner dim})``."""
+    families: dict = defaultdict(lambda: None)
+    inner_dims: dict = {}
+    for r, sim in items:
+        fam = tuple(find(i).uid for i in r.structure.inners)
+        families[fam] = sim if families[fam] is None else families[fam] + sim
+        inner_dims.update({find(i).uid: find(i) for i in r.structure.inners})
+    return families, inner_dims
+
+
+def _block_pairs(sim: np.ndarray, g: int) -> np.ndarray:
+    """A product's similarity as ``[A block, B block, A inner, B inner]``."""
+    n = sim.shape[0] // g
+    return sim.reshape(g, n, g, n).transpose(0, 2, 1, 3)
+
+
+def _assign_shared(inner: Dim, blocks: np.ndarray, pair) -> dict:
+    """One order shared by every block, assigned over the paired blocks."""
+    return _assign_within(inner, sum(blocks[a, pair[a]] for a in range(len(pair))))[0]
 
 
 def _nesting_depth(d) -> int:
