@@ -52,6 +52,7 @@ MERGE_MAX_PARAMS = 30e6
 MERGE_ANYWAY: set = set()  # models merged whatever their size (--merge-anyway)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE_DIR = os.path.join(HERE, "..", ".cache")
+DEFAULT_OUT = os.path.abspath(os.path.join(HERE, "..", "docs", "coverage.md"))
 
 
 def rows_cache(out: str) -> str:
@@ -268,7 +269,7 @@ def merges_ok(r) -> bool:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", help="comma-separated timm module names (default: all)")
-    ap.add_argument("--out", default=os.path.join(HERE, "..", "docs", "coverage.md"))
+    ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--merge", action="store_true", help="also merge (a few minutes per model)")
     ap.add_argument("--no-torchvision", action="store_true")
@@ -326,9 +327,8 @@ def rerun(args, names):
                 row = run_one(r["source"], r["family"], r["model"], args.timeout, args.merge, args.merge_size)
                 saved[key][i] = row
                 print(_line(row), flush=True)
-    default_out = os.path.abspath(os.path.join(HERE, "..", "docs", "coverage.md"))
     flags = (" --merge" if args.merge else "") + (f" --merge-anyway {args.merge_anyway}" if args.merge_anyway else "")
-    flags += f" --out {args.out}" if os.path.abspath(args.out) != default_out else ""
+    flags += f" --out {args.out}" if os.path.abspath(args.out) != DEFAULT_OUT else ""
     saved.setdefault("reruns", []).append(",".join(names) + flags)
     saved["minutes"] += (time.perf_counter() - t_start) / 60
     with open(cache, "w") as f:
