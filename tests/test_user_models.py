@@ -304,36 +304,37 @@ class PerHeadQKVNet(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
         self.head = Head(dim)
 
+    def split(self, qkv, b, c, hw):
+        """q, k and v as ``(batch, heads, head dim, positions)``."""
+        return qkv.view(b, self.heads, 3 * c // self.heads, hw).chunk(3, dim=2)
+
+    def join(self, out, b, c, h, w):
+        """The heads' outputs back as channels."""
+        return out.reshape(b, c, h, w)
+
     def forward(self, x):
         x = self.stem(x)
         b, c, h, w = x.shape
-        q, k, v = self.qkv(x).view(b, self.heads, 3 * c // self.heads, h * w).chunk(3, dim=2)
+        q, k, v = self.split(self.qkv(x), b, c, h * w)
         attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
-        out = (v @ attn.transpose(-2, -1)).reshape(b, c, h, w)
+        out = self.join(v @ attn.transpose(-2, -1), b, c, h, w)
         return self.head(x + self.proj(out))
 
 
-class HeadsLastNet(nn.Module):
+class HeadsLastNet(PerHeadQKVNet):
     """Attention whose output lays its channels out as (head dim, heads), the
     transpose of its projection's (heads, head dim) (NesT's
     ``permute(0, 2, 3, 4, 1)``): the value order, shared by every head, is
     also the blocks of a product whose inner dim is the heads."""
 
     def __init__(self, dim=16, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.stem = ConvBN(3, dim)
-        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
-        self.head = Head(dim)
+        super().__init__(dim, heads)
 
-    def forward(self, x):
-        x = self.stem(x)
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(x).view(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
-        out = (v @ attn.transpose(-2, -1)).permute(0, 2, 1, 3).reshape(b, c, h, w)
-        return self.head(x + self.proj(out))
+    def split(self, qkv, b, c, hw):
+        return qkv.view(b, 3, self.heads, c // self.heads, hw).unbind(1)
+
+    def join(self, out, b, c, h, w):
+        return out.permute(0, 2, 1, 3).reshape(b, c, h, w)
 
 
 class InPlaceNet(nn.Module):
