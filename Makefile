@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
            scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
 
-.PHONY: install test demo groups bench bench-quick perf tune budget-curve seeds pleas-free coverage scaling gpu-check clean
+.PHONY: install test demo groups bench bench-quick perf tune budget-curve budget-size seeds pleas-free coverage scaling gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -56,6 +56,10 @@ tune: $(STAMP)
 # how much budget PLeaS needs to come within 3 points of the ensemble (the families furthest from it)
 budget-curve: $(STAMP)
 	$(PY) benchmarks/budget_curve.py --families mobilenetv3,mbnet,vit --out docs/budget-curve.md
+
+# the budget counted at the calibration size (32x32) against the deployed size (224x224)
+budget-size: $(STAMP)
+	$(PY) benchmarks/budget_size.py --out docs/budget-size.md
 
 # data-parallel merging under torchrun (gloo) against one process
 scaling: $(STAMP)

@@ -774,7 +774,10 @@ def merge(
     on_least_squares: Optional[Callable] = None,
 ) -> MergeResult:
     """Merge two models of one architecture into one of ``budget`` x the cost
-    of model A (multiply-accumulates).
+    of model A (multiply-accumulates, counted at ``example_inputs``; default:
+    the first calibration batch; give inputs of the size the merged model
+    will run at when calibrating at another: layers after a global pooling
+    cost the same at every size, the rest grows with the image).
 
     ``data`` yields the calibration inputs: tensors, ``(inputs, targets)``
     pairs, tuples or dicts of inputs (see ``fxmerge.inputs``; a DataLoader

@@ -83,6 +83,28 @@ def test_self_merge_with_permuted_copy_at_one_x_is_the_same_function(spec, seed)
     assert res.report["params_merged"] == sum(p.numel() for p in a.parameters())
 
 
+def test_the_budget_is_counted_at_the_example_inputs_size():
+    # the classifier after the pooling costs the same at every size, the
+    # convolutions grow with the image: a budget counted on large example
+    # inputs is met there (calibration stays small), and is another plan
+    from fxmerge.engine import measure_macs
+
+    spec = [("widen", 8), ("residual", 1)]
+    a, b = net(spec, 3, stem=4), net(spec, 11, stem=4)
+    a.head = torch.nn.Linear(a.head.in_features, 1024)
+    b.head = torch.nn.Linear(b.head.in_features, 1024)
+    small, large = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 32, 32)
+    ratio = lambda res, x: measure_macs(res.model, x) / measure_macs(a, x)  # noqa: E731
+    at_small = fxmerge.merge(a, b, calib(2), budget=1.4, method="perm", example_inputs=small)
+    at_large = fxmerge.merge(a, b, calib(2), budget=1.4, method="perm", example_inputs=large)
+    for res, x in ((at_small, small), (at_large, large)):
+        assert res.report["cost_measured"] == pytest.approx(ratio(res, x), rel=1e-6)
+        assert ratio(res, x) == pytest.approx(1.4, abs=max(0.014, res.report["cost_resolution"] / 2))
+    assert ratio(at_small, large) > 1.4 + 0.1  # counted at the wrong size, the budget is missed
+    with torch.no_grad():
+        assert at_large.model(calib(1)[0]).shape == a(calib(1)[0]).shape
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs, seed=st.integers(0, 1000), budget=st.floats(1.05, 1.95))
 def test_measured_cost_equals_the_plan_and_hits_the_budget(spec, seed, budget):
