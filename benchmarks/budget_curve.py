@@ -27,19 +27,15 @@ import fxmerge  # noqa: E402
 def run(args) -> dict:
     budgets = [float(b) for b in args.budgets.split(",")]
     out = {}
-    for fam in args.families.split(","):
-        for scen in args.scenarios.split(","):
-            a, b = common.source_pair(fam, scen, 0)
-            data = common.calibration(scen, args.calib)
-            labels = common.labels_of(scen)
-            ens = fxmerge.merge(a, b, data, method="ensemble", labels=labels).model
-            row = {"ensemble": (common.headline(ens, scen, "val"), common.headline(ens, scen, "test"))}
-            for budget in budgets:
-                m = fxmerge.merge(a, b, data, budget=budget, method="pleas", labels=labels).model
-                row[budget] = (common.headline(m, scen, "val"), common.headline(m, scen, "test"))
-                log(f"{fam} / {scen} {budget:.1f}x: val {row[budget][0]:.1f} test {row[budget][1]:.1f} "
-                    f"(ensemble {row['ensemble'][0]:.1f} / {row['ensemble'][1]:.1f})")
-            out[(fam, scen)] = row
+    for fam, scen, a, b, data in common.suite_pairs(args):
+        labels = common.labels_of(scen)
+        row = {"ensemble": common.val_test(fxmerge.merge(a, b, data, method="ensemble", labels=labels).model, scen)}
+        for budget in budgets:
+            m = fxmerge.merge(a, b, data, budget=budget, method="pleas", labels=labels).model
+            row[budget] = common.val_test(m, scen)
+            log(f"{fam} / {scen} {budget:.1f}x: val {row[budget][0]:.1f} test {row[budget][1]:.1f} "
+                f"(ensemble {row['ensemble'][0]:.1f} / {row['ensemble'][1]:.1f})")
+        out[(fam, scen)] = row
     return out
 
 

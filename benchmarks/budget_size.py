@@ -45,18 +45,14 @@ def zeros(size: int) -> torch.Tensor:
     return torch.zeros(1, 3, size, size)
 
 
-def relative_cost(merged, source, size: int) -> float:
-    return measure_macs(merged, zeros(size)) / measure_macs(source, zeros(size))
-
-
-def separation_costs(result, source, size: int) -> dict:
+def separation_costs(result, source_macs: float) -> dict:
     """Per group (id, kind, width, first member): the cost, x one source
     model, of keeping only that group's features apart (everything else
-    merged), counted at ``size``."""
+    merged), counted at the size the merge was analysed at
+    (``source_macs``: the source model's there)."""
     pg = result.groups
-    cm = CostModel.from_groups(pg)
-    cm.constant = max(0.0, measure_macs(source, zeros(size)) - cm.modelled_source_cost())
-    outputs = {r.uid for g in pg.all_groups if g.kind == "output" for r in g.roots}
+    cm = CostModel.from_groups(pg, source_macs=source_macs)
+    outputs = pg.output_roots
     full = cm.k_full()
     for i, u in enumerate(cm.uids):
         if u in outputs:
@@ -75,34 +71,31 @@ def separation_costs(result, source, size: int) -> dict:
 
 def run(args) -> dict:
     budgets = [float(b) for b in args.budgets.split(",")]
+    sizes = (CALIB_SIZE, args.count_size)
     out = {}
-    for fam in args.families.split(","):
-        for scen in args.scenarios.split(","):
-            a, b = common.source_pair(fam, scen, 0)
-            data = common.calibration(scen, args.calib)
-            labels = common.labels_of(scen)
-            ens = fxmerge.merge(a, b, data, method="ensemble", labels=labels).model
-            row = {"ensemble": (common.headline(ens, scen, "val"), common.headline(ens, scen, "test"))}
-            for budget in budgets:
-                for counted in (CALIB_SIZE, args.count_size):
-                    r = fxmerge.merge(a, b, data, budget=budget, method="pleas", labels=labels,
-                                      example_inputs=zeros(counted))
-                    row[(budget, counted)] = {
-                        "acc": (common.headline(r.model, scen, "val"), common.headline(r.model, scen, "test")),
-                        "cost": {s: relative_cost(r.model, a, s) for s in (CALIB_SIZE, args.count_size)},
-                        "after_pool": _after_pool_apart(r),
-                    }
-                    if "groups" not in row:
-                        row["groups"] = {}
-                    if counted not in row["groups"]:
-                        row["groups"][counted] = separation_costs(r, a, counted)
-                    log(f"{fam} / {scen} {budget:.1f}x counted at {counted}: val {row[(budget, counted)]['acc'][0]:.1f} "
-                        f"test {row[(budget, counted)]['acc'][1]:.1f} (ensemble {row['ensemble'][0]:.1f})")
-            out[(fam, scen)] = row
+    for fam, scen, a, b, data in common.suite_pairs(args):
+        labels = common.labels_of(scen)
+        source_macs = {s: measure_macs(a, zeros(s)) for s in sizes}
+        row = {"ensemble": common.val_test(fxmerge.merge(a, b, data, method="ensemble", labels=labels).model, scen),
+               "groups": {}}
+        for budget in budgets:
+            for counted in sizes:
+                r = fxmerge.merge(a, b, data, budget=budget, method="pleas", labels=labels,
+                                  example_inputs=zeros(counted))
+                cell = row[(budget, counted)] = {
+                    "acc": common.val_test(r.model, scen),
+                    "cost": {s: measure_macs(r.model, zeros(s)) / source_macs[s] for s in sizes},
+                    "widest_apart": _widest_apart(r),
+                }
+                if counted not in row["groups"]:
+                    row["groups"][counted] = separation_costs(r, source_macs[counted])
+                log(f"{fam} / {scen} {budget:.1f}x counted at {counted}: val {cell['acc'][0]:.1f} "
+                    f"test {cell['acc'][1]:.1f} (ensemble {row['ensemble'][0]:.1f})")
+        out[(fam, scen)] = row
     return out
 
 
-def _after_pool_apart(result) -> str:
+def _widest_apart(result) -> str:
     """How many of the widest group's features stay apart (the plan's widest
     group is the head convolution in the MobileNets)."""
     g = max(result.plan.groups, key=lambda g: (g["size"], g["id"]))
@@ -135,7 +128,7 @@ def report(args, argv, results: dict, minutes: float) -> list:
                 v, t = cell["acc"]
                 lines.append(f"| {fam} | {scen} | {ev:.1f} / {et:.1f} | {b:.1f}x | {counted}x{counted} | {v:.1f} / "
                              f"{t:.1f} | {v - ev:+.1f} / {t - et:+.1f} | {cell['cost'][s]:.2f}x / "
-                             f"{cell['cost'][c]:.2f}x | {cell['after_pool']} |")
+                             f"{cell['cost'][c]:.2f}x | {cell['widest_apart']} |")
     lines += ["", "## The groups that cost the most to keep apart", "",
               "Per family (from its first scenario's analysis): the cost, x one source model, of keeping only that "
               f"group's features apart with every other group merged, counted at {s}x{s} and at {c}x{c}; the "

@@ -196,6 +196,21 @@ def headline(model, scenario: str, split: str = "test") -> float:
     return scores(model, scenario, split)["headline"]
 
 
+def val_test(model, scenario: str) -> tuple:
+    """The headline on the validation split and on the test split."""
+    return headline(model, scenario, "val"), headline(model, scenario, "test")
+
+
+def suite_pairs(args):
+    """The suite's source pairs (seed pair 0/1) of ``args.families`` x
+    ``args.scenarios`` with ``args.calib`` calibration images each:
+    ``(family, scenario, model A, model B, calibration batches)``."""
+    for fam in args.families.split(","):
+        for scen in args.scenarios.split(","):
+            a, b = source_pair(fam, scen, 0)
+            yield fam, scen, a, b, calibration(scen, args.calib)
+
+
 def environment() -> str:
     """The library versions a report was produced with."""
     import scipy

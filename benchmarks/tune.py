@@ -52,8 +52,7 @@ def run(args) -> dict:
                         results[(fam, scen, value, budget)] = (float("nan"), float("nan"), str(e).splitlines()[0])
                         log(f"    {args.option}={value} {budget:.1f}x FAILED: {e}")
                         continue
-                    val = common.headline(res.model, scen, "val")
-                    test = common.headline(res.model, scen, "test")
+                    val, test = common.val_test(res.model, scen)
                     results[(fam, scen, value, budget)] = (val, test, "")
                     log(f"    {args.option}={value} {budget:.1f}x: val {val:.1f} test {test:.1f} "
                         f"({time.perf_counter() - t:.1f} s)")

@@ -110,7 +110,10 @@ class CostModel:
     constant: float = 0.0
 
     @classmethod
-    def from_groups(cls, pg) -> "CostModel":
+    def from_groups(cls, pg, source_macs: float | None = None) -> "CostModel":
+        """The cost model of ``pg``'s graph at its traced shapes;
+        ``source_macs`` (the measured multiply-accumulates of the source
+        model) makes what the model does not cover its ``constant``."""
         nodes = {n.name: n for n in pg.gm.graph.nodes}
         batch = _batch_size(pg)
         layers, uids, sizes = [], {}, {}
@@ -146,7 +149,10 @@ class CostModel:
                     uids.setdefault(uid, len(uids))
             products.append(ProductCost(p.node, 1.0 / max(1, batch), dims))
         order = sorted(uids, key=uids.get)
-        return cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64), products)
+        model = cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64), products)
+        if source_macs is not None:
+            model.constant = max(0.0, source_macs - model.modelled_source_cost())
+        return model
 
     def k_full(self) -> np.ndarray:
         return self.sizes.copy()

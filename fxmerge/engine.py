@@ -167,7 +167,7 @@ class MergeState:
 
     @property
     def output_roots(self) -> set:
-        return {r.uid for g in self.pg.all_groups if g.kind == "output" for r in g.roots}
+        return self.pg.output_roots
 
     @property
     def state_a(self) -> dict:
@@ -256,11 +256,9 @@ def cost_model_of(st: MergeState) -> CostModel:
     """The planner's cost model of model A, with the cost of what it cannot
     widen (opaque modules) as a constant: the measured multiply-accumulates
     of A minus the modelled ones."""
-    cost_model = CostModel.from_groups(st.pg)
     if st.macs_a is None:
         st.macs_a = measure_macs(st.gm_a, st.example_inputs)
-    cost_model.constant = max(0.0, st.macs_a - cost_model.modelled_source_cost())
-    return cost_model
+    return CostModel.from_groups(st.pg, source_macs=st.macs_a)
 
 
 def pass_plan(st: MergeState) -> None:

@@ -404,6 +404,11 @@ class PermutationGroups:
 
         return groups_table(self, max_members)
 
+    @property
+    def output_roots(self) -> set:
+        """The roots of the model's own outputs (each model's classes)."""
+        return {r.uid for g in self.all_groups if g.kind == "output" for r in g.roots}
+
     def covered_fraction(self, module_types=(torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear,
                                             torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
                                             torch.nn.ConvTranspose3d)) -> float:
