@@ -3,7 +3,7 @@ recipes and cache, the two scenarios, calibration data and evaluation.
 
 Data: scikit-learn's digits at 32x32, split once into ``train`` (training
 the sources, calibration), ``val`` (every tuned choice) and ``test`` (the
-reported figures, seen by no choice): ``fxmerge.data.digits``.
+reported figures, seen by no choice): ``fxmerge.runtime.data.digits``.
 
 Scenarios:
 
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import fxmerge  # noqa: E402
-from fxmerge.data import digit_task, digits, generic, styled  # noqa: E402
+from fxmerge.runtime.data import digit_task, digits, generic, styled  # noqa: E402
 from fxmerge.demo import TASK_A, TASK_B, TRAIN, demo_model, evaluate, train  # noqa: E402
 
 CACHE = os.path.join(ROOT, ".cache", "fxmerge-bench")

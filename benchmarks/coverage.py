@@ -8,7 +8,7 @@ random initialisation, eval mode:
 * analysis: traced?, groups, share of conv/linear weights in a permutable
   group, pinned op kinds, every group verified sound (float64);
 * export: the groups' JSON, applied by the reference applier
-  (``fxmerge.apply``) with random permutations, leaves the output unchanged;
+  (``fxmerge.analysis.apply``) with random permutations, leaves the output unchanged;
 * merging (``--merge``): a permuted copy merged back at 1.0x with PLeaS is
   the same function; two random inits merged at 1.5x give a finite model
   whose measured cost equals the planned one; at 2.0x the ensemble (or the
@@ -38,9 +38,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxmerge  # noqa: E402
-from fxmerge import models  # noqa: E402
-from fxmerge.apply import apply_to_model  # noqa: E402
-from fxmerge.tracing import without_fast_path  # noqa: E402
+from fxmerge.runtime import models  # noqa: E402
+from fxmerge.analysis.apply import apply_to_model  # noqa: E402
+from fxmerge.analysis.tracing import without_fast_path  # noqa: E402
 
 warnings.filterwarnings("ignore")
 TORCHVISION = ["resnet18", "resnet50", "vit_b_16", "convnext_tiny", "mobilenet_v3_small",
@@ -378,7 +378,7 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         "For every timm family (module) the model with the fewest parameters. `covered`: the share of conv/linear "
         "weight elements with at least one axis in a permutable group; `verified`: every group permuted at once "
         "(float64), output unchanged; `applier`: the relative output change after the exported groups' JSON is "
-        "applied by the reference applier `fxmerge.apply` with random permutations (float64); `time`: trace, "
+        "applied by the reference applier `fxmerge.analysis.apply` with random permutations (float64); `time`: trace, "
         "check and analysis.",
         "",
         "## Summary",

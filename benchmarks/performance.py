@@ -34,7 +34,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fxmerge.allocator import keep_freed_memory  # noqa: E402
+from fxmerge.runtime.memory import keep_freed_memory  # noqa: E402
 
 
 def models(arch):
@@ -55,7 +55,7 @@ class GeneratedBatches:
         self.n, self.size, self.batch, self.seed = n, size, batch, seed
 
     def __iter__(self):
-        from fxmerge.data import generic
+        from fxmerge.runtime.data import generic
 
         for i, start in enumerate(range(0, self.n, self.batch)):
             yield generic(min(self.batch, self.n - start), self.size, seed=self.seed * 100_003 + i)
@@ -71,8 +71,8 @@ def batches(n, size, batch=32, seed=0):
 
 def block_mask(sysm, W0, has_bias):
     """1 where a row may read a column (its row block's columns), else 0."""
-    from fxmerge.lstsq import weight_columns
-    from fxmerge.tensors import row_blocks
+    from fxmerge.fit.lstsq import weight_columns
+    from fxmerge.runtime.tensors import row_blocks
 
     mask = torch.ones_like(W0)
     if sysm.groups == 1:
@@ -115,7 +115,7 @@ def adam_fit(sysm, weight, bias, ridge, steps=400, lr=1e-2):
 
 def objective(G, C, yy, W, W0, lam) -> float:
     """The ridge objective both solvers minimise: data loss + lam ||W - W0||^2."""
-    from fxmerge.lstsq import layer_loss
+    from fxmerge.fit.lstsq import layer_loss
 
     return layer_loss(G, C, yy, W) + lam * float(torch.sum((W - W0) ** 2))
 
@@ -144,7 +144,7 @@ def least_squares_vs_adam(arch, size, calib, budget, max_cols):
     """Collect the Gram systems of one merge, then time both solvers layer by
     layer on the same statistics."""
     import fxmerge
-    from fxmerge.lstsq import solve_layer
+    from fxmerge.fit.lstsq import solve_layer
 
     captured = {}
     ridge = fxmerge.constants.DEFAULT_RIDGE
@@ -307,7 +307,7 @@ def main():
         f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, device {args.device}). "
         "Random-init source models (seeds 0 and 1, 10 classes), generic calibration images, budget "
         f"{args.budget}x, every other option at its default; the C allocator set up as the command line sets it (freed memory kept for "
-        "reuse: fxmerge/allocator.py). Every figure below is a ratio within this run.",
+        "reuse: fxmerge/runtime/memory.py). Every figure below is a ratio within this run.",
         "",
     ] + ([] if str(args.device).startswith("cuda") else [
         "CUDA figures: not yet measured (no GPU has been available to this project). On a machine with one, "

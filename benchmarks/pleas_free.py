@@ -38,7 +38,7 @@ import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
 import fxmerge  # noqa: E402
-from fxmerge.data import Split, digit_task, digits, generic, styled  # noqa: E402
+from fxmerge.runtime.data import Split, digit_task, digits, generic, styled  # noqa: E402
 from fxmerge.demo import TASK_A, TASK_B, evaluate  # noqa: E402
 
 PRETRAIN_STYLES = ("inverted", "edges", "noisy", "rotated")

@@ -2,7 +2,7 @@
 
 Most of a merge's arithmetic is Gram matrices ``X^T X`` and cross products
 ``X^T Y`` of sampled layer inputs (least squares) and activations
-(matching). ``fxmerge.tensors.matmul`` runs them on the CPU as 1x1
+(matching). ``fxmerge.runtime.tensors.matmul`` runs them on the CPU as 1x1
 convolutions through oneDNN instead of torch's matrix product; this
 benchmark measures both, on shapes of a resnet50 merge at 224x224 (batches
 of 32 images, 49 or 64 sampled positions each), and times
@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import fxmerge  # noqa: E402
-from fxmerge import lstsq, tensors  # noqa: E402
+from fxmerge.fit import lstsq
+from fxmerge.runtime import tensors  # noqa: E402
 
 # (rows, p, q): a Gram block row of a widened 3x3 layer4 conv (4608 columns
 # per model side), a 1x1 layer's block, a matching cross product
@@ -85,7 +86,7 @@ def main() -> None:
 Produced by `{cmd}` (fxmerge {fxmerge.__version__}, torch {torch.__version__}, {args.threads} CPU threads,
 {cpu_name()}). Mean of {args.repeat} runs after one warm-up; ratios within this run.
 
-`fxmerge.tensors.matmul` runs a float32 product on the CPU as a 1x1 convolution, through oneDNN
+`fxmerge.runtime.tensors.matmul` runs a float32 product on the CPU as a 1x1 convolution, through oneDNN
 (the library behind torch's CPU convolutions), instead of torch's matrix product (MKL in the
 standard builds, whose float32 kernels are slower on some CPUs). Same float32 arithmetic; sums
 may round differently.

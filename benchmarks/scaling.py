@@ -41,7 +41,7 @@ def worker(out_dir: str, calib: int, threads: int) -> None:
     """One rank (or the single process): merge with every method, save the
     weights (rank 0) and this rank's measurements."""
     import fxmerge
-    from fxmerge import distributed
+    from fxmerge.runtime import distributed
 
     torch.set_num_threads(threads)
     distributed.init_from_env("cpu")

@@ -3,14 +3,14 @@
 The public names load on first use, so ``import fxmerge`` (and the command
 line) stays fast until torch is actually needed.
 """
-from .constants import VERSION as __version__
-from .errors import BudgetError, BudgetWarning, FxmergeError, FxmergeWarning, InputError, MemoryWarning, RewriteError, TraceError
+from fxmerge.constants import VERSION as __version__
+from fxmerge.errors import BudgetError, BudgetWarning, FxmergeError, FxmergeWarning, InputError, MemoryWarning, RewriteError, TraceError
 
 _LAZY = {
-    "trace": "tracing", "analyze": "analysis", "PermutationGroups": "groups", "Group": "groups",
-    "verify": "verification", "VerifyReport": "verification", "merge": "engine", "MergeResult": "engine",
-    "MergePlan": "engine", "METHODS": "constants", "save": "io", "load": "io",
-    "apply_permutations": "apply", "apply_to_model": "apply",
+    "trace": "analysis.tracing", "analyze": "analysis.channels", "PermutationGroups": "analysis.groups",
+    "Group": "analysis.groups", "verify": "analysis.verification", "VerifyReport": "analysis.verification",
+    "merge": "api", "MergeResult": "api", "MergePlan": "api", "METHODS": "constants", "save": "io", "load": "io",
+    "apply_permutations": "analysis.apply", "apply_to_model": "analysis.apply",
 }
 
 __all__ = [

@@ -9,9 +9,9 @@ import tempfile
 import time
 import warnings
 
-from . import constants as C
-from .allocator import keep_freed_memory
-from .errors import FxmergeError, FxmergeWarning
+from fxmerge import constants as C
+from fxmerge.runtime.memory import keep_freed_memory
+from fxmerge.errors import FxmergeError, FxmergeWarning
 
 EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -40,7 +40,7 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def _build_model(args):
-    from . import models
+    from fxmerge.runtime import models
 
     if args.arch or args.checkpoint:
         if not (args.arch and args.checkpoint):
@@ -56,9 +56,9 @@ def _build_model(args):
 def cmd_groups(args) -> int:
     import torch
 
-    from . import models
-    from .analysis import analyze
-    from .verification import verify
+    from fxmerge.runtime import models
+    from fxmerge.analysis.channels import analyze
+    from fxmerge.analysis.verification import verify
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     model, name = _build_model(args)
@@ -93,8 +93,8 @@ def _calibration(args, size):
     """This rank's calibration batches (all of them in a single process):
     batch ``i`` of the whole set goes to rank ``i % world_size``; a folder of
     images is read only where its batches go."""
-    from . import data as fxdata
-    from . import distributed
+    from fxmerge.runtime import data as fxdata
+    from fxmerge.runtime import distributed
 
     rank, world = distributed.rank(), distributed.world_size()
     if args.data in ("digits", "generic"):
@@ -124,9 +124,10 @@ def _check_writable(path: str) -> None:
 def cmd_merge(args) -> int:
     import json
 
-    from . import distributed, models
-    from .io import save
-    from .engine import merge
+    from fxmerge.runtime import distributed
+    from fxmerge.runtime import models
+    from fxmerge.io import save
+    from fxmerge.api import merge
 
     _check_writable(args.output)
     distributed.init_from_env(args.device)  # under torchrun: this rank's part of the group
@@ -165,7 +166,7 @@ def cmd_merge(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from .demo import default_runs, format_table, run_demo
+    from fxmerge.demo import default_runs, format_table, run_demo
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     budgets = _parse_budgets(args.budgets)
@@ -290,7 +291,7 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     if argv is None and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _interrupt)  # the command line: a kill cleans up like Ctrl-C
-    if argv is None:  # the command line, not a test calling main(): see fxmerge/allocator.py
+    if argv is None:  # the command line, not a test calling main(): see fxmerge/runtime/memory.py
         keep_freed_memory()
     code = None  # stays None while an unexpected error propagates (its traceback is printed)
     try:
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
         code = EXIT_INTERRUPTED
     finally:
         if "torch.distributed" in sys.modules:
-            from .distributed import available, shutdown
+            from fxmerge.runtime.distributed import available, shutdown
 
             grouped = available()
             shutdown()

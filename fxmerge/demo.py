@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constants import BUDGETED_METHODS, DEMO_ARCHS, FIXED_BUDGET, METHODS
-from .data import Split, augment, digit_task, digits, generic
+from fxmerge.constants import BUDGETED_METHODS, DEMO_ARCHS, FIXED_BUDGET, METHODS
+from fxmerge.runtime.data import Split, augment, digit_task, digits, generic
 
 TASK_A, TASK_B = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 DEFAULT_BUDGETS = (1.0, 1.2, 1.5, 2.0)
@@ -172,7 +172,7 @@ def default_runs(budgets: Sequence[float], methods: Sequence[str] = METHODS) -> 
 def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS, device="cpu", calib: int = 512,
              data: str = "digits", runs: Optional[list] = None, norm_policy: str = "split", bn_stats: Optional[str] = None,
              log=print, progress: bool = False) -> list:
-    from .engine import merge
+    from fxmerge.api import merge
 
     a, b = cached_pair(arch, device=device, log=log)
     test = digits(split="test")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import InputError
+from fxmerge.errors import InputError
 
 FORMAT = "fxmerge-merged/1"
 
@@ -60,10 +60,10 @@ def load(path: str, model: Optional[nn.Module] = None, *, device="cpu"):
     """Rebuild a merged model saved by ``save``. ``model`` is a source-model
     instance (any weights) when the architecture has no fxmerge-buildable name.
     Returns ``(GraphModule, plan dict, report dict)``."""
-    from . import models
-    from .analysis import analyze
-    from .rewrite import WidenGraph, split_contractions
-    from .widening import LayoutWidener
+    from fxmerge.runtime import models
+    from fxmerge.analysis.channels import analyze
+    from fxmerge.merging.rewrite import WidenGraph, split_contractions
+    from fxmerge.merging.widening import LayoutWidener
 
     if not os.path.isfile(path):
         raise InputError(f"'{path}' does not exist")
@@ -94,8 +94,8 @@ def load(path: str, model: Optional[nn.Module] = None, *, device="cpu"):
     if cut is not None and cut < len(pg.gm.graph.nodes):
         # ZipIt!'s partial zipping: both models after the cut; their weights
         # and the unzip indices come with the state dict
-        from .permute import PermutationSampler
-        from .zipit import emit_partial_zip
+        from fxmerge.analysis.permute import PermutationSampler
+        from fxmerge.merging.zipit import emit_partial_zip
 
         gm = emit_partial_zip(gm, pg.gm, pg.gm, pg, cut, {}, PermutationSampler(np.random.default_rng(0), set()),
                               payload["labels"])

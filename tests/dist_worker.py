@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nets import build  # noqa: E402
 
 import fxmerge  # noqa: E402
-from fxmerge import distributed  # noqa: E402
+from fxmerge.runtime import distributed  # noqa: E402
 
 torch.set_num_threads(1)
 out_dir = sys.argv[1]

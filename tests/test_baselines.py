@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge.engine import REGMEAN_ALPHA
-from fxmerge.zipit import merge_matrices, zip_pairs
+from fxmerge.api import REGMEAN_ALPHA
+from fxmerge.merging.zipit import merge_matrices, zip_pairs
 from test_merge import CNN_KINDS, X, calib, net, permuted_copy, with_bn_stats_from
 
 # ZipIt! pairs single features; the channels inside a depthwise block with a

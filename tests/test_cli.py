@@ -71,7 +71,7 @@ def test_dot_to_unwritable_path_leaves_nothing(tmp_path, capsys):
 def test_verify_failure_exit_1(monkeypatch, capsys):
     import operator
 
-    from fxmerge.rules import RULES
+    from fxmerge.analysis.rules import RULES
 
     monkeypatch.setitem(RULES.functions, operator.add, lambda ctx, a, b: ctx.like(a))
     assert main(["groups", "resnet18", "--input-size", "3,32,32", "--verify"]) == 1
@@ -195,7 +195,7 @@ def test_help_and_version_print_and_exit_0(argv, capsys):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
 def test_the_command_line_allocator_setting_applies_unless_told_not_to():
-    code = "from fxmerge.allocator import keep_freed_memory; print(keep_freed_memory())"
+    code = "from fxmerge.runtime.memory import keep_freed_memory; print(keep_freed_memory())"
     env = {k: v for k, v in os.environ.items() if k != "FXMERGE_MALLOC"}
     run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
                                    check=True).stdout.strip()
@@ -205,7 +205,7 @@ def test_the_command_line_allocator_setting_applies_unless_told_not_to():
 
 RELEASE_PROBE = """
 import torch
-from fxmerge.allocator import keep_freed_memory, release_freed_memory
+from fxmerge.runtime.memory import keep_freed_memory, release_freed_memory
 
 def resident_mb():
     with open("/proc/self/status") as f:

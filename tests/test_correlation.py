@@ -8,8 +8,8 @@ import timm
 import torch
 
 import fxmerge
-from fxmerge.matching import CorrelationStats
-from fxmerge.zipit import JointStats
+from fxmerge.merging.matching import CorrelationStats
+from fxmerge.merging.zipit import JointStats
 
 
 def features(seed, n=4096, d=6):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fxmerge
-from fxmerge.apply import apply_permutations, apply_to_model
-from fxmerge.tracing import without_fast_path
+from fxmerge.analysis.apply import apply_permutations, apply_to_model
+from fxmerge.analysis.tracing import without_fast_path
 
 ROOT = pathlib.Path(__file__).parent.parent
 MODELS = json.loads((ROOT / "docs" / "coverage-models.json").read_text())

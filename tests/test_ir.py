@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fxmerge.permute import PermutationSampler
-from fxmerge.ir import (
+from fxmerge.analysis.permute import PermutationSampler
+from fxmerge.analysis.ir import (
     Concat, Dep, Dim, IRConflict, as_product, find, make_dep, pin, resolve, split_dim, unify,
 )
 

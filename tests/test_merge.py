@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge import lstsq
-from fxmerge.lstsq import cholesky_in_place, sample_rows, solve_block
-from fxmerge.tensors import rows
-from fxmerge.batchnorm import reset_batch_norm
+from fxmerge.fit import lstsq
+from fxmerge.fit.lstsq import cholesky_in_place, sample_rows, solve_block
+from fxmerge.runtime.tensors import rows
+from fxmerge.fit.batchnorm import reset_batch_norm
 from nets import build
 
 CNN_KINDS = ["residual", "concat", "split", "depthwise", "se", "widen"]
@@ -87,7 +87,7 @@ def test_the_budget_is_counted_at_the_example_inputs_size():
     # the classifier after the pooling costs the same at every size, the
     # convolutions grow with the image: a budget counted on large example
     # inputs is met there (calibration stays small), and is another plan
-    from fxmerge.engine import measure_macs
+    from fxmerge.api import measure_macs
 
     spec = [("widen", 8), ("residual", 1)]
     a, b = net(spec, 3, stem=4), net(spec, 11, stem=4)
@@ -184,7 +184,7 @@ def test_cholesky_in_place_factors_in_the_matrix_own_memory(dtype):
 def test_gram_accumulation_and_mirroring_give_x_transpose_x():
     # block-upper accumulation over batches plus the in-place mirror is X^T X,
     # whatever was below the diagonal, across several column blocks
-    from fxmerge.lstsq import GRAM_BLOCK, add_gram_upper, symmetric
+    from fxmerge.fit.lstsq import GRAM_BLOCK, add_gram_upper, symmetric
 
     g = torch.Generator().manual_seed(0)
     d = 2 * GRAM_BLOCK + 37
@@ -202,7 +202,7 @@ def test_gram_accumulation_and_mirroring_give_x_transpose_x():
 def test_the_statistics_product_is_the_matrix_product(p, n, q):
     # small products go to torch.mm, large ones through oneDNN's convolution;
     # both take transposed (non-contiguous) operands
-    from fxmerge.tensors import matmul
+    from fxmerge.runtime.tensors import matmul
 
     g = torch.Generator().manual_seed(p)
     x, y = torch.randn(n, p, generator=g), torch.randn(n, q, generator=g)
@@ -218,8 +218,8 @@ def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch
     # block of A-only against B-only columns: accumulating in the layout that
     # skips it gives the same systems on every block a row class reads and
     # the same solution as the full Gram matrix
-    from fxmerge import lstsq
-    from fxmerge.widening import ROLE_A, ROLE_B, ROLE_M, Widening
+    from fxmerge.fit import lstsq
+    from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M, Widening
 
     rng = np.random.default_rng(0)
     role_in = rng.permutation(np.array([ROLE_A] * 5 + [ROLE_M] * 3 + [ROLE_B] * 4, dtype=np.int8))

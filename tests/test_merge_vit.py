@@ -94,7 +94,7 @@ def test_merged_norm_policy_keeps_the_residual_stream_merged_at_two_x():
 
 
 def test_split_layer_norm_interpolates_between_the_plain_and_the_per_model_norm():
-    from fxmerge.layers import SplitLayerNorm
+    from fxmerge.merging.layers import SplitLayerNorm
 
     x = torch.randn(4, 7, 10)
     # everything merged: the plain LayerNorm
@@ -170,7 +170,7 @@ def test_least_squares_fits_the_packed_projections_inside_multihead_attention(ls
 @pytest.mark.parametrize("fused", [True, False])
 def test_attention_products_enter_the_cost_model_and_measured_cost_equals_the_plan(fused):
     """256 tokens of width 12: q k^T and attn v are over half the MACs."""
-    from fxmerge.budget import CostModel
+    from fxmerge.merging.plan import CostModel
 
     def tokens_heavy(seed):
         torch.manual_seed(seed)
@@ -185,7 +185,7 @@ def test_attention_products_enter_the_cost_model_and_measured_cost_equals_the_pl
     cm = CostModel.from_groups(fxmerge.analyze(a, x))
     attention = sum(p.scale * np.prod([d for d, _ in p.dims]) for p in cm.products)
     assert attention > 0.5 * cm.source_cost()
-    assert cm.source_cost() == pytest.approx(fxmerge.engine.measure_macs(a, (x[:1],)), rel=1e-9)
+    assert cm.source_cost() == pytest.approx(fxmerge.api.measure_macs(a, (x[:1],)), rel=1e-9)
     data = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     for budget in (1.3, 2.0):
         r = fxmerge.merge(a, b, data, budget=budget, method="perm").report

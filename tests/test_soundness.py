@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxmerge
-from fxmerge.rules import RULES
+from fxmerge.analysis.rules import RULES
 from nets import build
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge.sweep import FrontierStore, parse_memory
+from fxmerge.fit.sweep import FrontierStore, parse_memory
 from test_merge import CNN_KINDS, X, calib, net
 
 specs = st.lists(st.tuples(st.sampled_from(CNN_KINDS + ["layernorm", "attention", "mha"]), st.integers(0, 3)),
@@ -148,7 +148,7 @@ def test_max_memory_parsing():
 
 def _planned_frontier(schedule) -> list:
     """Bytes the frontier holds after each wave (traced batch size)."""
-    from fxmerge.sweep import NEVER, value_bytes
+    from fxmerge.fit.sweep import NEVER, value_bytes
 
     out = []
     for w in schedule.waves:
@@ -163,7 +163,7 @@ def _planned_frontier(schedule) -> list:
 
 @pytest.mark.parametrize("spec", [[("residual", 1), ("residual", 2)], [("concat", 0), ("residual", 0), ("se", 1)]])
 def test_pulling_source_nodes_forward_never_grows_the_frontier(monkeypatch, spec):
-    from fxmerge import sweep as S
+    from fxmerge.fit import sweep as S
 
     seen = []
     original = S.Sweep.run
@@ -202,8 +202,8 @@ def test_the_store_spills_the_value_read_last():
 
 
 def test_the_merged_model_runs_its_widened_layers_as_row_blocks_and_follows_refits():
-    from fxmerge.layers import PartialConv
-    from fxmerge.sweep import RowBlockInterpreter
+    from fxmerge.merging.layers import PartialConv
+    from fxmerge.fit.sweep import RowBlockInterpreter
 
     torch.manual_seed(0)
     gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1)))
@@ -227,7 +227,7 @@ def test_the_merged_model_runs_its_widened_layers_as_row_blocks_and_follows_refi
 
 
 def test_freed_memory_goes_back_once_the_frontier_has_shrunk(monkeypatch):
-    import fxmerge.sweep as sweep
+    import fxmerge.fit.sweep as sweep
 
     spec = [("residual", 1), ("concat", 0), ("residual", 2)]
     a, b = net(spec, 3), net(spec, 4)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fxmerge
-from fxmerge.tracing import without_fast_path
+from fxmerge.analysis.tracing import without_fast_path
 
 DIM, HEADS, MLP, DEPTH, TOKENS = 12, 3, 24, 2, 5
 

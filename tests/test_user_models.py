@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxmerge
-from fxmerge.tracing import without_fast_path
+from fxmerge.analysis.tracing import without_fast_path
 
 
 class ConvBN(nn.Module):

@@ -1,7 +1,7 @@
 """Widening is sound, rule family by rule family.
 
 Every rule declares how its op behaves when channel axes are widened to
-``[A-only | merged | B-only]`` (``fxmerge.rules.registry.WIDENING``). For each
+``[A-only | merged | B-only]`` (``fxmerge.analysis.rules.registry.WIDENING``). For each
 behaviour a small network built around such ops is merged at 2x with
 nothing merged: the result must be the ensemble (the average of both
 models), or, where an op combines the channels it would widen, the budget
@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxmerge
-from fxmerge.rules.registry import RULES, WIDENING
-from fxmerge.tracing import without_fast_path
+from fxmerge.analysis.rules.registry import RULES, WIDENING
+from fxmerge.analysis.tracing import without_fast_path
 
 X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -9,8 +9,8 @@ import warnings
 import torch
 
 import fxmerge
-from fxmerge.apply import apply_permutations
-from fxmerge.tracing import without_fast_path
+from fxmerge.analysis.apply import apply_permutations
+from fxmerge.analysis.tracing import without_fast_path
 
 
 def groups_of(model, x):

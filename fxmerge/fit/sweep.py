@@ -1,0 +1,609 @@
+"""The fitting sweep: one walk over the graph that fits the merged model.
+
+Least squares on the merged model's own inputs, and BatchNorm statistics
+re-estimated on its own activations, both need statistics over all the
+calibration data at a node before anything downstream of it can be computed
+with the final weights. A *point* (``Point``) is such a need: a layer's
+least-squares system, a BatchNorm's statistics. Points get *waves*: a point
+that reads the merged model waits for every point upstream of it; a point
+that reads only the source models (teacher-forced least squares) goes in
+wave 0.
+
+The sweep runs the waves in order. In each, it computes for every
+calibration batch only the nodes that the wave's points need and that no
+earlier wave computed, for each model (A, aligned B, merged), from the
+*frontier*: the values of earlier waves that later ones still read. Every
+node of every model is computed at most once, as late as possible (so the
+frontier stays small) unless computing it earlier frees more than it holds
+(a residual sum right after its branch), so a whole fit costs about one
+forward pass of each model plus the statistics. After the last batch of a
+wave its points finish (sum across ranks, solve, write into the merged
+model).
+
+The frontier lives in memory up to a cap (``max_memory`` less the largest
+wave's statistics and solve, ``wave_bytes``) and spills beyond it, the
+values read last first, to a temporary directory (``FrontierStore``), which
+is removed on success, error and interrupt. Once the frontier has shrunk by
+a quarter, the heap's free pages go back before the wave's solves
+(``allocator.release_freed_memory``). ``schedule="recompute"`` keeps no
+frontier and recomputes every wave from the inputs (the wave-by-wave
+method: the same systems, one forward pass per wave).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterable, NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from fxmerge.runtime.memory import release_freed_memory
+
+A, B, M = 0, 1, 2  # model slots: source A, aligned source B, merged
+NEVER = 1 << 30
+RELEASE_BYTES = 256 << 20  # the least frontier shrinkage after which freed pages go back to the system
+
+
+class Point:
+    """A statistic over all calibration data at one node (see the module
+    docstring). Subclasses say what they read and how they finish."""
+
+    node: str
+    merged_inputs: bool = True  # reads merged values: waits for the points upstream of it
+    wave: int = -1
+
+    def reads(self, node: fx.Node) -> list:
+        """``(model slot, node)`` pairs whose values ``collect`` reads."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Called before the first batch of its wave."""
+
+    def collect(self, batch: int, value: Callable[[int, fx.Node], Any]) -> None:
+        """Add one batch: ``value(slot, node)`` is that model's value."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the last batch: reduce, solve, write into the merged model."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes of its accumulated statistics."""
+        return 0
+
+    def solve_nbytes(self) -> int:
+        """Bytes its ``finish`` holds besides the statistics (the points of a
+        wave finish one at a time)."""
+        return 0
+
+
+def wave_bytes(points: list) -> int:
+    """Peak bytes of one wave's statistics: all of them, and the largest
+    solve's working memory on top (they finish in turn)."""
+    return sum(p.nbytes() for p in points) + max((p.solve_nbytes() for p in points), default=0)
+
+
+def parse_memory(value) -> Optional[int]:
+    """``max_memory`` as bytes: an int, or a string such as ``"2G"``,
+    ``"512M"``, ``"1.5GB"``; None keeps the default."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"max_memory must be positive, got {value}")
+        return int(value)
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        n = float(number) * scale
+    except ValueError:
+        raise ValueError(f"max_memory must be bytes or a size such as 2G or 512M, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return int(n)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30
+
+
+def _nbytes(value) -> int:
+    leaves, _ = pytree.tree_flatten(value)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def read_tensor(path: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """A spilled tensor, read straight into a fresh tensor: no memory map,
+    whose pages would fault in one by one and count as resident."""
+    t = torch.empty(shape, dtype=dtype)
+    buf = memoryview(t.view(torch.uint8).numpy().reshape(-1)) if t.numel() else memoryview(b"")
+    with open(path, "rb", buffering=0) as f:
+        while buf.nbytes:  # a raw read may return fewer bytes than asked
+            n = f.readinto(buf)
+            if not n:
+                raise OSError(f"spilled frontier file {path} is shorter than its tensor")
+            buf = buf[n:]
+    return t
+
+
+class FrontierStore:
+    """Values kept between waves, keyed by ``(slot, node name, batch)``: in
+    memory up to ``budget`` bytes, beyond it in files of a temporary
+    directory (raw bytes, one file per tensor, read back whole when a wave
+    needs it). ``dtype`` (bfloat16, float16) stores floating values at
+    reduced precision; they come back as float32. CUDA values are kept in
+    host memory.
+
+    ``next_read(key)`` (optional) says when a kept value is read next, as
+    anything sortable. When a new value does not fit, the values read last
+    go to disk first (Belady's rule: a residual branch's input, read three
+    waves on, rather than the convolution outputs the next wave reads; each
+    spilled byte costs one write and one read however far off its read is,
+    so spilling the furthest keeps the most reads in memory). Without it
+    the new value spills."""
+
+    def __init__(self, budget: int, dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None,
+                 next_read: Optional[Callable[[tuple], Any]] = None):
+        self.budget = max(0, int(budget))
+        self.dtype = dtype
+        self.spill_dir = spill_dir
+        self.next_read = next_read
+        self.tmp: Optional[str] = None
+        # key -> (treespec, leaves, device, dtypes, bytes); a leaf is a tensor or a SpilledTensor
+        self.values: dict = {}
+        self.in_memory: set = set()  # keys whose leaves are all in memory
+        self.ram = 0
+        self.peak_ram = 0
+        self.peak_since_release = 0  # the largest ``ram`` since ``mark_released``
+        self.peak_total = 0
+        self.total = 0
+        self.spilled = 0  # bytes written to disk over the sweep
+        self._files = 0
+
+    def shrunk_since_release(self, least: int) -> bool:
+        """Whether the in-memory part has shrunk, since ``mark_released``, by
+        a quarter of its peak and at least ``least`` bytes."""
+        return self.peak_since_release - self.ram >= max(least, self.peak_since_release // 4)
+
+    def mark_released(self) -> None:
+        """The memory its dropped values held has gone back to the system."""
+        self.peak_since_release = self.ram
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != self.dtype and self.dtype != torch.float32:
+            t = t.to(self.dtype)
+        return t.detach().cpu() if t.device.type != "cpu" else t.detach()
+
+    def put(self, key, value) -> None:
+        leaves, spec = pytree.tree_flatten(value)
+        device = next((t.device for t in leaves if isinstance(t, torch.Tensor)), None)
+        dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in leaves]
+        packed = [self._pack(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+        size = sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
+        self.values[key] = (spec, packed, device, dtypes, size)
+        self.total += size
+        self.peak_total = max(self.peak_total, self.total)
+        if size == 0:
+            return
+        if self.ram + size > self.budget and self.next_read is not None:
+            self._make_room(key, size)
+        if self.ram + size > self.budget:
+            self._to_disk(key)
+        else:
+            self.in_memory.add(key)
+            self.ram += size
+            self.peak_ram = max(self.peak_ram, self.ram)
+            self.peak_since_release = max(self.peak_since_release, self.ram)
+
+    def _make_room(self, key, size: int) -> None:
+        """Spill kept values read after ``key`` is, furthest first, while
+        that makes room for ``size`` bytes."""
+        mine = self.next_read(key)
+        later = sorted(((self.next_read(k), k) for k in self.in_memory), key=lambda x: x[0], reverse=True)
+        later = [k for when, k in later if when > mine]
+        if self.ram - sum(self.values[k][4] for k in later) + size > self.budget:
+            return  # not even all of them make room: the new value spills
+        for k in later:
+            if self.ram + size <= self.budget:
+                break
+            self.in_memory.discard(k)
+            self.ram -= self.values[k][4]
+            self._to_disk(k)
+
+    def _to_disk(self, key) -> None:
+        spec, packed, device, dtypes, size = self.values[key]
+        packed = [self._spill(t) if isinstance(t, torch.Tensor) else t for t in packed]
+        self.values[key] = (spec, packed, device, dtypes, size)
+        self.spilled += size
+
+    def _spill(self, t: torch.Tensor) -> "SpilledTensor":
+        if self.tmp is None:
+            self.tmp = tempfile.mkdtemp(prefix="fxmerge-frontier-", dir=self.spill_dir)
+        self._files += 1
+        path = os.path.join(self.tmp, f"{self._files}.bin")
+        # one unbuffered write of the tensor's bytes (numpy's tofile wrote
+        # in small pieces, at a fifth of the disk's speed)
+        with open(path, "wb", buffering=0) as f:
+            f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
+        return SpilledTensor(path, t.dtype, tuple(t.shape))
+
+    def get(self, key):
+        spec, packed, device, dtypes, _ = self.values[key]
+        leaves = []
+        for t, dt in zip(packed, dtypes):
+            if isinstance(t, SpilledTensor):
+                t = read_tensor(t.path, t.dtype, t.shape)
+            if isinstance(t, torch.Tensor):
+                if t.dtype != dt:
+                    t = t.to(dt)
+                if device is not None and t.device != device:
+                    t = t.to(device)
+            leaves.append(t)
+        return pytree.tree_unflatten(leaves, spec)
+
+    def drop(self, key) -> None:
+        spec, packed, device, dtypes, size = self.values.pop(key)
+        if key in self.in_memory:
+            self.in_memory.discard(key)
+            self.ram -= size
+        for t in packed:
+            if isinstance(t, SpilledTensor):
+                try:
+                    os.unlink(t.path)
+                except OSError:
+                    pass
+        self.total -= size
+
+    def close(self) -> None:
+        """Forget every value and remove the temporary directory."""
+        self.values.clear()
+        self.in_memory.clear()
+        self.ram = self.total = 0
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+class SpilledTensor(NamedTuple):
+    """A frontier tensor in a file of the spill directory."""
+
+    path: str
+    dtype: torch.dtype
+    shape: tuple
+
+
+def value_bytes(node: fx.Node) -> Optional[int]:
+    """Bytes of a node's value at the traced example's batch size, from its
+    ``fxm_value`` summary (None when it has none)."""
+    from fxmerge.analysis.tracing import TensorInfo
+
+    if "fxm_value" not in node.meta:
+        return None
+    leaves = pytree.tree_leaves(node.meta["fxm_value"], is_leaf=lambda v: isinstance(v, TensorInfo))
+    total = 0
+    for v in leaves:
+        if isinstance(v, TensorInfo):
+            total += math.prod(v.shape) * v.dtype.itemsize
+    return total
+
+
+class Schedule:
+    """When each model computes each node: waves of the points, and for every
+    slot and node (by name) the wave in which it is computed (as late as its
+    readers allow, or earlier where that shrinks the frontier; never, when
+    nothing reads it). ``graphs[slot]`` are the
+    models' graphs: the same nodes, though a rewrite may have turned a
+    computed size into a constant (one edge fewer)."""
+
+    def __init__(self, graphs: dict, points: list, pull_forward: bool = True):
+        """``pull_forward=False`` keeps every node at its first reader's
+        wave (``_pull_forward``)."""
+        slots = tuple(graphs)
+        self.graph_nodes = {s: {n.name: n for n in graphs[s].nodes} for s in slots}
+        ref = graphs[M] if M in graphs else graphs[slots[-1]]
+        self.order = [n.name for n in ref.nodes]
+        by_name = {n.name: n for n in ref.nodes}
+        self.points_at: dict = defaultdict(list)
+        for p in points:
+            self.points_at[p.node].append(p)
+        # waves: as the merged model's level, one more after every point it passes
+        level: dict = {}
+        for n in ref.nodes:
+            up = max((level[i.name] for i in n.all_input_nodes), default=0)
+            for p in self.points_at.get(n.name, ()):
+                p.wave = up if p.merged_inputs else 0
+                up = max(up, p.wave + 1)
+            level[n.name] = up
+        self.level = level
+        self.waves = sorted({p.wave for p in points})
+        # what each wave's points read, per slot
+        need: dict = {s: defaultdict(set) for s in slots}
+        self.point_reads: dict = {s: defaultdict(set) for s in slots}  # slot -> wave -> node names
+        for p in points:
+            for slot, node in p.reads(by_name[p.node]):
+                need[slot][node.name].add(p.wave)
+                self.point_reads[slot][p.wave].add(node.name)
+        self.step: dict = {s: {} for s in slots}
+        self.last: dict = {s: {} for s in slots}
+        self.reads: dict = {s: {} for s in slots}  # slot -> node -> the waves that read it, in order
+        self.inputs: dict = {}
+        first = self.waves[0] if self.waves else 0
+        for s in slots:
+            step, last = self.step[s], self.last[s]
+            self.inputs[s] = {n.name: [i.name for i in n.all_input_nodes] for n in graphs[s].nodes}
+            for n in reversed(list(graphs[s].nodes)):
+                consumers = self._consumers(s, n, need[s])
+                if n.op == "output" or not consumers:
+                    step[n.name] = NEVER
+                    continue
+                t = min(consumers)
+                if n.op == "placeholder":
+                    t = first  # the data is read once, in the first wave
+                if s == M and t < level[n.name]:
+                    raise AssertionError(f"the merged model's '{n.name}' is read before it is fitted")
+                step[n.name] = t
+                last[n.name] = max(consumers)
+                self.reads[s][n.name] = sorted(consumers)
+            if pull_forward:
+                self._pull_forward(s, graphs[s], need[s])
+
+    def _consumers(self, slot: int, node: fx.Node, need: dict) -> set:
+        """The waves that read ``node``'s value: its points' (``need``) and
+        those in which its users are computed."""
+        step = self.step[slot]
+        return set(need.get(node.name, ())) | {step[u.name] for u in node.users if step.get(u.name, NEVER) < NEVER}
+
+    def _pull_forward(self, slot: int, graph: fx.Graph, need: dict) -> None:
+        """Computes a node earlier than its first reader when that frees at
+        least its own size in the frontier at every wave in between: a
+        residual add (and the BatchNorm and activation around it) right
+        after the branch's last convolution, so the frontier holds the sum
+        instead of the branch's output and the shortcut. Sizes come from
+        the traced shapes (``fxm_value``); a node without one stays put.
+        The merged model's nodes never move before their level."""
+        step, last, reads, inputs = self.step[slot], self.last[slot], self.reads[slot], self.inputs[slot]
+        by_name = self.graph_nodes[slot]
+        for n in graph.nodes:  # graph order: a node's inputs have moved already
+            t = step.get(n.name, NEVER)
+            if t >= NEVER or n.op in ("placeholder", "output") or not inputs[n.name]:
+                continue
+            earliest = max(step[i] for i in inputs[n.name])
+            if slot == M:
+                earliest = max(earliest, self.level[n.name])
+            size = value_bytes(n)
+            if earliest >= t or size is None:
+                continue
+            step[n.name] = earliest  # tentatively: what its inputs' readers become
+            freed = 0
+            for i in inputs[n.name]:
+                if last[i] == t and max(self._consumers(slot, by_name[i], need)) <= earliest:
+                    freed += value_bytes(by_name[i]) or 0
+            if freed < size:
+                step[n.name] = t
+                continue
+            for i in inputs[n.name]:
+                c = self._consumers(slot, by_name[i], need)
+                last[i], reads[i] = max(c), sorted(c)
+
+    def computed_at(self, slot: int, wave: int) -> list:
+        """Names of the nodes ``slot`` computes in ``wave``, in graph order."""
+        step = self.step[slot]
+        return [n for n in self.order if step.get(n, NEVER) == wave]
+
+    def loaded_at(self, slot: int, wave: int) -> list:
+        """The frontier values ``slot`` reads in ``wave`` (computed earlier)."""
+        step = self.step[slot]
+        want = set(self.point_reads[slot].get(wave, ()))
+        for n in self.computed_at(slot, wave):
+            want.update(self.inputs[slot][n])
+        return [n for n in self.order if n in want and step.get(n, NEVER) < wave]
+
+    def recomputed_at(self, slot: int, wave: int) -> list:
+        """Without a frontier: everything ``wave`` reads and all that is
+        upstream of it, in graph order."""
+        want = set(self.computed_at(slot, wave)) | set(self.loaded_at(slot, wave))
+        closure, stack = set(), list(want)
+        while stack:
+            n = stack.pop()
+            if n in closure:
+                continue
+            closure.add(n)
+            stack.extend(self.inputs[slot][n])
+        return [n for n in self.order if n in closure]
+
+
+class RowBlockInterpreter(fx.Interpreter):
+    """The merged model's interpreter: a widened layer with structural zeros
+    runs as the row-block module the emitted model will have (built from
+    its current weights, rebuilt when the fit replaces them), not as the
+    dense widened layer, whose fully widened convolutions cost twice the
+    row blocks' arithmetic. ``row_blocks``: ``{target: (row-block class,
+    in_index, out_index)}`` (``rewrite.module_row_blocks``)."""
+
+    def __init__(self, module: fx.GraphModule, row_blocks: dict):
+        super().__init__(module, garbage_collect_values=False)
+        self.row_blocks = row_blocks
+        self._built: dict = {}  # target -> (tensors it was built from, their versions, module)
+
+    def call_module(self, target, args, kwargs):
+        spec = self.row_blocks.get(target)
+        if spec is None:
+            return super().call_module(target, args, kwargs)
+        mod = self.fetch_attr(target)
+        source = tuple(t for t in (mod.weight, mod.bias) if t is not None)
+        versions = tuple(t._version for t in source)
+        built = self._built.get(target)
+        if built is None or any(a is not b for a, b in zip(built[0], source)) or built[1] != versions:
+            kind, in_index, out_index = spec
+            built = self._built[target] = (source, versions, kind(mod, in_index, out_index).to(mod.weight.device))
+        return built[2](*args, **kwargs)
+
+
+class Sweep:
+    """Runs the points of a fit over the calibration data (see the module
+    docstring). ``models[slot]`` are GraphModules of one graph (A, aligned
+    B, merged; a slot nobody reads may be None)."""
+
+    def __init__(self, models: list, points: list, *, schedule: str = "frontier", max_memory: int = 1 << 62,
+                 frontier_dtype: torch.dtype = torch.float32, spill_dir: Optional[str] = None,
+                 progress: bool = False, desc: str = "fit", row_blocks: Optional[dict] = None):
+        if schedule not in ("frontier", "recompute"):
+            raise ValueError(f"unknown schedule '{schedule}'")
+        self.models = models
+        self.row_blocks = row_blocks or {}
+        self.points = points
+        self.mode = schedule
+        self.progress = progress
+        self.desc = desc
+        self.slots = tuple(i for i, m in enumerate(models) if m is not None)
+        self.schedule = Schedule({s: models[s].graph for s in self.slots}, points)
+        self.nodes = self.schedule.graph_nodes
+        self.stats_peak = max((wave_bytes([p for p in points if p.wave == w]) for w in self.schedule.waves), default=0)
+        self.store = FrontierStore(max(0, max_memory - self.stats_peak), frontier_dtype, spill_dir,
+                                   next_read=self._next_read)
+        self._now = (-1, -1)  # (wave, batch) being computed
+        self.report: dict = {}
+
+    def _next_read(self, key) -> tuple:
+        """``(wave, batch)`` at which a kept value is read next."""
+        slot, node, batch = key
+        wave, current = self._now
+        for r in self.schedule.reads[slot].get(node, ()):
+            if r > wave or (r == wave and batch > current):
+                return (r, batch)
+        return (NEVER, batch)
+
+    @torch.no_grad()
+    def run(self, batches: Callable[[], Iterable]) -> dict:
+        """``batches()`` yields this rank's calibration ``Inputs`` of one pass."""
+        from fxmerge.runtime.distributed import rank, sync, world_size
+
+        t0 = time.perf_counter()
+        sched = self.schedule
+        interps = {s: RowBlockInterpreter(self.models[s], self.row_blocks) if s == M
+                   else fx.Interpreter(self.models[s], garbage_collect_values=False) for s in self.slots}
+        world, me = world_size(), rank()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(sched.waves), desc=self.desc, leave=False)
+        n_batches = None
+        # where the time goes: the three models' nodes, the frontier's stores
+        # and reads (RAM or disk), the statistics, the solves
+        spent = {"forward": 0.0, "frontier": 0.0, "statistics": 0.0, "solve": 0.0}
+        try:
+            for wave in sched.waves:
+                points = [p for p in self.points if p.wave == wave]
+                for p in points:
+                    p.start()
+                if self.mode == "frontier":
+                    compute = {s: sched.computed_at(s, wave) for s in self.slots}
+                    load = {s: sched.loaded_at(s, wave) for s in self.slots}
+                else:
+                    compute = {s: sched.recomputed_at(s, wave) for s in self.slots}
+                    load = {s: [] for s in self.slots}
+                source = batches() if (self.mode == "recompute" or n_batches is None) else range(n_batches)
+                count = 0
+                for i, item in enumerate(source):
+                    self._now = (wave, i)
+                    envs = {}
+                    for s in self.slots:
+                        nodes = self.nodes[s]
+                        t = time.perf_counter()
+                        env = {nodes[n]: self.store.get((s, n, i)) for n in load[s]}
+                        t1 = time.perf_counter()
+                        self._compute(interps[s], [nodes[n] for n in compute[s]], env, item)
+                        spent["frontier"] += t1 - t
+                        spent["forward"] += time.perf_counter() - t1
+                        envs[s] = env
+                    value = lambda slot, node: envs[slot][self.nodes[slot][node.name]]  # noqa: E731
+                    t = time.perf_counter()
+                    for p in points:
+                        p.collect(i * world + me, value)
+                    t1 = time.perf_counter()
+                    spent["statistics"] += t1 - t
+                    if self.mode == "frontier":
+                        self._keep(envs, compute, load, wave, i)
+                        spent["frontier"] += time.perf_counter() - t1
+                    count += 1
+                if n_batches is None:
+                    n_batches = count
+                sync()  # every rank reached the end of the wave
+                t = time.perf_counter()
+                # once the frontier has shrunk by a quarter (and RELEASE_BYTES), the
+                # pages of the values it freed go back before the solves allocate:
+                # those values lay between live blocks, where a large Gram block
+                # does not fit (fxmerge/runtime/memory.py); releasing every wave would
+                # fault the steady waves' activations in afresh each time
+                if self.store.shrunk_since_release(RELEASE_BYTES):
+                    release_freed_memory()
+                    self.store.mark_released()
+                for p in points:
+                    p.finish()
+                spent["solve"] += time.perf_counter() - t
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.store.close()
+        self.report = {
+            "schedule": self.mode,
+            "waves": len(sched.waves),
+            "batches": n_batches or 0,
+            "frontier_peak_bytes": self.store.peak_total,
+            "frontier_peak_memory_bytes": self.store.peak_ram,
+            "frontier_spilled_bytes": self.store.spilled,
+            "statistics_peak_bytes": self.stats_peak,
+            "seconds": time.perf_counter() - t0,
+            **{f"{k}_seconds": v for k, v in spent.items()},
+        }
+        return self.report
+
+    def _compute(self, interp: fx.Interpreter, nodes: list, env: dict, item) -> None:
+        interp.env = env
+        positional = None
+        for n in nodes:
+            if n.op == "placeholder":
+                if n.args:  # an optional argument pinned to its default
+                    env[n] = n.args[0]
+                    continue
+                if positional is None:
+                    required = [p for p in interp.module.graph.nodes if p.op == "placeholder" and not p.args]
+                    positional = dict(zip(required, item.for_placeholders(interp.module)))
+                env[n] = positional[n]
+                continue
+            env[n] = interp.run_node(n)
+
+    def _keep(self, envs: dict, compute: dict, load: dict, wave: int, batch: int) -> None:
+        """Store what later waves read; drop what no later wave reads."""
+        sched = self.schedule
+        for s in self.slots:  # drops first: their room goes to this wave's values
+            for n in load[s]:
+                if sched.last[s].get(n, -1) == wave:
+                    self.store.drop((s, n, batch))
+        for s in self.slots:
+            last, nodes = sched.last[s], self.nodes[s]
+            for n in compute[s]:
+                if last.get(n, -1) > wave:
+                    self.store.put((s, n, batch), envs[s][nodes[n]])

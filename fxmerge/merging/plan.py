@@ -1,0 +1,483 @@
+"""The partial-matching budget planner.
+
+Cost model. A dense contraction (convolution or linear layer with one group)
+whose output axis merges ``K_o`` of ``D_o`` channels and whose input axis
+merges ``K_i`` of ``D_i`` costs, per output position and kernel tap,
+
+    K_o (2 D_i - K_i)  +  2 (D_o - K_o) D_i  =  2 D_o D_i - K_o K_i
+
+multiply-accumulates: merged rows read every input column, A-only rows read A's
+and the merged columns, B-only rows B's and the merged ones (the two
+structurally-zero blocks are never computed). A grouped convolution costs its
+widened output width times its per-group input width. ``K`` of a layout is
+linear in the per-root merge counts ``k``, so the whole model's cost is a
+bilinear function of ``k``: exact, cheap to evaluate, and equal to what the
+emitted graph computes.
+
+Products of two activations (attention scores and the weighted sum of
+values) have no weight but cost the product of the widths of the axes they
+span, ``prod_i (2 D_i - K_i)``; with heads as the only widening axis this is
+linear in ``k`` too.
+
+Planning. Start fully merged (cost 1x) and un-merge, a slice of pairs at a
+time, the least similar remaining pairs of the root with the best ratio of
+disagreement repaired (``sum 1 - similarity``) to cost added, until the target
+is met; the last slice is sized by bisection so the achieved cost lands on the
+target to within one pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fxmerge.analysis.ir import Concat, Dep, Product, find
+from fxmerge.analysis.rules.registry import weight_layouts, weight_shape
+from fxmerge.errors import InputError
+
+
+def linear_form(lay, sizes: dict | None = None) -> tuple:
+    """``K(lay) = const + sum coef[uid] * k[uid]``: merged channels of a layout.
+    ``sizes``, when given, receives each variable root's size (k's upper bound)."""
+    const, coef = 0, {}
+    sizes = {} if sizes is None else sizes
+
+    def walk(x):
+        nonlocal const
+        if isinstance(x, Dep):
+            const += x.size
+            return
+        r = find(x)
+        s = r.structure
+        if r.pinned:
+            const += r.size
+        elif s is None:
+            coef[r.uid] = coef.get(r.uid, 0) + 1
+            sizes[r.uid] = r.size
+        elif isinstance(s, Concat):
+            for p in s.parts:
+                walk(p)
+        elif isinstance(s, Product):
+            o = find(s.outer)
+            if o.pinned:
+                for i in s.inners:
+                    walk(i)
+            elif o.structure is not None:
+                # blocks indexed by a structured dim (a concat): each part's
+                # merged count, times the block width
+                c2, coef2 = linear_form(o, sizes)
+                const += c2 * s.inner_size
+                for u, c in coef2.items():
+                    coef[u] = coef.get(u, 0) + c * s.inner_size
+            else:
+                coef[o.uid] = coef.get(o.uid, 0) + s.inner_size
+                sizes[o.uid] = o.size
+
+    walk(lay)
+    return const, coef
+
+
+@dataclass
+class LayerCost:
+    node: str
+    scale: float  # positions x kernel taps (per example)
+    d_out: int
+    d_in: int
+    out_form: tuple
+    in_form: tuple
+    grouped: bool
+    per_group_in: int
+
+
+@dataclass
+class ProductCost:
+    """An activation product: ``scale * prod_i (2 D_i - K_i)`` (each axis
+    widens to its A-only, merged and B-only channels)."""
+
+    node: str
+    scale: float  # 1 / batch: the batch axis is one of the factors
+    dims: list  # (D_i, linear form of K_i)
+
+
+@dataclass
+class CostModel:
+    layers: list
+    uids: list  # column order of k
+    sizes: np.ndarray
+    products: list = field(default_factory=list)
+    # the cost of what the model cannot see into or widen (opaque modules,
+    # ops on pinned axes): the same in the source and the merged model
+    constant: float = 0.0
+
+    @classmethod
+    def from_groups(cls, pg, source_macs: float | None = None) -> "CostModel":
+        """The cost model of ``pg``'s graph at its traced shapes;
+        ``source_macs`` (the measured multiply-accumulates of the source
+        model) makes what the model does not cover its ``constant``."""
+        nodes = {n.name: n for n in pg.gm.graph.nodes}
+        batch = _batch_size(pg)
+        layers, uids, sizes = [], {}, {}
+        for c in pg.contractions.values():
+            lays = weight_layouts(pg, c)
+            shape = weight_shape(pg, c)
+            out_axis = 1 if c.weight_in_axis == 0 else 0
+            meta = nodes[c.node].meta.get("fxm_value")
+            if isinstance(meta, (list, tuple)) and meta:
+                meta = meta[0]  # (output, attention weights)
+            if meta is None or not hasattr(meta, "shape"):
+                continue
+            out_ch = meta.shape[c.output_axis]
+            positions = int(np.prod(meta.shape)) / max(1, batch * out_ch)
+            taps = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+            if c.weight_in_axis == 0 and len(shape) > 2:
+                # a transposed convolution: every input position meets every tap once
+                x = nodes[c.node].args[0].meta.get("fxm_value")
+                positions = int(np.prod(x.shape)) / max(1, batch * x.shape[c.input_axis])
+            out_lay, in_lay = lays[out_axis], lays[c.weight_in_axis]
+            of, inf = linear_form(out_lay, sizes), linear_form(in_lay, sizes)
+            for form in (of, inf):
+                for uid in form[1]:
+                    uids.setdefault(uid, len(uids))
+            d_out = shape[out_axis] * (c.groups if c.weight_in_axis == 0 else 1)
+            layers.append(LayerCost(c.node, positions * taps, d_out, shape[c.weight_in_axis], of, inf,
+                                    c.groups > 1, shape[c.weight_in_axis]))
+        products = []
+        for p in pg.activation_products.values():
+            dims = [(d, linear_form(lay, sizes)) for lay, d in zip(p.lays, p.sizes)]
+            for _, form in dims:
+                for uid in form[1]:
+                    uids.setdefault(uid, len(uids))
+            products.append(ProductCost(p.node, 1.0 / max(1, batch), dims))
+        order = sorted(uids, key=uids.get)
+        model = cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64), products)
+        if source_macs is not None:
+            model.constant = max(0.0, source_macs - model.modelled_source_cost())
+        return model
+
+    def k_full(self) -> np.ndarray:
+        return self.sizes.copy()
+
+    def _K(self, form, k: dict) -> float:
+        const, coef = form
+        return const + sum(c * k[u] for u, c in coef.items())
+
+    def cost(self, k: np.ndarray) -> float:
+        kd = dict(zip(self.uids, k.tolist()))
+        total = 0.0
+        for l in self.layers:
+            ko = self._K(l.out_form, kd)
+            if l.grouped:
+                total += l.scale * l.per_group_in * (2 * l.d_out - ko)
+            else:
+                ki = self._K(l.in_form, kd)
+                total += l.scale * (2 * l.d_out * l.d_in - ko * ki)
+        for p in self.products:
+            total += p.scale * float(np.prod([2 * d - self._K(form, kd) for d, form in p.dims]))
+        return total + self.constant
+
+    def modelled_source_cost(self) -> float:
+        return (sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
+                + sum(p.scale * float(np.prod([d for d, _ in p.dims])) for p in self.products))
+
+    def source_cost(self) -> float:
+        return self.modelled_source_cost() + self.constant
+
+
+def roots_within(lay, into: set) -> set:
+    """Add the uid of every root dim inside ``lay`` (its parts, product
+    outers and inners, and the keys of dependent axes) to ``into``."""
+    if isinstance(lay, Dep):
+        for t in lay.table:
+            roots_within(t, into)
+        return into
+    r = find(lay)
+    into.add(r.uid)
+    s = r.structure
+    if isinstance(s, Concat):
+        for p in s.parts:
+            roots_within(p, into)
+    elif isinstance(s, Product):
+        roots_within(s.outer, into)
+        for i in s.inners:
+            roots_within(i, into)
+    return into
+
+
+def inners_widen_alike(inners) -> bool:
+    """Whether the blocks of a product with a fixed outer axis (such as the
+    ``3`` of a packed q/k/v projection) keep equal widths under every plan:
+    they are one root, or all products of one movable outer root (heads) with
+    equal inner sizes, which widen block by block."""
+    if any(isinstance(i, Dep) for i in inners):
+        return False
+    roots = [find(i) for i in inners]
+    if len({r.uid for r in roots}) == 1:
+        return True
+    outers = set()
+    for r in roots:
+        s = r.structure
+        if not isinstance(s, Product) or find(s.outer).pinned:
+            return False
+        outers.add((find(s.outer).uid, s.inner_size))
+    return len(outers) == 1
+
+
+def frozen_roots(pg) -> set:
+    """Roots that must stay fully merged: everything inside the blocks of a
+    product whose blocks cannot move (a grouped convolution or GroupNorm over
+    a concatenation). Widening them independently would give blocks of
+    different widths, which no grouped op can compute."""
+    frozen: set = set()
+
+    def under(x):
+        roots_within(x, frozen)
+
+    def walk(x):
+        if isinstance(x, Dep):
+            return
+        r = find(x)
+        s = r.structure
+        if isinstance(s, Concat):
+            for p in s.parts:
+                walk(p)
+        elif isinstance(s, Product):
+            if not find(s.outer).pinned:
+                walk(s.outer)
+            elif inners_widen_alike(s.inners):
+                for i in s.inners:
+                    walk(i)
+            else:
+                for i in s.inners:
+                    under(i)
+
+    for lays in pg.members.values():
+        for lay in lays:
+            walk(lay)
+    # grouped contractions over channels that are not a product of movable
+    # blocks (groups cut through a concatenation)
+    for c in pg.contractions.values():
+        if c.groups > 1:
+            lays = weight_layouts(pg, c)
+            out = find(lays[0]) if not isinstance(lays[0], Dep) else None
+            movable = out is not None and isinstance(out.structure, Product) and not find(out.structure.outer).pinned
+            if not movable and out is not None and out.size != c.groups:
+                for lay in lays[:2]:
+                    under(lay)
+    return frozen
+
+
+def normalized_roots(pg) -> set:
+    """Roots of the features a LayerNorm/RMSNorm normalises (a transformer's
+    residual stream)."""
+    from .rewrite import normalized_layouts
+
+    nodes = {n.name: n for n in pg.gm.graph.nodes}
+    out: set = set()
+    for name, norm in pg.normalizations.items():
+        for lay in normalized_layouts(pg, nodes[name], norm):
+            roots_within(lay, out)
+    return out
+
+
+def block_inner_roots(pg) -> set:
+    """Roots inside the blocks of a product whose blocks move whole (the
+    per-group channels of a grouped convolution): the rewrite widens such a
+    product block by block, so a root inside its blocks keeps its width even
+    where it also appears as an axis of its own (ResNeSt sums its radix
+    blocks into one axis and reads that axis with a dense layer)."""
+    inner: set = set()
+
+    def walk(x):
+        if isinstance(x, Dep):
+            for t in x.table:
+                walk(t)
+            return
+        s = find(x).structure
+        if isinstance(s, Concat):
+            for p in s.parts:
+                walk(p)
+        elif isinstance(s, Product):
+            if find(s.outer).pinned:
+                for i in s.inners:
+                    walk(i)
+            else:
+                walk(s.outer)
+                for i in s.inners:
+                    roots_within(i, inner)
+
+    for lays in pg.members.values():
+        for lay in lays:
+            walk(lay)
+    return inner
+
+
+def merged_only_roots(pg, norm_policy: str) -> dict:
+    """Roots that must stay fully merged, each with the reason: blocks that
+    cannot move (a grouped op over a concatenation), channels inside blocks
+    that widen whole, features a normalisation reads across the whole axis
+    (all of them under ``norm_policy="merged"``, those the rewrite cannot
+    split otherwise), and features an op combines (``Mixing``: reductions,
+    softmax, normalize over channels). Each root maps to the list of its
+    reasons."""
+    from fxmerge.analysis.channels import op_kind
+    from .rewrite import normalized_layouts, splittable
+
+    why: dict = {}
+
+    def keep(lay, reason):
+        for u in roots_within(lay, set()):
+            if reason not in why.setdefault(u, []):
+                why[u].append(reason)
+
+    for u in frozen_roots(pg):
+        why.setdefault(u, []).append("a grouped op over a concatenation keeps its blocks")
+    for u in block_inner_roots(pg):
+        why.setdefault(u, []).append("blocks (convolution groups, heads) widen whole, never within one")
+    nodes = {n.name: n for n in pg.gm.graph.nodes}
+    for name, norm in pg.normalizations.items():
+        node = nodes[name]
+        if norm_policy == "merged" or not splittable(pg.gm, node, norm):
+            module = pg.gm.get_submodule(node.target) if node.op == "call_module" else None
+            reason = (f"{op_kind(node, module)} normalises them"
+                      + (" (norm_policy='merged')" if norm_policy == "merged" else " and cannot be split per model"))
+            for lay in normalized_layouts(pg, node, norm):
+                keep(lay, reason)
+    for m in pg.mixings:
+        for lay in m.lays:
+            keep(lay, f"{m.kind} combines them")
+    return why
+
+
+def _batch_size(pg) -> int:
+    for n in pg.gm.graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta.get("fxm_value")
+            if hasattr(v, "shape") and len(v.shape) > 0:
+                return int(v.shape[0])
+    return 1
+
+
+@dataclass
+class Plan:
+    """Per root: how many pairs merge and which (``masks``), with the cost."""
+
+    k: dict
+    masks: dict
+    target: float
+    achieved: float
+    source_cost: float
+    feasible: tuple  # (min, max) relative cost
+    resolution: float = 0.0  # relative cost of the smallest step next to the target
+
+    @property
+    def ratio(self) -> float:
+        return self.achieved / self.source_cost if self.source_cost else 1.0
+
+
+def reach(model: CostModel) -> dict:
+    """Per root: how many layers read it (inputs of contractions and of
+    activation products), at least 1. A residual stream feeds every block;
+    a hidden width one layer."""
+    count: dict = {u: 0 for u in model.uids}
+    for layer in model.layers:
+        for u in layer.in_form[1]:
+            count[u] += 1
+    for p in model.products:
+        for _, form in p.dims:
+            for u in form[1]:
+                count[u] += 1
+    return {u: max(c, 1) for u, c in count.items()}
+
+
+def plan_budget(model: CostModel, sims: dict, budget: float, *, fixed: dict | None = None, chunks: int = 32,
+                score: str = "pairs", first: set = frozenset()) -> Plan:
+    """Choose ``k`` per root so the model costs ``budget`` x model A.
+
+    ``sims[uid]`` holds the similarity of every matched pair (per A unit);
+    ``fixed[uid]`` forces a root's ``k`` (pinned output roots, inner roots).
+    ``score``: what un-merging a pair repairs: ``"pairs"`` counts its
+    disagreement ``1 - similarity`` once, ``"reach"`` once per layer that
+    reads the root (``reach``), so wide-reaching roots (residual streams)
+    are un-merged earlier; ``"residual"`` un-merges the roots in ``first``
+    (the residual streams) before any other.
+    """
+    if not 1.0 <= budget <= 2.0:
+        raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
+    fixed = dict(fixed or {})
+    k = model.k_full()
+    for i, u in enumerate(model.uids):
+        if u in fixed:
+            k[i] = fixed[u]
+    free = [i for i, u in enumerate(model.uids) if u not in fixed]
+    src = model.source_cost()
+    target = budget * src
+    k_max = k.copy()
+    k_max[free] = 0
+    lo, hi = model.cost(k), model.cost(k_max)
+    weight = reach(model) if score == "reach" else {}
+    if score == "residual":
+        weight = {u: 1e6 for u in first}
+    # order of un-merging inside each root: least similar pairs first
+    order = {}
+    for i in free:
+        u = model.uids[i]
+        s = np.asarray(sims.get(u, np.zeros(model.sizes[i])), dtype=np.float64)
+        order[i] = (np.argsort(s, kind="stable"), s)  # ascending similarity
+    cost = lo
+    resolution = 0.0
+    if target >= hi * (1 - 1e-9):
+        k, cost = k_max, hi  # nothing merges: the ensemble
+    elif target > cost:
+        while True:
+            best, best_ratio = None, -np.inf
+            for i in free:
+                if k[i] == 0:
+                    continue
+                n = int(model.sizes[i])
+                step = min(int(k[i]), max(1, -(-n // chunks)))
+                idx, s = order[i]
+                removed = n - k[i]
+                gain = (float(np.sum(1.0 - s[idx[removed:removed + step]])) + 1e-9 * step) * weight.get(model.uids[i], 1)
+                k2 = k.copy()
+                k2[i] -= step
+                dc = model.cost(k2) - cost
+                ratio = gain / dc if dc > 0 else np.inf
+                if ratio > best_ratio:
+                    best, best_ratio, best_step, best_cost = i, ratio, step, cost + dc
+            if best is None:
+                break
+            if best_cost >= target:
+                # bisection on the slice size to land on the target
+                lo_s, hi_s = 0, best_step
+                while hi_s - lo_s > 1:
+                    mid = (lo_s + hi_s) // 2
+                    k2 = k.copy()
+                    k2[best] -= mid
+                    if model.cost(k2) >= target:
+                        hi_s = mid
+                    else:
+                        lo_s = mid
+                k_lo, k_hi = k.copy(), k.copy()
+                k_lo[best] -= lo_s
+                k_hi[best] -= hi_s
+                c_lo, c_hi = model.cost(k_lo), model.cost(k_hi)
+                k, cost = (k_lo, c_lo) if abs(c_lo - target) <= abs(c_hi - target) else (k_hi, c_hi)
+                resolution = (c_hi - c_lo) / src if src else 0.0
+                break
+            k[best] -= best_step
+            cost = best_cost
+    kd = {u: int(v) for u, v in zip(model.uids, k)}
+    masks = {}
+    for i, u in enumerate(model.uids):
+        n = int(model.sizes[i])
+        if kd[u] >= n:
+            continue
+        if i in order:
+            idx, _ = order[i]
+            keep = idx[n - kd[u]:]  # the most similar pairs stay merged
+        else:
+            keep = np.arange(kd[u])
+        m = np.zeros(n, dtype=bool)
+        m[keep] = True
+        masks[u] = m
+    return Plan(kd, masks, target, cost, src, (lo / src if src else 1.0, hi / src if src else 1.0), resolution)
