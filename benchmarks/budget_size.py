@@ -35,8 +35,8 @@ import common  # noqa: E402
 from common import log  # noqa: E402
 
 import fxmerge  # noqa: E402
-from fxmerge.merging.plan import CostModel  # noqa: E402
-from fxmerge.api import measure_macs  # noqa: E402
+from fxmerge.merging.cost import CostModel  # noqa: E402
+from fxmerge.merging.cost import measure_macs  # noqa: E402
 
 CALIB_SIZE = 32  # the suite's digits
 

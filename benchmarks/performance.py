@@ -72,7 +72,7 @@ def batches(n, size, batch=32, seed=0):
 def block_mask(sysm, W0, has_bias):
     """1 where a row may read a column (its row block's columns), else 0."""
     from fxmerge.fit.lstsq import weight_columns
-    from fxmerge.runtime.tensors import row_blocks
+    from fxmerge.merging.widening import row_blocks
 
     mask = torch.ones_like(W0)
     if sysm.groups == 1:

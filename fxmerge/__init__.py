@@ -9,13 +9,13 @@ from fxmerge.errors import BudgetError, BudgetWarning, FxmergeError, FxmergeWarn
 _LAZY = {
     "trace": "analysis.tracing", "analyze": "analysis.channels", "PermutationGroups": "analysis.groups",
     "Group": "analysis.groups", "verify": "analysis.verification", "VerifyReport": "analysis.verification",
-    "merge": "api", "MergeResult": "api", "MergePlan": "api", "METHODS": "constants", "save": "io", "load": "io",
+    "merge": "api", "MergeResult": "api", "MergePlan": "api", "METHODS": "methods", "Method": "methods", "register_method": "methods", "save": "io", "load": "io",
     "apply_permutations": "analysis.apply", "apply_to_model": "analysis.apply",
 }
 
 __all__ = [
     "trace", "TraceError", "analyze", "PermutationGroups", "Group", "verify", "VerifyReport",
-    "merge", "MergeResult", "MergePlan", "METHODS", "save", "load", "apply_permutations", "apply_to_model",
+    "merge", "MergeResult", "MergePlan", "METHODS", "Method", "register_method", "save", "load", "apply_permutations", "apply_to_model",
     "FxmergeError", "InputError", "RewriteError", "BudgetError", "FxmergeWarning", "BudgetWarning", "MemoryWarning",
     "__version__",
 ]

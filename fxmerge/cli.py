@@ -12,6 +12,7 @@ import warnings
 from fxmerge import constants as C
 from fxmerge.runtime.memory import keep_freed_memory
 from fxmerge.errors import FxmergeError, FxmergeWarning
+from fxmerge.methods import METHODS, method_names
 
 EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--calib", type=int, default=512, help="number of calibration images (default 512)")
     m.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
     m.add_argument("--budget", type=float, default=1.0, help="cost of the merged model, x one source model, in [1, 2]")
-    m.add_argument("--method", default=C.DEFAULT_METHOD, choices=C.METHODS, help=f"merging method (default {C.DEFAULT_METHOD})")
+    m.add_argument("--method", default=C.DEFAULT_METHOD, choices=method_names(),
+                   help=f"merging method (default {C.DEFAULT_METHOD}): " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     m.add_argument("--norm-policy", default=C.DEFAULT_NORM_POLICY, choices=C.NORM_POLICIES,
                    help="features a LayerNorm normalises: split (widen them, per-model statistics) or merged (keep them "
                    f"merged) (default {C.DEFAULT_NORM_POLICY})")
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bn-stats", default=None, choices=C.BN_STATS,
                    help="BatchNorm statistics of the merged model: sweep (re-estimated on its own activations while "
                    "the layers are fitted), reset (once, after fitting) or source (the sources' own) (default: "
-                   f"{C.BN_STATS_OF['pleas']} for pleas, reset for the baselines)")
+                   + ", ".join(f"{m.bn_stats} for {m.name}" for m in METHODS.values() if m.bn_stats) + ")")
     m.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP + " (same as --bn-stats source)")
     m.add_argument("--planner", default=C.DEFAULT_PLANNER, choices=C.PLANNER_SCORES,
                    help="what the budget planner counts when it un-merges a pair: its disagreement (pairs), that "
@@ -275,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budgets", default="1,1.2,1.5,2", help="comma-separated budgets (default 1,1.2,1.5,2)")
     d.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
     d.add_argument("--data", default="digits", choices=("digits", "generic"), help="calibration source")
-    d.add_argument("--methods", default=",".join(C.METHODS), help="comma-separated methods (default: all)")
+    d.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods (default: all)")
     d.add_argument("--norm-policy", default=C.DEFAULT_NORM_POLICY, choices=C.NORM_POLICIES,
                    help=f"LayerNorm policy for ViTs (default {C.DEFAULT_NORM_POLICY})")
     d.add_argument("--keep-bn-stats", action="store_true", help=KEEP_BN_STATS_HELP)

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 VERSION = "0.3.0"
 
-# merging methods, in the order tables list them
-METHODS = ("pleas", "perm", "zipit", "rebasin", "regmean", "avg", "ensemble")
-BUDGETED_METHODS = ("pleas", "perm", "zipit")  # cost follows the budget
-FIXED_BUDGET = {"rebasin": 1.0, "regmean": 1.0, "avg": 1.0, "ensemble": 2.0}
-
 LABELS = ("shared", "disjoint")
 MATCHINGS = ("activation", "weight")
 # features a LayerNorm normalises: widen them with per-model statistics, or keep them merged
@@ -31,16 +26,16 @@ BN_STATS = ("sweep", "reset", "source")
 PLANNER_SCORES = ("auto", "pairs", "reach", "residual")
 # storage of the least-squares frontier between sweep steps
 FRONTIER_DTYPES = ("float32", "bfloat16", "float16")
+# the sweep keeps the values later layers read (a frontier), or re-runs every wave from the input
+SCHEDULES = ("frontier", "recompute")
+# ZipIt!: heads and convolution groups aligned as units before zipping, or averaged index by index
+ZIP_HEADS = ("align", "average")
 
 DEFAULT_METHOD = "pleas"
 DEFAULT_RIDGE = 1e-2
 DEFAULT_POSITIONS = 64
 DEFAULT_NORM_POLICY = "split"
 DEFAULT_LS_INPUTS = "merged"
-DEFAULT_BN_STATS = "source"  # PLeaS's, chosen on the validation split (docs/bn-stats.md)
-# the baselines recompute BatchNorm statistics after merging, as their papers do (REPAIR's reset)
-BN_STATS_OF = {"pleas": DEFAULT_BN_STATS, "perm": "reset", "zipit": "reset", "rebasin": "reset", "regmean": "reset",
-               "avg": "reset", "ensemble": "source"}
 DEFAULT_PLANNER = "auto"  # chosen on the validation split (docs/planner.md)
 DEFAULT_LS_TARGETS = "normalized"  # chosen on the validation split (docs/ls-targets.md)
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts

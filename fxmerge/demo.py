@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxmerge.constants import BUDGETED_METHODS, DEMO_ARCHS, FIXED_BUDGET, METHODS
+from fxmerge.constants import DEMO_ARCHS
+from fxmerge.methods import METHODS
 from fxmerge.runtime.data import Split, augment, digit_task, digits, generic
 
 TASK_A, TASK_B = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -159,14 +160,15 @@ def calibration(source: str = "digits", n: int = 512, seed: int = 0) -> list:
     raise ValueError(f"unknown calibration source '{source}'")
 
 
-def default_runs(budgets: Sequence[float], methods: Sequence[str] = METHODS) -> list:
+def default_runs(budgets: Sequence[float], methods: Optional[Sequence[str]] = None) -> list:
     """(method, budget) rows: budgeted methods at every budget, the others at
     their only cost."""
+    methods = tuple(METHODS) if methods is None else methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
-    runs = [(m, b) for m in methods if m in BUDGETED_METHODS for b in budgets]
-    return runs + [(m, FIXED_BUDGET[m]) for m in methods if m in FIXED_BUDGET]
+    runs = [(m, b) for m in methods if METHODS[m].budgeted for b in budgets]
+    return runs + [(m, METHODS[m].fixed_budget) for m in methods if not METHODS[m].budgeted]
 
 
 def run_demo(arch: str = "resnet", *, budgets: Sequence[float] = DEFAULT_BUDGETS, device="cpu", calib: int = 512,

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge.api import REGMEAN_ALPHA
+from fxmerge.fit.passes import REGMEAN_ALPHA
 from fxmerge.merging.zipit import merge_matrices, zip_pairs
 from test_merge import CNN_KINDS, X, calib, net, permuted_copy, with_bn_stats_from
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import fxmerge
 from fxmerge.fit import lstsq
 from fxmerge.fit.lstsq import cholesky_in_place, sample_rows, solve_block
+from fxmerge.runtime import tensors
 from fxmerge.runtime.tensors import rows
 from fxmerge.fit.batchnorm import reset_batch_norm
 from nets import build
@@ -87,7 +88,7 @@ def test_the_budget_is_counted_at_the_example_inputs_size():
     # the classifier after the pooling costs the same at every size, the
     # convolutions grow with the image: a budget counted on large example
     # inputs is met there (calibration stays small), and is another plan
-    from fxmerge.api import measure_macs
+    from fxmerge.merging.cost import measure_macs
 
     spec = [("widen", 8), ("residual", 1)]
     a, b = net(spec, 3, stem=4), net(spec, 11, stem=4)
@@ -184,7 +185,7 @@ def test_cholesky_in_place_factors_in_the_matrix_own_memory(dtype):
 def test_gram_accumulation_and_mirroring_give_x_transpose_x():
     # block-upper accumulation over batches plus the in-place mirror is X^T X,
     # whatever was below the diagonal, across several column blocks
-    from fxmerge.fit.lstsq import GRAM_BLOCK, add_gram_upper, symmetric
+    from fxmerge.runtime.tensors import GRAM_BLOCK, add_gram_upper, symmetric
 
     g = torch.Generator().manual_seed(0)
     d = 2 * GRAM_BLOCK + 37
@@ -234,7 +235,7 @@ def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch
         sysm = lstsq.LayerSystem("fc", "fc.weight", "fc.bias", 1, w_in, w_out, w_in, w_out)
         for X, Y in batches:
             lstsq.accumulate(sysm, X, Y)
-        sysm.gram = lstsq.symmetric(sysm.gram)
+        sysm.gram = tensors.symmetric(sysm.gram)
         return sysm, lstsq.solve_layer(sysm, weight, bias, 1e-3)
 
     skipped, (w_skip, b_skip) = fit()

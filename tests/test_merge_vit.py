@@ -170,7 +170,7 @@ def test_least_squares_fits_the_packed_projections_inside_multihead_attention(ls
 @pytest.mark.parametrize("fused", [True, False])
 def test_attention_products_enter_the_cost_model_and_measured_cost_equals_the_plan(fused):
     """256 tokens of width 12: q k^T and attn v are over half the MACs."""
-    from fxmerge.merging.plan import CostModel
+    from fxmerge.merging.cost import CostModel
 
     def tokens_heavy(seed):
         torch.manual_seed(seed)
@@ -185,7 +185,7 @@ def test_attention_products_enter_the_cost_model_and_measured_cost_equals_the_pl
     cm = CostModel.from_groups(fxmerge.analyze(a, x))
     attention = sum(p.scale * np.prod([d for d, _ in p.dims]) for p in cm.products)
     assert attention > 0.5 * cm.source_cost()
-    assert cm.source_cost() == pytest.approx(fxmerge.api.measure_macs(a, (x[:1],)), rel=1e-9)
+    assert cm.source_cost() == pytest.approx(fxmerge.merging.cost.measure_macs(a, (x[:1],)), rel=1e-9)
     data = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     for budget in (1.3, 2.0):
         r = fxmerge.merge(a, b, data, budget=budget, method="perm").report

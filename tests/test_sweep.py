@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge.fit.sweep import FrontierStore, parse_memory
+from fxmerge.fit.sweep import FrontierStore
+from fxmerge.runtime.memory import parse_memory
 from test_merge import CNN_KINDS, X, calib, net
 
 specs = st.lists(st.tuples(st.sampled_from(CNN_KINDS + ["layernorm", "attention", "mha"]), st.integers(0, 3)),

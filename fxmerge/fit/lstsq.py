@@ -41,8 +41,8 @@ from torch import fx
 from fxmerge.runtime.distributed import all_sum
 from fxmerge.runtime.runner import sample_positions
 from .sweep import A, B, M, Point
-from fxmerge.runtime.tensors import get_tensor, matmul, positions_view, row_blocks, rows
-from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M, Widening, widen_features
+from fxmerge.runtime.tensors import add_gram_upper, get_tensor, matmul, positions_view, rows, symmetric
+from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M, Widening, row_blocks, widen_features
 
 
 def supports(mod: nn.Module) -> bool:
@@ -252,48 +252,6 @@ def sampled_patches(x: torch.Tensor, kernel_size, stride, padding, dilation, idx
 def output_view(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """A layer's output as ``(batch, positions, channels)``."""
     return positions_view(y, 1 if isinstance(mod, nn.modules.conv._ConvNd) else y.ndim - 1)
-
-
-# columns per block of ``add_gram_upper``: wide enough for an efficient
-# matrix product, narrow enough that the skipped lower blocks save most of
-# the work below the diagonal
-GRAM_BLOCK = 512
-
-
-def add_gram_upper(acc: torch.Tensor, X: torch.Tensor, skip: tuple | None = None) -> torch.Tensor:
-    """Adds the upper block triangle of ``X^T X`` (``X``: samples x d) to
-    the float64 sum ``acc`` (d x d) and returns it: each block of
-    ``GRAM_BLOCK`` columns with the rows from the first to its last, one
-    float32 product (``matmul``) added in place, so about half the work of
-    the full product and no full-size temporary. Entries below the diagonal
-    blocks are left as they are; ``symmetric`` mirrors the upper triangle
-    once at the end. ``skip = (i, j)``: columns from ``j`` on start at row
-    ``i`` (the block nobody reads, see ``StatisticsLayout``). Not a BLAS
-    symmetric rank-k update: a second BLAS's worker threads spin on the
-    cores the next convolution needs (on two cores a 3x3 convolution ran at
-    half speed after each update)."""
-    d = X.shape[1]
-    rows_start, cols_from = skip if skip is not None else (0, d)
-    Xt = X.T.contiguous()  # each block's rows, contiguous
-    starts = sorted(set(range(0, d, GRAM_BLOCK)) | ({cols_from} if 0 < cols_from < d else set()))
-    for start, stop in zip(starts, starts[1:] + [d]):
-        first = rows_start if start >= cols_from else 0
-        acc[first:stop, start:stop].add_(matmul(Xt[first:stop], X[:, start:stop]))
-    return acc
-
-
-def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """Mirrors the upper triangle of ``upper`` onto its lower one, in place,
-    and returns it (what was below the diagonal is ignored). Block by block,
-    so no full-size temporary: a fully widened layer's Gram matrix is
-    hundreds of megabytes, and two copies of it were the merge's peak."""
-    d = upper.shape[-1]
-    for start in range(0, d, GRAM_BLOCK):
-        stop = min(start + GRAM_BLOCK, d)
-        block = upper[..., start:stop, start:stop]
-        block.copy_(torch.triu(block) + torch.triu(block, 1).transpose(-1, -2))
-        upper[..., stop:, start:stop] = upper[..., start:stop, stop:].transpose(-1, -2)
-    return upper
 
 
 class LeastSquaresPoint(Point):

@@ -89,43 +89,6 @@ def wave_bytes(points: list) -> int:
     return sum(p.nbytes() for p in points) + max((p.solve_nbytes() for p in points), default=0)
 
 
-def parse_memory(value) -> Optional[int]:
-    """``max_memory`` as bytes: an int, or a string such as ``"2G"``,
-    ``"512M"``, ``"1.5GB"``; None keeps the default."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"max_memory must be positive, got {value}")
-        return int(value)
-    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    scale = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
-    try:
-        n = float(number) * scale
-    except ValueError:
-        raise ValueError(f"max_memory must be bytes or a size such as 2G or 512M, got {value!r}") from None
-    if n <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
-    return int(n)
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 8 << 30
-
-
 def _nbytes(value) -> int:
     leaves, _ = pytree.tree_flatten(value)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))

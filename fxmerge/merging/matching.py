@@ -675,9 +675,3 @@ def _without(perms: dict, r: Dim) -> dict:
 
 def activation_matching(collector: ActivationCollector, exclude: Iterable = ()) -> Matching:
     return solve(collector.similarities(), collector.keys, exclude=set(exclude))
-
-
-def check_finite_state(state: dict, which: str) -> None:
-    for name, t in state.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"model {which} has non-finite values in '{name}': repair or retrain the checkpoint")

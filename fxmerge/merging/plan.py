@@ -1,23 +1,4 @@
-"""The partial-matching budget planner.
-
-Cost model. A dense contraction (convolution or linear layer with one group)
-whose output axis merges ``K_o`` of ``D_o`` channels and whose input axis
-merges ``K_i`` of ``D_i`` costs, per output position and kernel tap,
-
-    K_o (2 D_i - K_i)  +  2 (D_o - K_o) D_i  =  2 D_o D_i - K_o K_i
-
-multiply-accumulates: merged rows read every input column, A-only rows read A's
-and the merged columns, B-only rows B's and the merged ones (the two
-structurally-zero blocks are never computed). A grouped convolution costs its
-widened output width times its per-group input width. ``K`` of a layout is
-linear in the per-root merge counts ``k``, so the whole model's cost is a
-bilinear function of ``k``: exact, cheap to evaluate, and equal to what the
-emitted graph computes.
-
-Products of two activations (attention scores and the weighted sum of
-values) have no weight but cost the product of the widths of the axes they
-span, ``prod_i (2 D_i - K_i)``; with heads as the only widening axis this is
-linear in ``k`` too.
+"""The partial-matching budget planner (the cost it plans with: ``cost``).
 
 Planning. Start fully merged (cost 1x) and un-merge, a slice of pairs at a
 time, the least similar remaining pairs of the root with the best ratio of
@@ -27,160 +8,14 @@ target to within one pair.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from fxmerge.analysis.ir import Concat, Dep, Product, find
-from fxmerge.analysis.rules.registry import weight_layouts, weight_shape
 from fxmerge.errors import InputError
-
-
-def linear_form(lay, sizes: dict | None = None) -> tuple:
-    """``K(lay) = const + sum coef[uid] * k[uid]``: merged channels of a layout.
-    ``sizes``, when given, receives each variable root's size (k's upper bound)."""
-    const, coef = 0, {}
-    sizes = {} if sizes is None else sizes
-
-    def walk(x):
-        nonlocal const
-        if isinstance(x, Dep):
-            const += x.size
-            return
-        r = find(x)
-        s = r.structure
-        if r.pinned:
-            const += r.size
-        elif s is None:
-            coef[r.uid] = coef.get(r.uid, 0) + 1
-            sizes[r.uid] = r.size
-        elif isinstance(s, Concat):
-            for p in s.parts:
-                walk(p)
-        elif isinstance(s, Product):
-            o = find(s.outer)
-            if o.pinned:
-                for i in s.inners:
-                    walk(i)
-            elif o.structure is not None:
-                # blocks indexed by a structured dim (a concat): each part's
-                # merged count, times the block width
-                c2, coef2 = linear_form(o, sizes)
-                const += c2 * s.inner_size
-                for u, c in coef2.items():
-                    coef[u] = coef.get(u, 0) + c * s.inner_size
-            else:
-                coef[o.uid] = coef.get(o.uid, 0) + s.inner_size
-                sizes[o.uid] = o.size
-
-    walk(lay)
-    return const, coef
-
-
-@dataclass
-class LayerCost:
-    node: str
-    scale: float  # positions x kernel taps (per example)
-    d_out: int
-    d_in: int
-    out_form: tuple
-    in_form: tuple
-    grouped: bool
-    per_group_in: int
-
-
-@dataclass
-class ProductCost:
-    """An activation product: ``scale * prod_i (2 D_i - K_i)`` (each axis
-    widens to its A-only, merged and B-only channels)."""
-
-    node: str
-    scale: float  # 1 / batch: the batch axis is one of the factors
-    dims: list  # (D_i, linear form of K_i)
-
-
-@dataclass
-class CostModel:
-    layers: list
-    uids: list  # column order of k
-    sizes: np.ndarray
-    products: list = field(default_factory=list)
-    # the cost of what the model cannot see into or widen (opaque modules,
-    # ops on pinned axes): the same in the source and the merged model
-    constant: float = 0.0
-
-    @classmethod
-    def from_groups(cls, pg, source_macs: float | None = None) -> "CostModel":
-        """The cost model of ``pg``'s graph at its traced shapes;
-        ``source_macs`` (the measured multiply-accumulates of the source
-        model) makes what the model does not cover its ``constant``."""
-        nodes = {n.name: n for n in pg.gm.graph.nodes}
-        batch = _batch_size(pg)
-        layers, uids, sizes = [], {}, {}
-        for c in pg.contractions.values():
-            lays = weight_layouts(pg, c)
-            shape = weight_shape(pg, c)
-            out_axis = 1 if c.weight_in_axis == 0 else 0
-            meta = nodes[c.node].meta.get("fxm_value")
-            if isinstance(meta, (list, tuple)) and meta:
-                meta = meta[0]  # (output, attention weights)
-            if meta is None or not hasattr(meta, "shape"):
-                continue
-            out_ch = meta.shape[c.output_axis]
-            positions = int(np.prod(meta.shape)) / max(1, batch * out_ch)
-            taps = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-            if c.weight_in_axis == 0 and len(shape) > 2:
-                # a transposed convolution: every input position meets every tap once
-                x = nodes[c.node].args[0].meta.get("fxm_value")
-                positions = int(np.prod(x.shape)) / max(1, batch * x.shape[c.input_axis])
-            out_lay, in_lay = lays[out_axis], lays[c.weight_in_axis]
-            of, inf = linear_form(out_lay, sizes), linear_form(in_lay, sizes)
-            for form in (of, inf):
-                for uid in form[1]:
-                    uids.setdefault(uid, len(uids))
-            d_out = shape[out_axis] * (c.groups if c.weight_in_axis == 0 else 1)
-            layers.append(LayerCost(c.node, positions * taps, d_out, shape[c.weight_in_axis], of, inf,
-                                    c.groups > 1, shape[c.weight_in_axis]))
-        products = []
-        for p in pg.activation_products.values():
-            dims = [(d, linear_form(lay, sizes)) for lay, d in zip(p.lays, p.sizes)]
-            for _, form in dims:
-                for uid in form[1]:
-                    uids.setdefault(uid, len(uids))
-            products.append(ProductCost(p.node, 1.0 / max(1, batch), dims))
-        order = sorted(uids, key=uids.get)
-        model = cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64), products)
-        if source_macs is not None:
-            model.constant = max(0.0, source_macs - model.modelled_source_cost())
-        return model
-
-    def k_full(self) -> np.ndarray:
-        return self.sizes.copy()
-
-    def _K(self, form, k: dict) -> float:
-        const, coef = form
-        return const + sum(c * k[u] for u, c in coef.items())
-
-    def cost(self, k: np.ndarray) -> float:
-        kd = dict(zip(self.uids, k.tolist()))
-        total = 0.0
-        for l in self.layers:
-            ko = self._K(l.out_form, kd)
-            if l.grouped:
-                total += l.scale * l.per_group_in * (2 * l.d_out - ko)
-            else:
-                ki = self._K(l.in_form, kd)
-                total += l.scale * (2 * l.d_out * l.d_in - ko * ki)
-        for p in self.products:
-            total += p.scale * float(np.prod([2 * d - self._K(form, kd) for d, form in p.dims]))
-        return total + self.constant
-
-    def modelled_source_cost(self) -> float:
-        return (sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
-                + sum(p.scale * float(np.prod([d for d, _ in p.dims])) for p in self.products))
-
-    def source_cost(self) -> float:
-        return self.modelled_source_cost() + self.constant
+from fxmerge.analysis.rules.registry import weight_layouts
+from fxmerge.merging.cost import CostModel
 
 
 def roots_within(lay, into: set) -> set:
@@ -346,15 +181,6 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
         for lay in m.lays:
             keep(lay, f"{m.kind} combines them")
     return why
-
-
-def _batch_size(pg) -> int:
-    for n in pg.gm.graph.nodes:
-        if n.op == "placeholder":
-            v = n.meta.get("fxm_value")
-            if hasattr(v, "shape") and len(v.shape) > 0:
-                return int(v.shape[0])
-    return 1
 
 
 @dataclass

@@ -36,8 +36,8 @@ from fxmerge.analysis.ir import layout_size
 from .layers import PartialConv, PartialFunctional, PartialLinear, SplitLayerNorm
 from fxmerge.analysis.rules.registry import RESIZE, tensors_in, weight_layouts
 from fxmerge.analysis.tracing import TensorInfo, ValueProp
-from fxmerge.runtime.tensors import replace_module, row_blocks, set_tensor, split_name
-from .widening import LayoutWidener, widen_tensor
+from fxmerge.runtime.tensors import replace_module, set_tensor, split_name
+from .widening import LayoutWidener, row_blocks, widen_tensor
 
 
 def in_axes_of(pg) -> dict:

@@ -187,3 +187,20 @@ def widen_features(xa: torch.Tensor, xb: torch.Tensor, axis: int, w: Widening) -
     ca = _axis_mask(np.where(w.role == ROLE_M, 0.5, (w.role == ROLE_A).astype(np.float64)), xa.ndim, axis, xa.device)
     cb = _axis_mask(np.where(w.role == ROLE_M, 0.5, (w.role == ROLE_B).astype(np.float64)), xa.ndim, axis, xa.device)
     return ca.to(xa.dtype) * ga + cb.to(xa.dtype) * gb
+
+
+def row_blocks(w_out, w_in) -> list:
+    """Row classes of a widened dense contraction, as ``(input columns,
+    output rows)`` pairs: A-only rows read A's and the merged columns,
+    merged rows every column, B-only rows B's and the merged ones."""
+    blocks = []
+    for bit in (ROLE_A, None, ROLE_B):
+        if bit is None:
+            out_rows = np.flatnonzero(w_out.role == ROLE_M)
+            cols = np.arange(w_in.size)
+        else:
+            out_rows = np.flatnonzero(w_out.role == bit)
+            cols = np.flatnonzero(w_in.reads(bit))
+        if len(out_rows):
+            blocks.append((cols, out_rows))
+    return blocks

@@ -35,7 +35,7 @@ import torch
 from scipy.linalg import block_diag
 
 from fxmerge.analysis.ir import Concat, Dep, Product, find, is_pinned
-from fxmerge.fit.lstsq import add_gram_upper, symmetric
+from fxmerge.runtime.tensors import add_gram_upper, symmetric
 from .matching import ActivationCollector, correlation_from_moments
 from fxmerge.analysis.rules.registry import tensors_in
 from fxmerge.analysis.tracing import TensorInfo
@@ -246,37 +246,6 @@ def zipped_atoms(sims: dict, keys: dict, exclude: set) -> dict:
 
 # ----------------------------------------------------------------------------
 # partial zipping: everything after the cut separate
-
-
-def node_costs(gm: torch.fx.GraphModule, example) -> dict:
-    """Multiply-accumulates per example of every node of a graph (counted on
-    the real ops, opaque modules included)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fxmerge.api import _EXTRA_FLOP_FORMULAS
-    from fxmerge.runtime.inputs import as_inputs
-
-    inputs = as_inputs(example)
-    batch = max(1, inputs.batch_size)
-    costs: dict = {}
-
-    class Counter(torch.fx.Interpreter):
-        def run_node(self, n):
-            counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-            with counter:
-                out = super().run_node(n)
-            costs[n.name] = counter.get_total_flops() / 2 / batch
-            return out
-
-    mha = torch.backends.mha
-    fast = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            Counter(gm).run(*inputs.for_placeholders(gm))
-    finally:
-        mha.set_fastpath_enabled(fast)
-    return costs
 
 
 def crossing_values(nodes: list, cut: int) -> list:

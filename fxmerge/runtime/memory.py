@@ -1,4 +1,5 @@
-"""The C allocator setting the command line runs under.
+"""Memory: the merge's memory budget (``parse_memory``, ``available_memory``)
+and the C allocator setting the command line runs under.
 
 glibc hands every block above its mmap threshold (at most 32 MB) back to the
 operating system when it is freed and maps it afresh on the next
@@ -29,6 +30,7 @@ import ctypes.util
 import functools
 import os
 import sys
+from typing import Optional
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -61,3 +63,40 @@ def release_freed_memory() -> bool:
     again). Returns whether any memory was released."""
     trim = getattr(_libc(), "malloc_trim", None)
     return bool(trim(0)) if trim is not None else False
+
+
+def parse_memory(value) -> Optional[int]:
+    """``max_memory`` as bytes: an int, or a string such as ``"2G"``,
+    ``"512M"``, ``"1.5GB"``; None keeps the default."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"max_memory must be positive, got {value}")
+        return int(value)
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        n = float(number) * scale
+    except ValueError:
+        raise ValueError(f"max_memory must be bytes or a size such as 2G or 512M, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return int(n)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30

@@ -7,12 +7,10 @@ widened contraction, and the matrix product the statistics are made of.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M
 
 
 # below this many multiply-adds a product goes to torch.mm: oneDNN's set-up
@@ -105,18 +103,43 @@ def rows(x: torch.Tensor, idx) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def row_blocks(w_out, w_in) -> list:
-    """Row classes of a widened dense contraction, as ``(input columns,
-    output rows)`` pairs: A-only rows read A's and the merged columns,
-    merged rows every column, B-only rows B's and the merged ones."""
-    blocks = []
-    for bit in (ROLE_A, None, ROLE_B):
-        if bit is None:
-            out_rows = np.flatnonzero(w_out.role == ROLE_M)
-            cols = np.arange(w_in.size)
-        else:
-            out_rows = np.flatnonzero(w_out.role == bit)
-            cols = np.flatnonzero(w_in.reads(bit))
-        if len(out_rows):
-            blocks.append((cols, out_rows))
-    return blocks
+# columns per block of ``add_gram_upper``: wide enough for an efficient
+# matrix product, narrow enough that the skipped lower blocks save most of
+# the work below the diagonal
+GRAM_BLOCK = 512
+
+
+def add_gram_upper(acc: torch.Tensor, X: torch.Tensor, skip: tuple | None = None) -> torch.Tensor:
+    """Adds the upper block triangle of ``X^T X`` (``X``: samples x d) to
+    the float64 sum ``acc`` (d x d) and returns it: each block of
+    ``GRAM_BLOCK`` columns with the rows from the first to its last, one
+    float32 product (``matmul``) added in place, so about half the work of
+    the full product and no full-size temporary. Entries below the diagonal
+    blocks are left as they are; ``symmetric`` mirrors the upper triangle
+    once at the end. ``skip = (i, j)``: columns from ``j`` on start at row
+    ``i`` (the block nobody reads, see ``StatisticsLayout``). Not a BLAS
+    symmetric rank-k update: a second BLAS's worker threads spin on the
+    cores the next convolution needs (on two cores a 3x3 convolution ran at
+    half speed after each update)."""
+    d = X.shape[1]
+    rows_start, cols_from = skip if skip is not None else (0, d)
+    Xt = X.T.contiguous()  # each block's rows, contiguous
+    starts = sorted(set(range(0, d, GRAM_BLOCK)) | ({cols_from} if 0 < cols_from < d else set()))
+    for start, stop in zip(starts, starts[1:] + [d]):
+        first = rows_start if start >= cols_from else 0
+        acc[first:stop, start:stop].add_(matmul(Xt[first:stop], X[:, start:stop]))
+    return acc
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """Mirrors the upper triangle of ``upper`` onto its lower one, in place,
+    and returns it (what was below the diagonal is ignored). Block by block,
+    so no full-size temporary: a fully widened layer's Gram matrix is
+    hundreds of megabytes, and two copies of it were the merge's peak."""
+    d = upper.shape[-1]
+    for start in range(0, d, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, d)
+        block = upper[..., start:stop, start:stop]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).transpose(-1, -2))
+        upper[..., stop:, start:stop] = upper[..., start:stop, stop:].transpose(-1, -2)
+    return upper

@@ -1,0 +1,193 @@
+"""The merging stage's passes: analysis, matching, alignment, planning,
+widening and the row-block split, each a function of the ``MergeState``.
+
+    analyze     trace + ChannelAnalysis              -> PermutationGroups, A's and B's GraphModules
+    match       A and B in lockstep (or weights)     -> Matching
+    align       permute B's weights                  -> B opposite A
+    plan        CostModel + plan_budget              -> Plan: merged pairs per root, for the budget
+    plan_full   every root merged (1x)               -> Plan
+    widen       WidenGraph                           -> the widened GraphModule (checked shapes)
+    row_blocks  split_contractions                   -> no structural zeros computed
+
+Every plan ends with ``check_budget``: what the plan cannot do is said.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+from fxmerge import constants as C
+from fxmerge.analysis.channels import analyze
+from fxmerge.analysis.permute import permute_tensor
+from fxmerge.analysis.tracing import trace
+from fxmerge.errors import BudgetError, BudgetWarning, InputError
+from fxmerge.runtime.runner import LockstepRunner
+from fxmerge.runtime.tensors import set_tensor, tensor_state
+
+from .cost import CostModel, measure_macs
+from .matching import ActivationCollector, activation_matching, weight_matching
+from .pipeline import MergeState, lockstep_pass, merge_pass
+from .plan import merged_only_roots, normalized_roots, plan_budget
+from .rewrite import WidenGraph, check_shapes, split_contractions
+from .widening import LayoutWidener
+
+
+@merge_pass("analyze", "analysis")
+def pass_analyze(st: MergeState) -> None:
+    """Trace model A, find its groups; B's weights go into A's graph."""
+    st.pg = analyze(st.model_a, st.example_inputs, per_model_output=st.opts.labels == "disjoint")
+    st.gm_a = st.pg.gm
+    st.gm_b = copy.deepcopy(st.gm_a)
+    state_b = dict(st.model_b.state_dict())
+    wanted = tensor_state(st.gm_b)
+    if any(k not in state_b for k in wanted):
+        # non-persistent buffers (some are computed by the forward, at the
+        # input's size) and tensors the tracer turned into graph constants:
+        # read B's own from a trace of a copy of B (the same graph, names)
+        state_b = {**tensor_state(trace(st.model_b, st.example_inputs, check=False).gm), **state_b}
+    missing = [k for k in wanted if k not in state_b]
+    if missing:
+        raise InputError(f"model B has no tensor for {missing[0]!r} of model A's graph: "
+                         "merge two models of the same architecture")
+    for k, v in wanted.items():
+        if tuple(state_b[k].shape) != tuple(v.shape):
+            raise InputError(f"{k!r} is {tuple(v.shape)} in model A but {tuple(state_b[k].shape)} in model B: "
+                             "merge two models of the same architecture")
+        set_tensor(st.gm_b, k, state_b[k].detach().clone())
+
+
+@merge_pass("match", "matching")
+def pass_match(st: MergeState) -> None:
+    """Which feature of B corresponds to which of A: activation matching
+    (one lockstep pass over the data) or Git Re-Basin's weight matching."""
+    o = st.opts
+    if o.matching == "weight":
+        st.match = weight_matching(st.pg, tensor_state(st.gm_a), tensor_state(st.gm_b), seed=o.seed, exclude=st.output_roots)
+        return
+    collector = ActivationCollector(st.pg, o.positions, o.seed, o.device, models=(st.gm_a, st.gm_b),
+                                    max_memory=o.max_memory)
+    lockstep_pass(LockstepRunner([st.gm_a, st.gm_b]), collector, st.batches(), o.progress, "matching")
+    collector.reduce()
+    st.match = activation_matching(collector, exclude=st.output_roots)
+
+
+@merge_pass("align", "matching")
+def pass_align(st: MergeState) -> None:
+    """Permute B's weights so its features sit opposite A's."""
+    align_weights(st)
+
+
+def align_weights(st: MergeState) -> None:
+    """B's weights permuted by the matching (``st.gm_b`` replaced)."""
+    sampler = st.match.sampler()
+    aligned = copy.deepcopy(st.gm_a)
+    for k, v in tensor_state(st.gm_b).items():
+        lays = st.pg.members.get(k)
+        set_tensor(aligned, k, permute_tensor(v, lays, sampler) if lays is not None else v)
+    st.gm_b = aligned
+
+
+def fixed_roots(st: MergeState, cost_model: CostModel) -> dict:
+    """Roots whose merged count the plan may not choose: each model's own
+    output (never merged), and roots that must stay merged (with the reason
+    in ``st.kept_merged``)."""
+    outputs = {u for u in st.output_roots if u in cost_model.uids}
+    fixed = {u: 0 for u in outputs}
+    st.kept_merged = {u: why for u, why in merged_only_roots(st.pg, st.opts.norm_policy).items()
+                      if u in cost_model.uids}
+    clash = [why[0] for u, why in st.kept_merged.items() if u in outputs]
+    if clash:
+        raise InputError(f"labels='disjoint' keeps each model's classes apart, but {clash[0]} across the classes "
+                         "(e.g. a softmax over the logits): merge with labels='shared' or remove it")
+    fixed.update({u: int(n) for u, n in zip(cost_model.uids, cost_model.sizes) if u in st.kept_merged})
+    return fixed
+
+
+def cost_model_of(st: MergeState) -> CostModel:
+    """The planner's cost model of model A, with the cost of what it cannot
+    widen (opaque modules) as a constant: the measured multiply-accumulates
+    of A minus the modelled ones."""
+    if st.macs_a is None:
+        st.macs_a = measure_macs(st.gm_a, st.example_inputs)
+    return CostModel.from_groups(st.pg, source_macs=st.macs_a)
+
+
+@merge_pass("plan", "plan")
+def pass_plan(st: MergeState) -> None:
+    """Partial merging: how many pairs of every root merge, for the budget."""
+    cost_model = cost_model_of(st)
+    residual = {r.uid for g in st.pg.all_groups if g.kind == "residual" for r in g.roots}
+    score = st.opts.planner
+    if score == "auto":  # residual streams first where a LayerNorm normalises them (transformers)
+        normalized = normalized_roots(st.pg)
+        residual &= normalized
+        score = "residual" if residual else "pairs"
+    st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=fixed_roots(st, cost_model),
+                          score=score, first=residual)
+    check_budget(st)
+
+
+@merge_pass("plan_full", "plan")
+def pass_plan_full(st: MergeState) -> None:
+    """Every root merged (1x): the methods without partial merging."""
+    full_plan(st)
+    check_budget(st)
+
+
+def full_plan(st: MergeState) -> None:
+    """``st.plan`` with every root merged but each model's own outputs."""
+    cost_model = cost_model_of(st)
+    fixed = fixed_roots(st, cost_model)
+    fixed.update({u: int(s) for u, s in zip(cost_model.uids, cost_model.sizes) if u not in fixed})
+    st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=fixed)
+
+
+@merge_pass("widen", "widen")
+def pass_widen(st: MergeState) -> None:
+    """Emit the widened GraphModule: ``[A-only | merged | B-only]`` per root."""
+    st.widener = LayoutWidener(st.plan.masks)
+    st.merged = WidenGraph(st.pg, st.widener).run(tensor_state(st.gm_a), tensor_state(st.gm_b))
+    check_shapes(st.merged, st.pg, st.widener, st.example_inputs)
+
+
+@merge_pass("row_blocks", "widen")
+def pass_row_blocks(st: MergeState) -> None:
+    """Widened convolutions and linears as row blocks (no structural zeros)."""
+    st.row_block_layers = split_contractions(st.merged, st.pg, st.widener)
+
+
+def check_budget(st: MergeState) -> None:
+    """No silent degradation: when the plan cannot reach the budget, or most
+    of the weights cannot be permuted, say so (a ``BudgetWarning``, a line
+    in ``report["warnings"]``) and name what blocks it; under ``strict``
+    raise ``BudgetError`` instead."""
+    o, plan = st.opts, st.plan
+    low, high = plan.feasible
+    tol = 1e-6  # the cost range is exact; a budget inside it is met to within one step
+    # (below the range only by what each model's own classifier costs: both label spaces are kept)
+    st.budget_reachable = o.budget <= high + tol
+    st.pinned_share = 1.0 - st.pg.covered_fraction()
+    blockers = [f"{p.kind} (pinned: {p.reason})" for p in st.pg.pinned]
+    blockers += [f"{kind} (pinned: {why})" for kind, why in st.pg.rule_pins.items()]
+    blockers += sorted({why for reasons in st.kept_merged.values() for why in reasons})
+    messages = []
+    if not st.budget_reachable:
+        listed = "; ".join(blockers[:4]) + (f" (+{len(blockers) - 4} more)" if len(blockers) > 4 else "")
+        messages.append(f"budget {o.budget:.2f}x is out of reach for this model: it can cost at most {high:.3f}x"
+                        + (f"; kept from widening by: {listed}" if blockers else ""))
+    if st.budget_reachable and o.budget >= 2.0 - tol and st.kept_merged and st.method.budgeted:
+        # the cost is reached (a merged row reading both models' inputs costs
+        # as much as two rows), but a 2x merge is promised to be the ensemble
+        st.budget_reachable = False
+        reasons = "; ".join(sorted({why for r in st.kept_merged.values() for why in r}))
+        messages.append(f"at {o.budget:.2f}x the merged model is not the ensemble: some features stay merged "
+                        f"({reasons})")
+    if st.pinned_share > C.PINNED_SHARE_WARNING and st.method.permutes:
+        kinds = ", ".join(p.kind for p in st.pg.pinned[:3]) or "none"
+        messages.append(f"{100 * st.pinned_share:.0f}% of the conv/linear weights cannot be permuted (pinned op kinds: "
+                        f"{kinds}): the merge averages them index by index")
+    for m in messages:
+        if o.strict:
+            raise BudgetError(m + " (strict)")
+        warnings.warn(m, BudgetWarning, stacklevel=5)
+    st.warnings.extend(messages)
