@@ -115,7 +115,7 @@ def adam_fit(sysm, weight, bias, ridge, steps=400, lr=1e-2):
 
 def objective(G, C, yy, W, W0, lam) -> float:
     """The ridge objective both solvers minimise: data loss + lam ||W - W0||^2."""
-    from fxmerge.fit.lstsq import layer_loss
+    from fxmerge.fit.solve import layer_loss
 
     return layer_loss(G, C, yy, W) + lam * float(torch.sum((W - W0) ** 2))
 
@@ -144,7 +144,7 @@ def least_squares_vs_adam(arch, size, calib, budget, max_cols):
     """Collect the Gram systems of one merge, then time both solvers layer by
     layer on the same statistics."""
     import fxmerge
-    from fxmerge.fit.lstsq import solve_layer
+    from fxmerge.fit.solve import solve_layer
 
     captured = {}
     ridge = fxmerge.constants.DEFAULT_RIDGE

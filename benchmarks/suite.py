@@ -48,7 +48,7 @@ BUDGETS = (1.0, 1.2, 1.5, 2.0)
 def penultimate(model: nn.Module, split, batch: int = 256) -> np.ndarray:
     """Inputs of the classifier (the last linear or 1x1-convolution layer, as
     in timm's conv heads; a widened layer counts as one, not as its parts)."""
-    from fxmerge.merging.layers import PartialConv, PartialLinear
+    from fxmerge.runtime.layers import PartialConv, PartialLinear
 
     widened = (PartialLinear, PartialConv)
     inside: set = set()

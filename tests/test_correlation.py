@@ -8,7 +8,7 @@ import timm
 import torch
 
 import fxmerge
-from fxmerge.merging.matching import CorrelationStats
+from fxmerge.merging.statistics import CorrelationStats
 from fxmerge.merging.zipit import JointStats
 
 

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 import fxmerge
 from fxmerge.fit import lstsq
-from fxmerge.fit.lstsq import cholesky_in_place, sample_rows, solve_block
+from fxmerge.fit import solve
+from fxmerge.fit.lstsq import sample_rows
+from fxmerge.fit.solve import cholesky_in_place, solve_block
 from fxmerge.runtime import tensors
 from fxmerge.runtime.tensors import rows
 from fxmerge.fit.batchnorm import reset_batch_norm
@@ -148,7 +150,7 @@ def test_least_squares_solution_satisfies_the_normal_equations(monkeypatch):
     for ridge in (0.0, 1e-3, 1.0):
         W = solve_block(G, C, W0, ridge)
         # the in-place LAPACK route of wide systems gives the same solution
-        monkeypatch.setattr(lstsq, "IN_PLACE_MIN_COLS", 1)
+        monkeypatch.setattr(solve, "IN_PLACE_MIN_COLS", 1)
         torch.testing.assert_close(solve_block(G, C, W0, ridge), W, rtol=1e-9, atol=1e-9)
         monkeypatch.undo()
         lam = max(ridge * float(torch.diagonal(G).sum()) / 12, 1e-12)
@@ -220,7 +222,7 @@ def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch
     # skips it gives the same systems on every block a row class reads and
     # the same solution as the full Gram matrix
     from fxmerge.fit import lstsq
-    from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M, Widening
+    from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M, Widening, row_blocks
 
     rng = np.random.default_rng(0)
     role_in = rng.permutation(np.array([ROLE_A] * 5 + [ROLE_M] * 3 + [ROLE_B] * 4, dtype=np.int8))
@@ -236,7 +238,7 @@ def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch
         for X, Y in batches:
             lstsq.accumulate(sysm, X, Y)
         sysm.gram = tensors.symmetric(sysm.gram)
-        return sysm, lstsq.solve_layer(sysm, weight, bias, 1e-3)
+        return sysm, solve.solve_layer(sysm, weight, bias, 1e-3)
 
     skipped, (w_skip, b_skip) = fit()
     assert skipped.layout is not None
@@ -248,7 +250,7 @@ def test_layout_without_merged_rows_skips_only_the_unread_gram_block(monkeypatch
     assert skipped.loss_fit == pytest.approx(full.loss_fit, rel=1e-9)
     G, C, yy = skipped.dense()
     torch.testing.assert_close(yy, full.yy)
-    for cols, out_rows in lstsq.row_blocks(w_out, w_in):
+    for cols, out_rows in row_blocks(w_out, w_in):
         read = np.concatenate([(cols[:, None] * taps + np.arange(taps)).reshape(-1), [12 * taps]])
         torch.testing.assert_close(G[0][read][:, read], full.gram[0][read][:, read], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(C[0][read][:, out_rows], full.cross[0][read][:, out_rows], rtol=1e-5, atol=1e-5)

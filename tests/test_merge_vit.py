@@ -94,7 +94,7 @@ def test_merged_norm_policy_keeps_the_residual_stream_merged_at_two_x():
 
 
 def test_split_layer_norm_interpolates_between_the_plain_and_the_per_model_norm():
-    from fxmerge.merging.layers import SplitLayerNorm
+    from fxmerge.runtime.layers import SplitLayerNorm
 
     x = torch.randn(4, 7, 10)
     # everything merged: the plain LayerNorm

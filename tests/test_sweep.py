@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxmerge
-from fxmerge.fit.sweep import FrontierStore
+from fxmerge.fit.frontier import FrontierStore
 from fxmerge.runtime.memory import parse_memory
 from test_merge import CNN_KINDS, X, calib, net
 
@@ -149,7 +149,8 @@ def test_max_memory_parsing():
 
 def _planned_frontier(schedule) -> list:
     """Bytes the frontier holds after each wave (traced batch size)."""
-    from fxmerge.fit.sweep import NEVER, value_bytes
+    from fxmerge.fit.frontier import value_bytes
+    from fxmerge.fit.sweep import NEVER
 
     out = []
     for w in schedule.waves:
@@ -203,7 +204,7 @@ def test_the_store_spills_the_value_read_last():
 
 
 def test_the_merged_model_runs_its_widened_layers_as_row_blocks_and_follows_refits():
-    from fxmerge.merging.layers import PartialConv
+    from fxmerge.runtime.layers import PartialConv
     from fxmerge.fit.sweep import RowBlockInterpreter
 
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from . import rules as _rules  # noqa: F401  (registers every rule)
 from .groups import PermutationGroups
 from .ir import Dep, Dim, IRConflict, collapse, pin
 from .permute import provides
-from fxmerge.analysis.rules.registry import RULES, TL, Opaque, RuleContext, tensors_in
+from fxmerge.analysis.rules.registry import RULES, TL, Opaque, RuleContext, op_kind, tensors_in
 from .tracing import TensorInfo, Traced, trace
 
 # Ops that return python values about a tensor's shape, never its contents.
@@ -43,30 +43,6 @@ except ImportError:  # pragma: no cover
 def strict_rules() -> bool:
     """Whether rules raise their unexpected exceptions (``FXMERGE_STRICT=1``)."""
     return os.environ.get("FXMERGE_STRICT", "") not in ("", "0")
-
-
-def op_kind(node: fx.Node, module: Optional[torch.nn.Module] = None) -> str:
-    """A readable name of a node's op kind (``call_module:nn.Conv2d``,
-    ``call_function:F.relu``, ``call_method:reshape``)."""
-    if node.op == "call_module":
-        cls = type(module)
-        mod = cls.__module__
-        name = f"nn.{cls.__name__}" if mod.startswith("torch.nn.modules") else f"{mod}.{cls.__qualname__}"
-        return f"call_module:{name}"
-    if node.op == "call_function":
-        t = node.target
-        mod = getattr(t, "__module__", None) or ""
-        name = getattr(t, "__qualname__", None) or getattr(t, "__name__", repr(t))
-        if mod == "torch.nn.functional":
-            return f"call_function:F.{name}"
-        if mod in ("_operator", "operator"):
-            return f"call_function:operator.{name}"
-        if (mod == "torch" or mod.startswith("torch._")) and not mod.startswith("torch.nn"):
-            return f"call_function:torch.{name}"
-        return f"call_function:{mod}.{name}" if mod else f"call_function:{name}"
-    if node.op == "call_method":
-        return f"call_method:{node.target}"
-    return f"{node.op}:{node.target}"
 
 
 @dataclass

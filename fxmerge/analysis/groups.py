@@ -250,6 +250,18 @@ def build_groups(members: dict, member_shapes: dict, member_is_param: dict, layo
         groups.append(g)
         for r in roots:
             root_group[r.uid] = g
+    _place_members(root_group, members, member_shapes, layouts)
+    # stable order: by first graph node touched, outers before their inners
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    kind_order = {"heads": 0, "blocks": 0, "head_dim_qk": 1, "head_dim_v": 2}
+    groups.sort(key=lambda g: (min((order.get(n, 1 << 30) for n in g.nodes), default=1 << 30), kind_order.get(g.kind, 3)))
+    number(groups)
+    return groups
+
+
+def _place_members(root_group: dict, members: dict, member_shapes: dict, layouts: dict) -> None:
+    """Each group's members (exact slices and (name, axis) pairs), the
+    nodes whose values it touches and its number of elements."""
     # members: exact slices, and (name, axis) pairs
     for name, lays in members.items():
         for axis, lay in enumerate(lays):
@@ -272,15 +284,9 @@ def build_groups(members: dict, member_shapes: dict, member_is_param: dict, layo
                 walk_roots(lay, lambda r: hit.add(r.uid), lambda r, s: hit.add(find(s.outer).uid), set())
         for g in {id(root_group[u]): root_group[u] for u in hit if u in root_group}.values():
             g.nodes.append(node.name)
-    for g in groups:
+    for g in {id(g): g for g in root_group.values()}.values():
         for name in dict.fromkeys(n for n, _ in g.members):
             g.numel += int(np.prod(member_shapes[name]))
-    # stable order: by first graph node touched, outers before their inners
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    kind_order = {"heads": 0, "blocks": 0, "head_dim_qk": 1, "head_dim_v": 2}
-    groups.sort(key=lambda g: (min((order.get(n, 1 << 30) for n in g.nodes), default=1 << 30), kind_order.get(g.kind, 3)))
-    number(groups)
-    return groups
 
 
 def number(groups: list) -> None:

@@ -23,8 +23,8 @@ from fxmerge.merging.rewrite import module_row_blocks
 from fxmerge.runtime.tensors import owner_of, set_tensor
 
 from .batchnorm import batch_norm_points, reset_batch_norm
-from .lstsq import (LeastSquaresPoint, conv_weight, following_batch_norm, from_conv_weight, layer_systems,
-                    regmean_layer, solve_layer)
+from .lstsq import LeastSquaresPoint, conv_weight, following_batch_norm, from_conv_weight, layer_systems
+from .solve import regmean_layer, solve_layer
 from .sweep import Sweep, wave_bytes
 
 REGMEAN_ALPHA = 0.9  # off-diagonal scaling of RegMean's Gram matrices (its authors' default)

@@ -25,7 +25,8 @@ from fxmerge.runtime.runner import LockstepRunner
 from fxmerge.runtime.tensors import set_tensor, tensor_state
 
 from .cost import CostModel, measure_macs
-from .matching import ActivationCollector, activation_matching, weight_matching
+from .matching import activation_matching, weight_matching
+from .statistics import ActivationCollector
 from .pipeline import MergeState, lockstep_pass, merge_pass
 from .plan import merged_only_roots, normalized_roots, plan_budget
 from .rewrite import WidenGraph, check_shapes, split_contractions

@@ -154,7 +154,7 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
     split otherwise), and features an op combines (``Mixing``: reductions,
     softmax, normalize over channels). Each root maps to the list of its
     reasons."""
-    from fxmerge.analysis.channels import op_kind
+    from fxmerge.analysis.rules.registry import op_kind
     from .rewrite import normalized_layouts, splittable
 
     why: dict = {}

@@ -33,7 +33,7 @@ import torch.nn as nn
 from fxmerge.errors import RewriteError
 from fxmerge.runtime.inputs import as_inputs
 from fxmerge.analysis.ir import layout_size
-from .layers import PartialConv, PartialFunctional, PartialLinear, SplitLayerNorm
+from fxmerge.runtime.layers import PartialConv, PartialFunctional, PartialLinear, SplitLayerNorm
 from fxmerge.analysis.rules.registry import RESIZE, tensors_in, weight_layouts
 from fxmerge.analysis.tracing import TensorInfo, ValueProp
 from fxmerge.runtime.tensors import replace_module, set_tensor, split_name

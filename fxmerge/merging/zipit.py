@@ -36,7 +36,7 @@ from scipy.linalg import block_diag
 
 from fxmerge.analysis.ir import Concat, Dep, Product, find, is_pinned
 from fxmerge.runtime.tensors import add_gram_upper, symmetric
-from .matching import ActivationCollector, correlation_from_moments
+from .statistics import ActivationCollector, correlation_from_moments
 from fxmerge.analysis.rules.registry import tensors_in
 from fxmerge.analysis.tracing import TensorInfo
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from fxmerge.analysis.ir import Dim, as_product, split_dim
 from .elementwise import broadcast_layouts
+from fxmerge.runtime.layers import WidenedMultiheadAttention, packed_attention
+
 from .registry import RESIZE, RULES, TL, Opaque, widening
 
 
@@ -229,8 +231,6 @@ def _out_proj_taps(module, query, key=None, value=None, key_padding_mask=None, n
                    average_attn_weights=True, is_causal=False, *, output):
     """Input and output of the output projection: the heads' attention
     context, computed with the node's masks, and the node's output."""
-    from fxmerge.merging.layers import packed_attention
-
     context = packed_attention(module, query, key_padding_mask, attn_mask, is_causal)
     return context, (output[0] if isinstance(output, (tuple, list)) else output) if output is not None else None
 
@@ -240,8 +240,6 @@ def resize_multihead_attention(m, old_shapes):
     """A widened packed attention cannot stay an ``nn.MultiheadAttention``
     (its input width must equal heads x head_dim): it becomes a
     ``WidenedMultiheadAttention`` with the same parameters."""
-    from fxmerge.merging.layers import WidenedMultiheadAttention
-
     head_dim = old_shapes["in_proj_weight"][0] // 3 // m.num_heads
     m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
     return WidenedMultiheadAttention(m, head_dim)

@@ -12,9 +12,34 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.fx as fx
 
 from fxmerge.runtime.tensors import get_tensor
 from fxmerge.analysis.ir import Dep, Dim, Layout, find, is_pinned, layout_size, localize, pin, unify
+
+
+def op_kind(node: fx.Node, module: Optional[torch.nn.Module] = None) -> str:
+    """A readable name of a node's op kind (``call_module:nn.Conv2d``,
+    ``call_function:F.relu``, ``call_method:reshape``)."""
+    if node.op == "call_module":
+        cls = type(module)
+        mod = cls.__module__
+        name = f"nn.{cls.__name__}" if mod.startswith("torch.nn.modules") else f"{mod}.{cls.__qualname__}"
+        return f"call_module:{name}"
+    if node.op == "call_function":
+        t = node.target
+        mod = getattr(t, "__module__", None) or ""
+        name = getattr(t, "__qualname__", None) or getattr(t, "__name__", repr(t))
+        if mod == "torch.nn.functional":
+            return f"call_function:F.{name}"
+        if mod in ("_operator", "operator"):
+            return f"call_function:operator.{name}"
+        if (mod == "torch" or mod.startswith("torch._")) and not mod.startswith("torch.nn"):
+            return f"call_function:torch.{name}"
+        return f"call_function:{mod}.{name}" if mod else f"call_function:{name}"
+    if node.op == "call_method":
+        return f"call_method:{node.target}"
+    return f"{node.op}:{node.target}"
 
 
 @dataclass(frozen=True)
@@ -330,8 +355,6 @@ class RuleContext:
         """Record that this node combines the features along each of ``lays``
         (see ``Mixing``); pinned layouts need no record. Rules tagged
         ``widening("mixes")`` call it for the axes they combine."""
-        from fxmerge.analysis.channels import op_kind
-
         live = tuple(l for l in lays if not is_pinned(l))
         if live:
             self.analysis.mixings.append(Mixing(self.node.name, op_kind(self.node, self.module), live))
@@ -339,8 +362,6 @@ class RuleContext:
     def pin_axis(self, lay, reason: str) -> None:
         """Pin a layout for this op kind's ``reason``, and record it when it
         was free (the merge report names what keeps channels from widening)."""
-        from fxmerge.analysis.channels import op_kind
-
         if not is_pinned(lay):
             self.analysis.rule_pins.setdefault(op_kind(self.node, self.module), reason)
         pin(lay)
