@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .ir import Concat, Dep, Dim, Product, find
+from .ir import Concat, Dep, Dim, Product, find, roots_in
 from .permute import PermutationSampler, permute_tensor, provides
 from fxmerge.analysis.rules.registry import tensors_in
 
@@ -106,25 +106,11 @@ INNER_KINDS = ("head_dim_qk", "head_dim_v", "head_dim", "block_inner")
 def walk_roots(lay, on_atom, on_product, seen: set) -> None:
     """Call ``on_atom(root)`` for every unstructured root and
     ``on_product(root, product)`` for every product root inside a layout."""
-    stack = [lay]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Dep):
-            stack.extend(x.table)
-            continue
-        r = find(x)
-        if r.uid in seen:
-            continue
-        seen.add(r.uid)
-        s = r.structure
-        if s is None:
+    for r in roots_in(lay, seen):
+        if r.structure is None:
             on_atom(r)
-        elif isinstance(s, Concat):
-            stack.extend(s.parts)
         else:
-            on_product(r, s)
-            stack.append(s.outer)
-            stack.extend(set(s.inners))
+            on_product(r, r.structure)
 
 
 def axis_slices(lay, offset: int = 0, depth: int = 0):

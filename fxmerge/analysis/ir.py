@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
 
 
 _ids = itertools.count()
@@ -407,9 +409,12 @@ def _collapse_key(lay: Layout, key: Dim) -> Layout:
 # walking
 
 
-def leaf_roots(lay: Layout) -> Iterator[Dim]:
-    """Every root dim (atoms and product outers) that a layout touches."""
-    seen = set()
+def roots_in(lay: Layout, seen: Optional[set] = None) -> Iterator[Dim]:
+    """Every root that carries a permutation inside a layout, once: atoms and
+    products (a product, then what is inside its outer and its inners),
+    through concatenations and the tables of dependent axes. ``seen``
+    (root uids) is shared across calls to visit each root once overall."""
+    seen = set() if seen is None else seen
     stack = [lay]
     while stack:
         x = stack.pop()
@@ -417,9 +422,9 @@ def leaf_roots(lay: Layout) -> Iterator[Dim]:
             stack.extend(x.table)
             continue
         r = find(x)
-        if id(r) in seen:
+        if r.uid in seen:
             continue
-        seen.add(id(r))
+        seen.add(r.uid)
         s = r.structure
         if s is None:
             yield r
@@ -429,3 +434,43 @@ def leaf_roots(lay: Layout) -> Iterator[Dim]:
             yield r
             stack.append(s.outer)
             stack.extend(set(s.inners))
+
+
+def fold(lay: Layout, *, atom: Callable, concat: Callable, product: Callable, pinned: Optional[Callable] = None,
+         dep: Optional[Callable] = None, cache: Optional[dict] = None):
+    """The one case split over an axis layout: ``atom(root)`` for a root
+    without structure, ``concat(root, parts)`` for a concatenation and for a
+    product whose outer is pinned (its blocks stay in place, so its inners
+    sit side by side like parts), ``product(root, structure)`` for a product
+    whose blocks move, ``pinned(root)`` for a pinned root (default: by its
+    structure) and ``dep(layout)`` for a dependent axis. The callbacks
+    recurse by folding the parts they are given. ``cache`` keeps each
+    root's result by uid."""
+    if isinstance(lay, Dep):
+        if dep is None:
+            raise TypeError("a dependent axis has no single layout: resolve or collapse it first")
+        return dep(lay)
+    r = find(lay)
+    if cache is not None and r.uid in cache:
+        return cache[r.uid]
+    s = r.structure
+    if r.pinned and pinned is not None:
+        out = pinned(r)
+    elif s is None:
+        out = atom(r)
+    elif isinstance(s, Concat):
+        out = concat(r, s.parts)
+    elif find(s.outer).pinned:
+        out = concat(r, s.inners)
+    else:
+        out = product(r, s)
+    if cache is not None:
+        cache[r.uid] = out
+    return out
+
+
+def side_by_side(indices: Sequence, sizes: Sequence[int]):
+    """Index arrays of consecutive segments, each shifted to where its
+    segment starts."""
+    offsets = np.cumsum([0] + list(sizes[:-1]))
+    return np.concatenate([np.asarray(i) + o for i, o in zip(indices, offsets)])

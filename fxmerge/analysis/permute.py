@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ir import Concat, Dep, Dim, Product, collapse, find
+from .ir import Dep, Dim, Product, collapse, find, fold, side_by_side
 
 
 class PermutationSampler:
@@ -39,27 +39,17 @@ class PermutationSampler:
         return p
 
     def index(self, d: Dim) -> np.ndarray:
-        r = find(d)
-        got = self._cache.get(r.uid)
-        if got is not None:
-            return got
-        s = r.structure
-        if r.pinned:
-            idx = np.arange(r.size)
-        elif s is None:
-            idx = self.atom(r)
-        elif isinstance(s, Concat):
-            chunks, off = [], 0
-            for p in s.parts:
-                chunks.append(self.index(p) + off)
-                off += p.size
-            idx = np.concatenate(chunks)
-        else:
-            outer = self.index(s.outer)
-            n = s.inner_size
-            idx = np.concatenate([outer[p] * n + self.index(s.inners[outer[p]]) for p in range(len(outer))])
-        self._cache[r.uid] = idx
-        return idx
+        return fold(d, pinned=lambda r: np.arange(r.size), atom=self.atom, concat=self._parts, product=self._blocks,
+                    cache=self._cache)
+
+    def _parts(self, r: Dim, parts) -> np.ndarray:
+        return side_by_side([self.index(p) for p in parts], [p.size for p in parts])
+
+    def _blocks(self, r: Dim, s: Product) -> np.ndarray:
+        """Blocks moved whole by the outer's order, each with its own inner order."""
+        outer = self.index(s.outer)
+        n = s.inner_size
+        return np.concatenate([outer[p] * n + self.index(s.inners[outer[p]]) for p in range(len(outer))])
 
 
 def provides(lay: Dim, key: Dim) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fxmerge.analysis.ir import Concat, Dep, Product, find
+from fxmerge.analysis.ir import find, fold
 from fxmerge.analysis.rules.registry import weight_layouts, weight_shape
 from fxmerge.runtime.inputs import as_inputs
 
@@ -44,36 +44,31 @@ def linear_form(lay, sizes: dict | None = None) -> tuple:
     const, coef = 0, {}
     sizes = {} if sizes is None else sizes
 
-    def walk(x):
+    def fixed(n: int) -> None:
         nonlocal const
-        if isinstance(x, Dep):
-            const += x.size
-            return
-        r = find(x)
-        s = r.structure
-        if r.pinned:
-            const += r.size
-        elif s is None:
-            coef[r.uid] = coef.get(r.uid, 0) + 1
-            sizes[r.uid] = r.size
-        elif isinstance(s, Concat):
-            for p in s.parts:
-                walk(p)
-        elif isinstance(s, Product):
-            o = find(s.outer)
-            if o.pinned:
-                for i in s.inners:
-                    walk(i)
-            elif o.structure is not None:
-                # blocks indexed by a structured dim (a concat): each part's
-                # merged count, times the block width
-                c2, coef2 = linear_form(o, sizes)
-                const += c2 * s.inner_size
-                for u, c in coef2.items():
-                    coef[u] = coef.get(u, 0) + c * s.inner_size
-            else:
-                coef[o.uid] = coef.get(o.uid, 0) + s.inner_size
-                sizes[o.uid] = o.size
+        const += n
+
+    def atom(r) -> None:
+        coef[r.uid] = coef.get(r.uid, 0) + 1
+        sizes[r.uid] = r.size
+
+    def blocks(r, s) -> None:
+        nonlocal const
+        o = find(s.outer)
+        if o.structure is not None:
+            # blocks indexed by a structured dim (a concat): each part's
+            # merged count, times the block width
+            c2, coef2 = linear_form(o, sizes)
+            const += c2 * s.inner_size
+            for u, c in coef2.items():
+                coef[u] = coef.get(u, 0) + c * s.inner_size
+        else:
+            coef[o.uid] = coef.get(o.uid, 0) + s.inner_size
+            sizes[o.uid] = o.size
+
+    def walk(x) -> None:
+        fold(x, dep=lambda l: fixed(l.size), pinned=lambda r: fixed(r.size), atom=atom, product=blocks,
+             concat=lambda r, parts: [walk(p) for p in parts])
 
     walk(lay)
     return const, coef

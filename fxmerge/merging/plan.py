@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fxmerge.analysis.ir import Concat, Dep, Product, find
+from fxmerge.analysis.ir import Concat, Dep, Product, find, fold
 from fxmerge.errors import InputError
 from fxmerge.analysis.rules.registry import weight_layouts
 from fxmerge.merging.cost import CostModel
@@ -122,23 +122,14 @@ def block_inner_roots(pg) -> set:
     blocks into one axis and reads that axis with a dense layer)."""
     inner: set = set()
 
-    def walk(x):
-        if isinstance(x, Dep):
-            for t in x.table:
-                walk(t)
-            return
-        s = find(x).structure
-        if isinstance(s, Concat):
-            for p in s.parts:
-                walk(p)
-        elif isinstance(s, Product):
-            if find(s.outer).pinned:
-                for i in s.inners:
-                    walk(i)
-            else:
-                walk(s.outer)
-                for i in s.inners:
-                    roots_within(i, inner)
+    def blocks(r, s) -> None:
+        walk(s.outer)
+        for i in s.inners:
+            roots_within(i, inner)
+
+    def walk(x) -> None:
+        fold(x, dep=lambda l: [walk(t) for t in l.table], atom=lambda r: None, product=blocks,
+             concat=lambda r, parts: [walk(p) for p in parts])
 
     for lays in pg.members.values():
         for lay in lays:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxmerge.analysis.ir import Concat, Dep, Product, find
+from fxmerge.analysis.ir import Product, find, fold
 from fxmerge.errors import InputError
 from fxmerge.analysis.rules.registry import tensors_in
 from fxmerge.runtime.runner import sample_positions
@@ -24,38 +24,23 @@ def occurrences(lay, structured_outers: bool = False) -> list:
     (whose positions span all of its blocks). ``structured_outers``: also
     products whose blocks follow a structured dim (a depthwise multiplier
     after a concatenation), whose inner dims are matched once the parts are."""
-    out = []
+    def parts(r, parts) -> list:
+        out, off = [], 0
+        for p in parts:
+            out += [(key, positions + off) for key, positions in walk(p)]
+            off += p.size
+        return out
 
-    def walk(x, off):
-        if isinstance(x, Dep):
-            return
-        r = find(x)
-        if r.pinned:
-            return
-        s = r.structure
-        if s is None:
-            if r.size > 1:
-                out.append((r, np.arange(off, off + r.size)))
-        elif isinstance(s, Concat):
-            o = off
-            for p in s.parts:
-                walk(p, o)
-                o += p.size
-        else:
-            o = find(s.outer)
-            if not o.pinned and o.structure is None:
-                out.append((r, np.arange(off, off + r.size)))
-            elif not o.pinned:
-                # blocks follow a structured dim whose parts are matched where they occur
-                if structured_outers and s.inner_size > 1:
-                    out.append((r, np.arange(off, off + r.size)))
-            else:
-                n = s.inner_size
-                for i, inner in enumerate(s.inners):
-                    walk(inner, off + i * n)
+    def blocks(r, s) -> list:
+        # blocks following a structured dim: its parts are matched where they occur
+        whole = find(s.outer).structure is None or (structured_outers and s.inner_size > 1)
+        return [(r, np.arange(r.size))] if whole else []
 
-    walk(lay, 0)
-    return out
+    def walk(x) -> list:
+        return fold(x, dep=lambda l: [], pinned=lambda r: [], concat=parts, product=blocks,
+                    atom=lambda r: [(r, np.arange(r.size))] if r.size > 1 else [])
+
+    return walk(lay)
 
 
 def site_nodes(pg) -> list:

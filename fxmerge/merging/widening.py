@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fxmerge.analysis.ir import Concat, Dep, Dim, Product, find
+from fxmerge.analysis.ir import Dep, Dim, Product, fold
 
 ROLE_A, ROLE_B, ROLE_M = 1, 2, 3
 
@@ -85,40 +85,29 @@ class LayoutWidener:
         return self.masks.get(root.uid)
 
     def widen(self, lay) -> Widening:
-        if isinstance(lay, Dep):
-            # A dependent axis (the heads of a packed q/k/v after reshape) has
-            # one layout per index of its key axis. The planner only lets
-            # them widen when they widen alike; otherwise they sit inside
-            # merged-whole blocks and keep their width and order.
-            ws = [self.widen(t) for t in lay.table]
-            first = ws[0]
-            if all(np.array_equal(w.src, first.src) and np.array_equal(w.role, first.role) for w in ws[1:]):
-                return first
-            return Widening.shared(lay.size)
-        r = find(lay)
-        got = self._cache.get(r.uid)
-        if got is not None:
-            return got
-        s = r.structure
-        if r.pinned:
-            w = Widening.shared(r.size)
-        elif s is None:
-            m = self.mask(r)
-            w = Widening.shared(r.size) if m is None or m.all() else Widening.from_mask(m)
-        elif isinstance(s, Concat):
-            w = Widening.concat([self.widen(p) for p in s.parts], [p.size for p in s.parts])
-        else:
-            w = self._widen_product(r, s)
-        self._cache[r.uid] = w
-        return w
+        return fold(lay, dep=self._widen_dep, pinned=lambda r: Widening.shared(r.size), atom=self._widen_atom,
+                    concat=lambda r, parts: Widening.concat([self.widen(p) for p in parts], [p.size for p in parts]),
+                    product=self._widen_blocks, cache=self._cache)
 
-    def _widen_product(self, r: Dim, s: Product) -> Widening:
-        outer = find(s.outer)
+    def _widen_dep(self, lay: Dep) -> Widening:
+        # A dependent axis (the heads of a packed q/k/v after reshape) has
+        # one layout per index of its key axis. The planner only lets
+        # them widen when they widen alike; otherwise they sit inside
+        # merged-whole blocks and keep their width and order.
+        ws = [self.widen(t) for t in lay.table]
+        first = ws[0]
+        if all(np.array_equal(w.src, first.src) and np.array_equal(w.role, first.role) for w in ws[1:]):
+            return first
+        return Widening.shared(lay.size)
+
+    def _widen_atom(self, r: Dim) -> Widening:
+        m = self.mask(r)
+        return Widening.shared(r.size) if m is None or m.all() else Widening.from_mask(m)
+
+    def _widen_blocks(self, r: Dim, s: Product) -> Widening:
+        """Blocks widen whole (A-only, merged, B-only blocks), inner order kept."""
         n = s.inner_size
-        if outer.pinned:
-            # Blocks stay in place; each block's inner axis widens on its own.
-            return Widening.concat([self.widen(i) for i in s.inners], [n] * len(s.inners))
-        blocks = self.widen(outer)
+        blocks = self.widen(s.outer)
         src = (blocks.src[:, None] * n + np.arange(n)[None, :]).reshape(-1)
         role = np.repeat(blocks.role, n)
         return Widening(src, role)

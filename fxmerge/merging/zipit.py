@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy.linalg import block_diag
 
-from fxmerge.analysis.ir import Concat, Dep, Product, find, is_pinned
+from fxmerge.analysis.ir import Dep, Product, find, fold, is_pinned, side_by_side
 from fxmerge.runtime.tensors import add_gram_upper, symmetric
 from .statistics import ActivationCollector, correlation_from_moments
 from fxmerge.analysis.rules.registry import tensors_in
@@ -138,34 +138,35 @@ class ZipProjector:
         self.separate = separate
 
     def matrices(self, lay, contracted: bool) -> tuple:
-        if isinstance(lay, Dep):
-            return self._shared(lay.size)
-        r = find(lay)
-        s = r.structure
-        if r.pinned:
-            return self._shared(r.size)
-        if r.uid in self.zipped:
-            M, U = self.zipped[r.uid]
-            d = r.size
+        zipped = self._zipped(lay)
+        if zipped is not None:
+            M, U = zipped
+            d = find(lay).size
             if contracted:
                 return U[:d].T, U[d:].T
             return M[:, :d], M[:, d:]
-        if s is None:
-            if r.uid in self.separate:
-                return self._apart(r.size)
-            return self._shared(r.size)
-        if isinstance(s, Concat):
-            parts = [self.matrices(p, contracted) for p in s.parts]
-            return tuple(block_diag(*[p[m] for p in parts]) for m in (0, 1))
-        outer = find(s.outer)
-        n = s.inner_size
-        if outer.pinned:
-            inners = [self.matrices(i, contracted) for i in s.inners]
-            return tuple(block_diag(*[p[m] for p in inners]) for m in (0, 1))
-        # blocks (heads, conv groups) move or stay whole: inner axes shared
-        pa, pb = self.matrices(s.outer, contracted)
-        eye = np.eye(n)
-        return np.kron(pa, eye), np.kron(pb, eye)
+
+        def parts(r, parts) -> tuple:
+            mats = [self.matrices(p, contracted) for p in parts]
+            return tuple(block_diag(*[p[m] for p in mats]) for m in (0, 1))
+
+        def blocks(r, s) -> tuple:
+            # blocks (heads, conv groups) move or stay whole: inner axes shared
+            pa, pb = self.matrices(s.outer, contracted)
+            eye = np.eye(s.inner_size)
+            return np.kron(pa, eye), np.kron(pb, eye)
+
+        return fold(lay, dep=lambda l: self._shared(l.size), pinned=lambda r: self._shared(r.size),
+                    atom=lambda r: self._apart(r.size) if r.uid in self.separate else self._shared(r.size),
+                    concat=parts, product=blocks)
+
+    def _zipped(self, lay):
+        """The merge and unmerge matrices of a zipped root (an atom, or
+        depthwise blocks), else None."""
+        if isinstance(lay, Dep):
+            return None
+        r = find(lay)
+        return None if r.pinned else self.zipped.get(r.uid)
 
     @staticmethod
     def _shared(d: int) -> tuple:
@@ -302,33 +303,24 @@ def unzip_index(lay, zipped: dict, align, side: int) -> np.ndarray:
     """Where each of one model's features sits in the zipped features of a
     layout (gather index, per entry of that model's own axis): zipped atoms
     by their merge pairs, aligned blocks by the inverse of B's alignment."""
-    if isinstance(lay, Dep):
-        return np.arange(lay.size)
-    r = find(lay)
-    s = r.structure
-    if r.pinned:
-        return np.arange(r.size)
-    if r.uid in zipped:
+    r = None if isinstance(lay, Dep) else find(lay)
+    if r is not None and not r.pinned and r.uid in zipped:
         U = zipped[r.uid][1]
         d = r.size
         return np.argmax(U[:d] if side == 0 else U[d:], axis=1)
-    if s is None:
-        return np.arange(r.size)
-    if isinstance(s, Concat):
-        out, off = [], 0
-        for p in s.parts:
-            out.append(unzip_index(p, zipped, align, side) + off)
-            off += p.size
-        return np.concatenate(out)
-    if find(s.outer).pinned:
-        n = s.inner_size
-        return np.concatenate([unzip_index(i, zipped, align, side) + b * n for b, i in enumerate(s.inners)])
-    if side == 0:
-        return np.arange(r.size)
-    idx = align.index(r)  # aligned position -> B's own index
-    inverse = np.empty_like(idx)
-    inverse[idx] = np.arange(len(idx))
-    return inverse
+
+    def blocks(r, s) -> np.ndarray:
+        if side == 0:
+            return np.arange(r.size)
+        idx = align.index(r)  # aligned position -> B's own index
+        inverse = np.empty_like(idx)
+        inverse[idx] = np.arange(len(idx))
+        return inverse
+
+    return fold(lay, dep=lambda l: np.arange(l.size), pinned=lambda r: np.arange(r.size),
+                atom=lambda r: np.arange(r.size), product=blocks,
+                concat=lambda r, parts: side_by_side([unzip_index(p, zipped, align, side) for p in parts],
+                                                     [p.size for p in parts]))
 
 
 def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str, new_target: str) -> None:
