@@ -30,53 +30,53 @@ demo: $(STAMP)
 # analysis, export and merge checks over every timm family and 8 torchvision models (about 1.5 h;
 # torchvision's ViT-B/16 is merged although it is above the 30M-parameter merge limit)
 coverage: $(STAMP)
-	$(PY) benchmarks/coverage.py --merge --timeout 600 --merge-anyway vit_b_16
+	$(PY) -m benchmarks.coverage --merge --timeout 600 --merge-anyway vit_b_16
 
 bench: $(STAMP)
-	$(PY) benchmarks/suite.py
+	$(PY) -m benchmarks.suite
 
 # the commands behind docs/performance*.md (about an hour and a half in all on 2 cores; --adam-max-cols N adds the
 # closed form against Adam on the layers with at most N columns, which takes hours more)
 perf: $(STAMP)
-	$(PY) benchmarks/products.py
-	$(PY) benchmarks/performance.py --arch resnet50 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance.md
-	$(PY) benchmarks/performance.py --arch vit_tiny_patch16_224 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-vit.md
-	$(PY) benchmarks/performance.py --arch resnet18 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-resnet18.md
+	$(PY) -m benchmarks.products
+	$(PY) -m benchmarks.performance --arch resnet50 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance.md
+	$(PY) -m benchmarks.performance --arch vit_tiny_patch16_224 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-vit.md
+	$(PY) -m benchmarks.performance --arch resnet18 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-resnet18.md
 
 # every tuned default, chosen on the validation split (test figures beside it; about 3 h)
 tune: $(STAMP)
-	$(PY) benchmarks/tune.py --option ridge --values 0,1e-4,1e-3,1e-2,1e-1 --budgets 1,1.2 --out docs/ridge.md
-	$(PY) benchmarks/tune.py --option bn_stats --values sweep,reset,source --out docs/bn-stats.md
-	$(PY) benchmarks/tune.py --option ls_inputs --values merged,ensemble --set bn_stats=source --out docs/ls-inputs.md
-	$(PY) benchmarks/tune.py --option ls_targets --values output,normalized --set bn_stats=source --out docs/ls-targets.md
-	$(PY) benchmarks/tune.py --option planner --values pairs,reach,residual,auto --out docs/planner.md
-	$(PY) benchmarks/tune.py --option matching --values activation,weight --threads 1 --out docs/matching.md
-	$(PY) benchmarks/tune.py --option frontier_dtype --values float32,bfloat16,float16 --families resnet18,mobilenetv3,vit --budgets 1,1.2 --threads 1 --out docs/frontier-dtype.md
+	$(PY) -m benchmarks.tune --option ridge --values 0,1e-4,1e-3,1e-2,1e-1 --budgets 1,1.2 --out docs/ridge.md
+	$(PY) -m benchmarks.tune --option bn_stats --values sweep,reset,source --out docs/bn-stats.md
+	$(PY) -m benchmarks.tune --option ls_inputs --values merged,ensemble --set bn_stats=source --out docs/ls-inputs.md
+	$(PY) -m benchmarks.tune --option ls_targets --values output,normalized --set bn_stats=source --out docs/ls-targets.md
+	$(PY) -m benchmarks.tune --option planner --values pairs,reach,residual,auto --out docs/planner.md
+	$(PY) -m benchmarks.tune --option matching --values activation,weight --threads 1 --out docs/matching.md
+	$(PY) -m benchmarks.tune --option frontier_dtype --values float32,bfloat16,float16 --families resnet18,mobilenetv3,vit --budgets 1,1.2 --threads 1 --out docs/frontier-dtype.md
 
 # how much budget PLeaS needs to come within 3 points of the ensemble (the families furthest from it)
 budget-curve: $(STAMP)
-	$(PY) benchmarks/budget_curve.py --families mobilenetv3,mbnet,vit --out docs/budget-curve.md
+	$(PY) -m benchmarks.budget_curve --families mobilenetv3,mbnet,vit --out docs/budget-curve.md
 
 # the budget counted at the calibration size (32x32) against the deployed size (224x224)
 budget-size: $(STAMP)
-	$(PY) benchmarks/budget_size.py --out docs/budget-size.md
+	$(PY) -m benchmarks.budget_size --out docs/budget-size.md
 
 # data-parallel merging under torchrun (gloo) against one process
 scaling: $(STAMP)
-	$(PY) benchmarks/scaling.py
+	$(PY) -m benchmarks.scaling
 
 # on a machine with a CUDA GPU: the CUDA tests and the CUDA performance figures
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
 seeds: $(STAMP)
-	$(PY) benchmarks/seeds.py
+	$(PY) -m benchmarks.seeds
 
 pleas-free: $(STAMP)
-	$(PY) benchmarks/pleas_free.py
+	$(PY) -m benchmarks.pleas_free
 
 bench-quick: $(STAMP)
-	$(PY) benchmarks/suite.py --quick
+	$(PY) -m benchmarks.suite --quick
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -16,10 +16,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import common  # noqa: E402
-from common import log  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import log  # noqa: E402
 
 import fxmerge  # noqa: E402
 
@@ -41,7 +40,7 @@ def run(args) -> dict:
 
 def report(args, argv, results: dict, minutes: float) -> list:
     budgets = [float(b) for b in args.budgets.split(",")]
-    cmd = "python benchmarks/budget_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.budget_curve " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# PLeaS against the ensemble across budgets", "",
              f"Produced by `{cmd.strip()}` in {minutes:.1f} minutes; {common.environment()}.", "",
              f"Default options, the suite's source pairs (seed pair 0/1), {args.calib} calibration images from the "

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import common  # noqa: E402
-from common import log  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import log  # noqa: E402
 
 import fxmerge  # noqa: E402
 from fxmerge.merging.cost import CostModel  # noqa: E402
@@ -105,7 +104,7 @@ def _widest_apart(result) -> str:
 def report(args, argv, results: dict, minutes: float) -> list:
     budgets = [float(b) for b in args.budgets.split(",")]
     s, c = CALIB_SIZE, args.count_size
-    cmd = "python benchmarks/budget_size.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.budget_size " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Where the budget is counted", "",
              f"Produced by `{cmd.strip()}` in {minutes:.1f} minutes; {common.environment()}.", "",
              f"PLeaS with default options on the suite's source pairs (seed pair 0/1), {args.calib} calibration "

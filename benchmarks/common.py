@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
@@ -28,11 +27,10 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import fxmerge  # noqa: E402
 from fxmerge.runtime.data import digit_task, digits, generic, styled  # noqa: E402
-from fxmerge.demo import TASK_A, TASK_B, TRAIN, demo_model, evaluate, train  # noqa: E402
+from fxmerge.training import TASK_A, TASK_B, TRAIN, demo_model, evaluate, train  # noqa: E402
 
 CACHE = os.path.join(ROOT, ".cache", "fxmerge-bench")
 FAMILIES = ("resnet18", "resnet50", "resnetv2", "mobilenetv3", "mbnet", "vit")

@@ -36,7 +36,6 @@ import warnings
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxmerge  # noqa: E402
 from fxmerge.runtime import models  # noqa: E402
 from fxmerge.analysis.apply import apply_to_model  # noqa: E402

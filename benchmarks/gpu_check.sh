@@ -9,7 +9,7 @@ make install
 nvidia-smi || true
 .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())"
 FXMERGE_CUDA_TESTS=1 .venv/bin/python -m pytest -n 2 tests -q
-.venv/bin/python benchmarks/performance.py --arch resnet50 --calib 2048 --device cuda --adam-max-cols 0 \
+.venv/bin/python -m benchmarks.performance --arch resnet50 --calib 2048 --device cuda --adam-max-cols 0 \
     --memory-calib "" --out docs/performance-cuda.md
-.venv/bin/python benchmarks/performance.py --arch vit_tiny_patch16_224 --calib 2048 --device cuda --adam-max-cols 0 \
+.venv/bin/python -m benchmarks.performance --arch vit_tiny_patch16_224 --calib 2048 --device cuda --adam-max-cols 0 \
     --memory-calib "" --out docs/performance-cuda-vit.md

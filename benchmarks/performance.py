@@ -32,7 +32,6 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from fxmerge.runtime.memory import keep_freed_memory  # noqa: E402
 
@@ -249,9 +248,9 @@ def child_memory(arch, size, calib, budget, schedule, max_memory):
 
 
 def memory_run(args, schedule, n, max_memory):
-    out = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--memory-size", str(args.memory_size),
+    out = subprocess.run([sys.executable, "-m", "benchmarks.performance", "--arch", args.arch, "--memory-size", str(args.memory_size),
                           "--budget", str(args.budget), "--child-memory", str(n), "--child-schedule", schedule,
-                          "--child-max-memory", max_memory or ""], capture_output=True, text=True, check=True)
+                          "--child-max-memory", max_memory or ""], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -280,7 +279,7 @@ def main():
                      args.child_max_memory)
         return
     # every option spelled out, so the command reproduces the run whatever the defaults become
-    cmd = "python benchmarks/performance.py " + " ".join(
+    cmd = "python -m benchmarks.performance " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if not k.startswith("child") and k != "out")
     import fxmerge
 

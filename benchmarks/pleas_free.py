@@ -32,14 +32,13 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import common  # noqa: E402
-from common import ROOT, log  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import ROOT, log  # noqa: E402
 
 import fxmerge  # noqa: E402
 from fxmerge.runtime.data import Split, digit_task, digits, generic, styled  # noqa: E402
-from fxmerge.demo import TASK_A, TASK_B, evaluate  # noqa: E402
+from fxmerge.training import TASK_A, TASK_B, evaluate  # noqa: E402
 
 PRETRAIN_STYLES = ("inverted", "edges", "noisy", "rotated")
 BUDGETS = (1.0, 1.2)
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             log(f"{fam} seeds {seed}/{seed + 1}")
             results[(fam, seed)] = run(fam, seed, args.calib)
-    cmd = "python benchmarks/pleas_free.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.pleas_free " + " ".join(argv if argv is not None else sys.argv[1:])
     cols = " | ".join(f"{s} {b:.1f}x" for s in SOURCES for b in BUDGETS)
     lines = ["# PLeaS-free", "",
              f"Produced by `{cmd.strip()}` in {(time.perf_counter() - t0) / 60:.1f} minutes; {common.environment()}.", "",

@@ -29,10 +29,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import common  # noqa: E402
-from common import ROOT, log  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import ROOT, log  # noqa: E402
 
 METHODS = (("pleas", 1.2), ("perm", 1.2), ("zipit", 1.2), ("regmean", 1.0))
 
@@ -47,22 +46,20 @@ def worker(out_dir: str, calib: int, threads: int) -> None:
     distributed.init_from_env("cpu")
     a, b = common.source_pair("resnet18", "disjoint", 0)
     data = common.calibration("disjoint", calib)
-    weights, times = {}, {}
-    distributed.BYTES_REDUCED = 0
+    weights, times, reduced = {}, {}, {}
     for method, budget in METHODS:
         t = time.perf_counter()
         res = fxmerge.merge(a, b, data, budget=budget, method=method, labels="disjoint")
         times[method] = time.perf_counter() - t
         weights[method] = {k: v.clone() for k, v in res.model.state_dict().items()}
-        if method == "pleas":
-            reduced = distributed.BYTES_REDUCED
-            per_rank = res.report["images_per_rank"]
+        reduced[method] = res.report["bytes_reduced"]
+        per_rank = res.report["images_per_rank"]
     world, rank = distributed.world_size(), distributed.rank()
     tag = f"{world}x{threads}"
     if rank == 0:
         torch.save(weights, os.path.join(out_dir, f"weights-{tag}.pt"))
     with open(os.path.join(out_dir, f"rank-{tag}-{rank}.json"), "w") as f:
-        json.dump({"times": times, "reduced_bytes": reduced, "images_per_rank": per_rank,
+        json.dump({"times": times, "reduced_bytes": reduced["pleas"], "images_per_rank": per_rank,
                    "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
     distributed.shutdown()
 
@@ -100,22 +97,22 @@ def main(argv=None) -> int:
 
 
 def _measure(args, argv, out_dir: str) -> int:
-    me = os.path.abspath(__file__)
+    me = ["-m", "benchmarks.scaling"]
     n = args.nproc
     log("one process, 2 threads")
-    run([sys.executable, me, "--worker", out_dir, str(args.calib), "2"], {"OMP_NUM_THREADS": "2"})
+    run([sys.executable, *me, "--worker", out_dir, str(args.calib), "2"], {"OMP_NUM_THREADS": "2"})
     log("one process, 1 thread")
-    run([sys.executable, me, "--worker", out_dir, str(args.calib), "1"], {"OMP_NUM_THREADS": "1"})
+    run([sys.executable, *me, "--worker", out_dir, str(args.calib), "1"], {"OMP_NUM_THREADS": "1"})
     log(f"torchrun, {n} ranks x 1 thread")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    run([torchrun, "--standalone", f"--nproc_per_node={n}", me, "--worker", out_dir, str(args.calib), "1"],
+    run([torchrun, "--standalone", f"--nproc_per_node={n}", *me, "--worker", out_dir, str(args.calib), "1"],
         {"OMP_NUM_THREADS": "1"})
     w = {tag: torch.load(os.path.join(out_dir, f"weights-{tag}.pt"), weights_only=True)
          for tag in ("1x2", "1x1", f"{n}x1")}
     ranks = [json.load(open(os.path.join(out_dir, f"rank-{n}x1-{r}.json"))) for r in range(n)]
     single2 = json.load(open(os.path.join(out_dir, "rank-1x2-0.json")))
     single1 = json.load(open(os.path.join(out_dir, "rank-1x1-0.json")))
-    cmd = "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.scaling " + " ".join(argv if argv is not None else sys.argv[1:])
     t_dist = max(r["times"]["pleas"] for r in ranks)
     lines = ["# Merging on several processes", "",
              f"Produced by `{cmd.strip()}`; {common.environment()}.", "",

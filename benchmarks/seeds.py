@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import common  # noqa: E402  (the suite's models, recipes and evaluation)
-from common import ROOT  # noqa: E402
+from benchmarks import common  # noqa: E402  (the suite's models, recipes and evaluation)
+from benchmarks.common import ROOT  # noqa: E402
 
 import fxmerge  # noqa: E402
 
@@ -53,7 +52,7 @@ def _ms(v) -> str:
 
 
 def report(results: dict, seeds: list, calib: int, argv, minutes: float) -> list:
-    cmd = "python benchmarks/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.seeds " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Seed spread", "",
              f"Produced by `{cmd.strip()}` in {minutes:.1f} minutes; {common.environment()}.", "",
              f"The suite's scenarios ([benchmarks.md](benchmarks.md)) repeated over {len(seeds)} seed pairs "

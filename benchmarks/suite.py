@@ -28,14 +28,13 @@ import torch
 import torch.nn as nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import common  # noqa: E402
-from common import FAMILIES, ROOT, STYLE_A, STYLE_B, log  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import FAMILIES, ROOT, STYLE_A, STYLE_B, log  # noqa: E402
 
 import fxmerge  # noqa: E402
 from fxmerge.runtime.data import digits  # noqa: E402
-from fxmerge.demo import evaluate  # noqa: E402
+from fxmerge.training import evaluate  # noqa: E402
 
 BUDGETS = (1.0, 1.2, 1.5, 2.0)
 
@@ -281,7 +280,7 @@ def main(argv=None) -> int:
 def write_report(results, args, argv, total, done) -> None:
     out_dir = os.path.dirname(args.out)
     pngs = plot(results, out_dir)
-    cmd = "python benchmarks/suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.suite " + " ".join(argv if argv is not None else sys.argv[1:])
     state = "" if done else " (interrupted: the families below are the ones finished)"
     lines = ["# Benchmarks", "",
              f"Produced by `{cmd.strip()}` in {total / 60:.1f} minutes{state}; {common.environment()}.", "",

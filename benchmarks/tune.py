@@ -20,10 +20,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import common  # noqa: E402
-from common import FAMILIES, log  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import FAMILIES, log  # noqa: E402
 
 import fxmerge  # noqa: E402
 
@@ -67,7 +66,7 @@ def report(args, argv, results: dict, minutes: float) -> list:
     mean_val = {v: np.nanmean([results[(f, s, v, b)][0] for f, s in rows for b in budgets]) for v in values}
     mean_test = {v: np.nanmean([results[(f, s, v, b)][1] for f, s in rows for b in budgets]) for v in values}
     best = max(values, key=lambda v: mean_val[v])
-    cmd = "python benchmarks/tune.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.tune " + " ".join(argv if argv is not None else sys.argv[1:])
     fixed = f" with {args.set}" if args.set else ""
     lines = [f"# Choosing `{args.option}` on the validation split", "",
              f"Produced by `{cmd.strip()}` in {minutes:.1f} minutes; {common.environment()}.", "",

@@ -122,8 +122,10 @@ def merge(
     st = MergeState(opts, get_method(opts.method), copy.deepcopy(model_a).to(opts.device).eval(),
                     copy.deepcopy(model_b).to(opts.device).eval(), data, example, sum(per_rank), input_names=names,
                     batch_inputs=batch_inputs, images_per_rank=per_rank)
+    reduced = dist.bytes_reduced()
     run_passes(st, st.method.passes)
     dist.sync()
+    st.bytes_reduced = dist.bytes_reduced() - reduced
     st.merged.eval()
     st.timings["total"] = time.perf_counter() - t_start
     return MergeResult(st.merged, describe_plan(st), build_report(st), st.pg)

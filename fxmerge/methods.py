@@ -104,3 +104,14 @@ register_method(Method(
     "ensemble", ("analyze", "plan", "widen", "row_blocks"),
     "both models side by side (2x): the reference", fixed_budget=2.0, bn_stats=None, matching=None,
     norm_policy="split", permutes=False))
+
+
+def methods_table() -> str:
+    """The docs' table of the methods, read from the registry (a test keeps
+    docs/architecture.md's copy equal to it)."""
+    rows = ["| method | what it does | cost | BatchNorm statistics | matching | passes |", "|---|---|---|---|---|---|"]
+    for m in METHODS.values():
+        cost = "the budget" if m.budgeted else f"{m.fixed_budget:g}x"
+        bn_stats = m.bn_stats or "the sources' (always)"
+        rows.append(f"| `{m.name}` | {m.summary} | {cost} | {bn_stats} | {m.matching or 'none'} | {', '.join(m.passes)} |")
+    return "\n".join(rows)

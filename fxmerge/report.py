@@ -108,6 +108,7 @@ def build_report(st: MergeState) -> dict:
         "calibration_inputs": st.n_images,
         "world_size": len(st.images_per_rank) or 1,
         "images_per_rank": st.images_per_rank,
+        "bytes_reduced": st.bytes_reduced,
         "source_num_classes": int(output_width(st.pg)),
         "row_block_layers": st.row_block_layers,
         "timings": st.timings,

@@ -123,3 +123,9 @@ def test_no_code_outside_the_registry_compares_a_method_name():
                 if "method" in text and any(n in text.replace("'", '"') for n in names):
                     found.append(f"{name}: {text}")
     assert not found, found
+
+
+def test_the_docs_method_table_is_the_registry():
+    from fxmerge.methods import methods_table
+
+    assert methods_table() in (PACKAGE.parent / "docs" / "architecture.md").read_text()

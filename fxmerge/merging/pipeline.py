@@ -88,6 +88,7 @@ class MergeState:
     macs_a: Optional[float] = None
     warnings: list = field(default_factory=list)
     row_block_layers: int = 0
+    bytes_reduced: int = 0  # summed across ranks by this merge
 
     def batches(self) -> Iterable[Inputs]:
         """This rank's calibration inputs, batch by batch, on the device."""

@@ -22,7 +22,7 @@ import torch
 from fxmerge.errors import FxmergeError, InputError
 
 DEFAULT_TIMEOUT_S = 600.0  # collectives wait at most this long (FXMERGE_DIST_TIMEOUT overrides)
-BYTES_REDUCED = 0  # bytes this process has summed across ranks (benchmarks/scaling.py reads it)
+_bytes_reduced = 0  # bytes this process has summed across ranks (a merge reports its share)
 
 
 def available() -> bool:
@@ -79,15 +79,20 @@ def _collective_device(t: torch.Tensor) -> torch.device:
     return t.device if backend == "nccl" else torch.device("cpu")
 
 
+def bytes_reduced() -> int:
+    """Bytes this process has summed across ranks so far."""
+    return _bytes_reduced
+
+
 def all_sum(*tensors: Optional[torch.Tensor]) -> None:
     """Sum tensors across ranks, in place (None entries are skipped)."""
-    global BYTES_REDUCED
+    global _bytes_reduced
     if not available():
         return
     for t in tensors:
         if t is None:
             continue
-        BYTES_REDUCED += t.numel() * t.element_size()
+        _bytes_reduced += t.numel() * t.element_size()
         dev = _collective_device(t)
         buf = t if t.device == dev else t.to(dev)
         torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
