@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from fxmerge.analysis.rules.registry import LEAST_SQUARES
 from fxmerge.runtime.distributed import all_sum
 from fxmerge.runtime.runner import sample_positions
 from .sweep import A, B, M, Point
@@ -45,12 +46,10 @@ from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M, Widening, widen_fea
 
 
 def supports(mod: nn.Module) -> bool:
-    """Layers whose forward is a plain convolution or linear map of their weight."""
-    if isinstance(mod, nn.Linear):
-        return type(mod).forward is nn.Linear.forward or type(mod).__module__.startswith("timm.layers.linear")
-    if type(mod) is nn.ConvTranspose2d:
-        return mod.padding_mode == "zeros" and mod.groups == 1
-    return type(mod) is nn.Conv2d and mod.padding_mode == "zeros"
+    """Layers whose forward is a plain convolution or linear map of their
+    weight (each op's rule says so: ``LEAST_SQUARES``)."""
+    entry = LEAST_SQUARES.for_module(mod)
+    return entry is not None and bool(entry(mod))
 
 
 def conv_weight(mod: nn.Module, weight: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ import torch.nn as nn
 from fxmerge.errors import RewriteError
 from fxmerge.runtime.inputs import as_inputs
 from fxmerge.analysis.ir import layout_size
-from fxmerge.runtime.layers import PartialConv, PartialFunctional, PartialLinear, SplitLayerNorm
-from fxmerge.analysis.rules.registry import RESIZE, tensors_in, weight_layouts
+from fxmerge.runtime.layers import PartialFunctional
+from fxmerge.analysis.rules.registry import RESIZE, ROW_BLOCKS, SPLIT_NORM, tensors_in, weight_layouts
 from fxmerge.analysis.tracing import TensorInfo, ValueProp
 from fxmerge.runtime.tensors import replace_module, set_tensor, split_name
 from .widening import LayoutWidener, row_blocks, widen_tensor
@@ -129,41 +129,13 @@ class WidenGraph:
             ws = [self.widener.widen(lay) for lay in normalized_layouts(self.pg, old_nodes[name], norm)]
             if all((w.role == 3).all() for w in ws):
                 continue  # fully merged: the plain op is exact
-            w = ws[-1]  # splittable norms normalise one axis
             node = nodes[name]
             if not splittable(gm, node, norm):
                 raise RewriteError(
                     f"cannot widen the features normalised by '{name}': only single-axis LayerNorm/RMSNorm can be split; "
                     "merge with norm_policy='merged'"
                 )
-            if node.op == "call_module" and calls[node.target] == 1:
-                mod = gm.get_submodule(node.target)
-                new = SplitLayerNorm(w.role, mod.eps, norm.rms, getattr(mod, "weight", None), getattr(mod, "bias", None))
-                replace_module(gm, node.target, new)
-                continue
-            if node.op == "call_module":
-                # a module called at several nodes: each call gets its own
-                # split, reading the module's affine parameters
-                mod = gm.get_submodule(node.target)
-                target = f"fxm_split_{name}"
-                gm.add_submodule(target, SplitLayerNorm(w.role, mod.eps, norm.rms))
-                with gm.graph.inserting_before(node):
-                    params = [gm.graph.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None
-                              for p in ("weight", "bias")]
-                node.op, node.target = "call_module", target
-                node.args = (node.args[0], *params)
-                node.kwargs = {}
-                continue
-            # F.layer_norm(input, normalized_shape, weight, bias, eps) / F.rms_norm(input, shape, weight, eps)
-            names = ["input", "normalized_shape", "weight"] + ([] if norm.rms else ["bias"]) + ["eps"]
-            bound = dict(zip(names, node.args))
-            bound.update(node.kwargs)
-            eps = bound.get("eps", None if norm.rms else 1e-5)
-            target = f"fxm_split_{name}"
-            gm.add_submodule(target, SplitLayerNorm(w.role, eps, norm.rms))
-            node.op, node.target = "call_module", target
-            node.args = (bound["input"], bound.get("weight"), bound.get("bias"))
-            node.kwargs = {}
+            SPLIT_NORM.for_node(gm, node)(gm, node, norm, ws[-1].role, calls)  # splittable norms normalise one axis
 
     # -- shape constants ---------------------------------------------------
     def _rewrite_constants(self, gm: fx.GraphModule) -> None:
@@ -366,12 +338,8 @@ def splittable(gm: fx.GraphModule, node: fx.Node, norm) -> bool:
     module whose forward is ``nn.LayerNorm``'s or ``nn.RMSNorm``'s."""
     if norm.axes != 1:
         return False
-    if node.op == "call_function":
-        return node.target in (torch.nn.functional.layer_norm, getattr(torch.nn.functional, "rms_norm", None))
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return type(mod).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward, SplitLayerNorm.forward)
-    return False
+    entry = SPLIT_NORM.for_node(gm, node)
+    return entry is not None and (node.op == "call_function" or entry.applies(gm.get_submodule(node.target)))
 
 
 def check_shapes(gm: fx.GraphModule, pg, widener: LayoutWidener, example_inputs) -> None:
@@ -394,23 +362,10 @@ def check_shapes(gm: fx.GraphModule, pg, widener: LayoutWidener, example_inputs)
             raise RewriteError(f"node '{node.name}' has shape {list(v.shape)} after widening, planned {want}")
 
 
-_FUNCTIONAL = {
-    torch.nn.functional.linear: ("linear", ("input", "weight", "bias")),
-    torch.nn.functional.conv1d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    torch.nn.functional.conv2d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    torch.nn.functional.conv3d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    torch.conv1d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    torch.conv2d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    torch.conv3d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    operator.matmul: ("matmul", ("input", "weight")),
-    torch.matmul: ("matmul", ("input", "weight")),
-}
-
-
 def _split_functional(gm: fx.GraphModule, node: fx.Node, c, pg, widener: LayoutWidener) -> int:
     """A functional contraction (``F.linear``, ``F.conv2d``, ``x @ W``) as a
     ``PartialFunctional`` node wherever its weight has structural zeros."""
-    spec = _FUNCTIONAL.get(node.target)
+    spec = ROW_BLOCKS.for_function(node.target)
     if spec is None:
         return 0
     op, names = spec
@@ -450,17 +405,16 @@ def module_row_blocks(gm: fx.GraphModule, pg, widener: LayoutWidener) -> list:
         if c.groups != 1 or node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        conv = type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-        linear = isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
-        packed = hasattr(mod, "split_projection")  # a module with several projections (packed attention)
-        if not (packed or conv or linear) or c.weight_in_axis != (0 if conv and mod.transposed else 1):
+        entry = ROW_BLOCKS.for_module(mod)
+        spec = entry(mod) if entry is not None else None
+        if spec is None or c.weight_in_axis != spec[1]:
             continue
         lays = weight_layouts(pg, c)
         w_out, w_in = widener.widen(lays[1 - c.weight_in_axis]), widener.widen(lays[c.weight_in_axis])
         blocks = row_blocks(w_out, w_in)
         if all(len(cols) == w_in.size for cols, _ in blocks):
             continue  # every row reads every column: nothing to skip
-        kind = None if packed else PartialConv if conv else PartialLinear
+        kind = spec[0]
         plan.append((node.target, kind, [b[0] for b in blocks], [b[1] for b in blocks], c))
     return plan
 

@@ -21,7 +21,7 @@ from fxmerge.analysis.ir import Dim, as_product, split_dim
 from .elementwise import broadcast_layouts
 from fxmerge.runtime.layers import WidenedMultiheadAttention, packed_attention
 
-from .registry import RESIZE, RULES, TL, Opaque, widening
+from .registry import RESIZE, ROW_BLOCKS, RULES, TL, Opaque, widening
 
 
 def _is_activation(t: TL) -> bool:
@@ -233,6 +233,12 @@ def _out_proj_taps(module, query, key=None, value=None, key_padding_mask=None, n
     context, computed with the node's masks, and the node's output."""
     context = packed_attention(module, query, key_padding_mask, attn_mask, is_causal)
     return context, (output[0] if isinstance(output, (tuple, list)) else output) if output is not None else None
+
+
+@ROW_BLOCKS.register(WidenedMultiheadAttention)
+def packed_row_blocks(m):
+    """A module with packed projections splits its own."""
+    return None, 1
 
 
 @RESIZE.register(nn.MultiheadAttention)

@@ -1,12 +1,16 @@
 """Weighted layers: linear and convolution (grouped and depthwise included)."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fxmerge.analysis.ir import Dim, Dep, as_product, find, make_dep
-from .registry import RESIZE, RULES, TL, Opaque, widening
+from fxmerge.runtime.layers import PartialConv, PartialLinear
+
+from .registry import LEAST_SQUARES, RESIZE, ROW_BLOCKS, RULES, TL, Opaque, widening
 
 
 def linear_layout(ctx, x: TL, w: TL, b: TL | None) -> TL:
@@ -136,3 +140,38 @@ def resize_conv(m, old_shapes):
         if m.groups > 1:
             m.groups = m.groups * m.out_channels // old_shapes["weight"][0]
         m.in_channels = w.shape[1] * m.groups
+
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@ROW_BLOCKS.register(*CONVS)
+def conv_row_blocks(m):
+    # subclasses may compute something else in forward (timm's same-padding convolutions)
+    return (PartialConv, 0 if m.transposed else 1) if type(m) in CONVS else None
+
+
+@ROW_BLOCKS.register(nn.Linear)
+def linear_row_blocks(m):
+    return (PartialLinear, 1) if type(m).forward is nn.Linear.forward else None
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+ROW_BLOCKS.register(F.linear)(("linear", ("input", "weight", "bias")))
+ROW_BLOCKS.register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)(("conv", _CONV_ARGS))
+ROW_BLOCKS.register(operator.matmul, torch.matmul)(("matmul", ("input", "weight")))
+
+
+@LEAST_SQUARES.register(nn.Linear)
+def linear_least_squares(m) -> bool:
+    return type(m).forward is nn.Linear.forward or type(m).__module__.startswith("timm.layers.linear")
+
+
+@LEAST_SQUARES.register(nn.Conv2d)
+def conv_least_squares(m) -> bool:
+    return type(m) is nn.Conv2d and m.padding_mode == "zeros"
+
+
+@LEAST_SQUARES.register(nn.ConvTranspose2d)
+def transposed_conv_least_squares(m) -> bool:
+    return type(m) is nn.ConvTranspose2d and m.padding_mode == "zeros" and m.groups == 1

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 from fxmerge.analysis.ir import as_product
 from .elementwise import UNARY_MODULES
-from .registry import RESIZE, RULES, TL, Opaque, widening
+from fxmerge.runtime.layers import SplitLayerNorm
+from fxmerge.runtime.tensors import replace_module
+
+from .registry import RESIZE, RULES, SPLIT_NORM, TL, Opaque, widening
 
 
 def _per_channel(ctx, x: TL, axis: int, *stats) -> TL:
@@ -153,3 +156,42 @@ def resize_group_norm(m, old_shapes):
         old = old_shapes["weight"][0]
         m.num_groups = m.num_groups * m.weight.shape[0] // old
         m.num_channels = m.weight.shape[0]
+
+
+def _split_module(gm, node, norm, roles, calls) -> None:
+    """A LayerNorm/RMSNorm module with per-model statistics: replaced where
+    one node calls it; where several do, each call gets its own split,
+    reading the module's affine parameters."""
+    mod = gm.get_submodule(node.target)
+    if calls[node.target] == 1:
+        replace_module(gm, node.target, SplitLayerNorm(roles, mod.eps, norm.rms, getattr(mod, "weight", None),
+                                                       getattr(mod, "bias", None)))
+        return
+    target = f"fxm_split_{node.name}"
+    gm.add_submodule(target, SplitLayerNorm(roles, mod.eps, norm.rms))
+    with gm.graph.inserting_before(node):
+        params = [gm.graph.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None
+                  for p in ("weight", "bias")]
+    node.op, node.target = "call_module", target
+    node.args = (node.args[0], *params)
+    node.kwargs = {}
+
+
+# modules whose forward is the plain op (a subclass may normalise otherwise)
+_split_module.applies = lambda m: type(m).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward, SplitLayerNorm.forward)
+SPLIT_NORM.register(nn.LayerNorm, nn.RMSNorm, SplitLayerNorm)(_split_module)
+
+
+@SPLIT_NORM.register(*[f for f in (F.layer_norm, getattr(F, "rms_norm", None)) if f is not None])
+def split_function(gm, node, norm, roles, calls) -> None:
+    """``F.layer_norm(input, normalized_shape, weight, bias, eps)`` /
+    ``F.rms_norm(input, shape, weight, eps)`` as a ``SplitLayerNorm`` call."""
+    names = ["input", "normalized_shape", "weight"] + ([] if norm.rms else ["bias"]) + ["eps"]
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    eps = bound.get("eps", None if norm.rms else 1e-5)
+    target = f"fxm_split_{node.name}"
+    gm.add_submodule(target, SplitLayerNorm(roles, eps, norm.rms))
+    node.op, node.target = "call_module", target
+    node.args = (bound["input"], bound.get("weight"), bound.get("bias"))
+    node.kwargs = {}

@@ -232,19 +232,19 @@ class RuleRegistry:
 RULES = RuleRegistry()
 
 
-class ResizeRegistry:
-    """Per module class: how to make a module's attributes agree with its
-    widened parameters (``in_channels``, ``num_features``, ``groups`` ...).
-    A resize rule gets the module and the old shapes of its parameters."""
+class OpTable:
+    """One fact about op kinds, registered by the op's rule file: entries
+    keyed by module class (found through the class's bases, or by qualified
+    name) or by function object."""
 
     def __init__(self):
         self.rules: dict = {}
 
-    def register(self, *classes):
-        def deco(fn):
-            for c in classes:
-                self.rules[c] = fn
-            return fn
+    def register(self, *keys):
+        def deco(entry):
+            for k in keys:
+                self.rules[k] = entry
+            return entry
 
         return deco
 
@@ -255,8 +255,36 @@ class ResizeRegistry:
                 return rule
         return None
 
+    def for_function(self, fn):
+        return self.rules.get(fn)
 
-RESIZE = ResizeRegistry()
+    def for_node(self, gm, node):
+        """The entry of a graph node's op (a module call or a function call)."""
+        if node.op == "call_module":
+            return self.for_module(gm.get_submodule(node.target))
+        if node.op == "call_function":
+            return self.for_function(node.target)
+        return None
+
+
+# How to make a module's attributes agree with its widened parameters
+# (``in_channels``, ``num_features``, ``groups`` ...): an entry gets the module
+# and the old shapes of its parameters (and may return a replacement module).
+RESIZE = OpTable()
+# How a widened contraction runs without its structural zeros: for a module
+# class, ``entry(module)`` gives ``(row-block module class, or None for a
+# module that splits its own projections, the weight's input axis)``, or None
+# when the module is not the plain op; for a function, ``(op, argument names)``
+# of ``PartialFunctional``.
+ROW_BLOCKS = OpTable()
+# Whether least squares can fit a module's weight: ``entry(module)`` is true
+# for a plain convolution or linear map of its weight.
+LEAST_SQUARES = OpTable()
+# How a normalisation gets per-model statistics once the features it reads
+# widen: ``entry(gm, node, norm, roles, calls)`` rewrites the node (``calls``:
+# how many nodes call each module); for a module class, ``entry.applies(module)``
+# says whether the module computes the plain op.
+SPLIT_NORM = OpTable()
 
 
 class Opaque(Exception):
