@@ -39,6 +39,8 @@ DEFAULT_LS_INPUTS = "merged"
 DEFAULT_PLANNER = "auto"  # chosen on the validation split (docs/planner.md)
 DEFAULT_LS_TARGETS = "normalized"  # chosen on the validation split (docs/ls-targets.md)
 DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
+# a budgeted merge warns when its measured cost is off the budget by more than this share of it
+COST_TOLERANCE = 0.01
 # a merge warns when more than this share of the conv/linear weights cannot be widened
 PINNED_SHARE_WARNING = 0.5
 

@@ -79,15 +79,15 @@ _PERMUTED = ("analyze", "match", "align")
 _FITTED = ("batch_norm_sweep", "sweep", "row_blocks", "batch_norm_reset")
 
 register_method(Method(
-    "pleas", _PERMUTED + ("plan", "widen", "least_squares") + _FITTED,
+    "pleas", _PERMUTED + ("plan", "widen", "least_squares") + _FITTED + ("check_cost",),
     "PLeaS: activation matching, partial merging at the budget, least squares on the merged model's own inputs",
     bn_stats="source"))  # chosen on the validation split (docs/bn-stats.md)
 register_method(Method(
-    "perm", _PERMUTED + ("plan", "widen") + _FITTED,
+    "perm", _PERMUTED + ("plan", "widen") + _FITTED + ("check_cost",),
     "permutation merging at the budget, without least squares"))
 register_method(Method(
     "zipit", ("analyze", "zip_match", "zip_plan", "widen", "zip_weights", "row_blocks", "zip_cut",
-              "batch_norm_sweep", "sweep", "batch_norm_reset"),
+              "batch_norm_sweep", "sweep", "batch_norm_reset", "check_cost"),
     "ZipIt!: features zipped within and across models, partial zipping by a graph cut",
     matching=None))  # it pools both models' features: no pair of A and B is matched as such
 register_method(Method(
@@ -101,7 +101,7 @@ register_method(Method(
     "avg", ("analyze", "plan_full", "widen") + _FITTED,
     "weight averaging, no permutation (1x)", fixed_budget=1.0, matching=None, permutes=False))
 register_method(Method(
-    "ensemble", ("analyze", "plan", "widen", "row_blocks"),
+    "ensemble", ("analyze", "plan", "widen", "row_blocks", "check_cost"),
     "both models side by side (2x): the reference", fixed_budget=2.0, bn_stats=None, matching=None,
     norm_policy="split", permutes=False))
 

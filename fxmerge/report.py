@@ -86,7 +86,7 @@ def output_width(pg) -> int:
 def build_report(st: MergeState) -> dict:
     o = st.opts
     macs_a = st.macs_a if st.macs_a is not None else measure_macs(st.gm_a, st.example_inputs)
-    macs_m = measure_macs(st.merged, st.example_inputs)
+    macs_m = st.macs_merged if st.macs_merged is not None else measure_macs(st.merged, st.example_inputs)
     plan = st.plan
     return {
         "method": o.method,

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from fxmerge.analysis.ir import layout_size
 from fxmerge.analysis.rules.registry import LEAST_SQUARES
 from fxmerge.runtime.distributed import all_sum
 from fxmerge.runtime.runner import sample_positions
@@ -153,11 +154,16 @@ def statistics_layout(sysm: LayerSystem, ncols: int) -> Optional[StatisticsLayou
     return StatisticsLayout(cols, np.concatenate([rows_a, rows_b]), len(only_a), ncols - len(only_b), len(rows_a))
 
 
-def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, stacked: bool = False) -> tuple:
+def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, stacked: bool = False,
+                  unfit: Optional[list] = None) -> tuple:
     """A ``LayerSystem`` per contraction least squares can fit, keyed like
     ``pg.contractions`` (node name, or ``node#part`` for a packed module),
     and the merged model's module of each. ``stacked`` (RegMean) keeps only
-    layers whose shape did not change (a widened one stays as widened)."""
+    layers whose shape did not change (a widened one stays as widened).
+    ``unfit`` receives the layers applied along another axis of a tensor
+    whose channels widen (a token mixer's linear over the tokens, the
+    channels widened): the merged model's rows there are no rows of the
+    sources, so no system pairs them."""
     nodes = {n.name: n for n in merged.graph.nodes}
     pg_nodes = {n.name: n for n in pg.gm.graph.nodes}
     systems, modules = {}, {}
@@ -173,7 +179,13 @@ def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, 
                 continue
             weight_name = f"{node.target}.weight"
             bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
-            x_lay = pg.layouts[pg_nodes[name].args[0]].lays[c.input_axis]
+            x_lays = pg.layouts[pg_nodes[name].args[0]].lays
+            if any(widener.size(lay) != layout_size(lay) for axis, lay in enumerate(x_lays)
+                   if axis not in (0, c.input_axis)):
+                if unfit is not None:
+                    unfit.append(key)
+                continue
+            x_lay = x_lays[c.input_axis]
             y_lay = pg.layouts[pg_nodes[name]].lays[c.output_axis]
         else:
             # a weight inside an opaque module: its own axes are its input's and output's channels

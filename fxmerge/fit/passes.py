@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from fxmerge.errors import InputError, MemoryWarning
+from fxmerge.errors import BudgetWarning, InputError, MemoryWarning
 from fxmerge.merging.pipeline import MergeState, merge_pass, with_progress
 from fxmerge.merging.rewrite import module_row_blocks
 from fxmerge.runtime.tensors import owner_of, set_tensor
@@ -47,7 +47,15 @@ def add_least_squares(st: MergeState, inputs: str) -> None:
     """The least-squares points of every layer (those within ``max_memory``)
     for the sweep, and the report's least-squares entry."""
     o = st.opts
-    systems, _ = layer_systems(st.pg, st.merged, st.gm_a, st.widener, stacked=inputs == "stacked")
+    unfit: list = []
+    systems, _ = layer_systems(st.pg, st.merged, st.gm_a, st.widener, stacked=inputs == "stacked", unfit=unfit)
+    if unfit:
+        names = ", ".join(f"'{k}'" for k in unfit[:3]) + (f" (+{len(unfit) - 3} more)" if len(unfit) > 3 else "")
+        message = (f"least squares skipped for {len(unfit)} layer(s) applied along an axis other than their channels "
+                   f"while the channels widen: {names}; they keep their permuted weights")
+        warnings.warn(message, BudgetWarning, stacklevel=5)
+        st.warnings.append(message)
+        st.skipped_layers += list(unfit)
     per_layer: dict = {}
     models = [st.gm_a, st.gm_b, st.merged]
     solve = solver(st, per_layer)

@@ -158,19 +158,34 @@ class CostModel:
         const, coef = form
         return const + sum(c * k[u] for u, c in coef.items())
 
+    def _layer_cost(self, l: LayerCost, kd: dict) -> float:
+        ko = self._K(l.out_form, kd)
+        if l.grouped:
+            return l.scale * l.per_group_in * (2 * l.d_out - ko)
+        return l.scale * (2 * l.d_out * l.d_in - ko * self._K(l.in_form, kd))
+
+    def _product_cost(self, p: ProductCost, kd: dict) -> float:
+        return p.scale * float(np.prod([2 * d - self._K(form, kd) for d, form in p.dims]))
+
     def cost(self, k: np.ndarray) -> float:
         kd = dict(zip(self.uids, k.tolist()))
         total = 0.0
         for l in self.layers:
-            ko = self._K(l.out_form, kd)
-            if l.grouped:
-                total += l.scale * l.per_group_in * (2 * l.d_out - ko)
-            else:
-                ki = self._K(l.in_form, kd)
-                total += l.scale * (2 * l.d_out * l.d_in - ko * ki)
+            total += self._layer_cost(l, kd)
         for p in self.products:
-            total += p.scale * float(np.prod([2 * d - self._K(form, kd) for d, form in p.dims]))
+            total += self._product_cost(p, kd)
         return total + self.constant
+
+    def node_costs(self, k: dict) -> dict:
+        """The modelled cost of every node the model covers, for merge
+        counts ``k`` (root uid -> merged pairs; roots not given merge fully)."""
+        kd = {u: k.get(u, s) for u, s in zip(self.uids, self.sizes.tolist())}
+        out: dict = {}
+        for l in self.layers:
+            out[l.node] = out.get(l.node, 0.0) + self._layer_cost(l, kd)
+        for p in self.products:
+            out[p.node] = out.get(p.node, 0.0) + self._product_cost(p, kd)
+        return out
 
     def modelled_source_cost(self) -> float:
         return (sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)

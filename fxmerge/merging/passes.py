@@ -19,12 +19,13 @@ import warnings
 from fxmerge import constants as C
 from fxmerge.analysis.channels import analyze
 from fxmerge.analysis.permute import permute_tensor
+from fxmerge.analysis.rules.registry import op_kind
 from fxmerge.analysis.tracing import trace
 from fxmerge.errors import BudgetError, BudgetWarning, InputError
 from fxmerge.runtime.runner import LockstepRunner
 from fxmerge.runtime.tensors import set_tensor, tensor_state
 
-from .cost import CostModel, measure_macs
+from .cost import CostModel, measure_macs, node_costs
 from .matching import activation_matching, weight_matching
 from .statistics import ActivationCollector
 from .pipeline import MergeState, lockstep_pass, merge_pass
@@ -192,3 +193,44 @@ def check_budget(st: MergeState) -> None:
             raise BudgetError(m + " (strict)")
         warnings.warn(m, BudgetWarning, stacklevel=5)
     st.warnings.extend(messages)
+
+
+@merge_pass("check_cost", "widen")
+def pass_check_cost(st: MergeState) -> None:
+    """No silent miss: the emitted model's cost, measured, against the
+    budget asked. Off by more than ``COST_TOLERANCE`` (relative) where the
+    budget is reachable, the merge warns and names the op kinds whose
+    measured cost departs from what the plan counted."""
+    if st.macs_a is None:
+        st.macs_a = measure_macs(st.gm_a, st.example_inputs)
+    st.macs_merged = measure_macs(st.merged, st.example_inputs)
+    ratio = st.macs_merged / st.macs_a if st.macs_a else 1.0
+    budget = st.opts.budget
+    if not st.budget_reachable or abs(ratio - budget) <= C.COST_TOLERANCE * budget:
+        return
+    kinds = cost_departures(st)
+    message = (f"the merged model costs {ratio:.3f}x, not the {budget:.2f}x asked"
+               + (f": the plan does not count how the cost of {'; '.join(kinds[:4])} grows when channels widen"
+                  if kinds else ""))
+    if st.opts.strict:
+        raise BudgetError(message + " (strict)")
+    warnings.warn(message, BudgetWarning, stacklevel=4)
+    st.warnings.append(message)
+
+
+def cost_departures(st: MergeState) -> list:
+    """Op kinds (with their nodes) whose measured cost in the merged model
+    departs from the plan's by more than half a percent of the source's
+    cost: nodes the cost model covers against its count at the plan's merge
+    counts, the others against their cost in the source model."""
+    planned = node_costs(st.gm_a, st.example_inputs)
+    planned.update(cost_model_of(st).node_costs(st.plan.k))
+    measured = node_costs(st.merged, st.example_inputs)
+    nodes = {n.name: n for n in st.pg.gm.graph.nodes}
+    by_kind: dict = {}
+    for name, cost in measured.items():
+        if name in nodes and abs(cost - planned.get(name, 0.0)) > 0.005 * st.macs_a:
+            n = nodes[name]
+            kind = op_kind(n, st.gm_a.get_submodule(n.target) if n.op == "call_module" else None)
+            by_kind.setdefault(kind, []).append(name)
+    return [f"{kind} ({', '.join(names[:3])})" for kind, names in by_kind.items()]

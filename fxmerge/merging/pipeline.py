@@ -86,6 +86,7 @@ class MergeState:
     budget_reachable: bool = True
     pinned_share: float = 0.0
     macs_a: Optional[float] = None
+    macs_merged: Optional[float] = None  # measured once the model is emitted
     warnings: list = field(default_factory=list)
     row_block_layers: int = 0
     bytes_reduced: int = 0  # summed across ranks by this merge

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxmerge.analysis.ir import Product, find, fold
+from fxmerge.analysis.ir import Product, find, fold, is_pinned
 from fxmerge.errors import InputError
 from fxmerge.analysis.rules.registry import tensors_in
 from fxmerge.runtime.runner import sample_positions
@@ -235,6 +235,7 @@ class ActivationCollector:
         self.keys: dict = {}  # root uid -> root Dim
         self.batch = 0
         self._plan = {}
+        self._free_axes = {}  # node name -> its non-batch axes that carry a permutation
         for node in pg.gm.graph.nodes:
             if node.name not in self.sites:
                 continue
@@ -250,6 +251,7 @@ class ActivationCollector:
                     occ.append((axis, root, pos))
             if occ:
                 self._plan[name] = occ
+                self._free_axes[name] = [axis for axis, lay in enumerate(tls[0].lays) if axis > 0 and not is_pinned(lay)]
         self._probes = {}  # node name -> [(Probe, occurrences)]
         for name, probes in getattr(pg, "probes", {}).items():
             if not models:
@@ -272,19 +274,25 @@ class ActivationCollector:
             a, b = values
             if isinstance(a, (tuple, list)):  # (output, attention weights)
                 a, b = a[0], b[0]
-            self._add(node.name, a, b, occ, gen)
+            self._add(node.name, a, b, occ, gen, self._free_axes[node.name])
         for i, (probe, pocc) in enumerate(probes):
             inputs = [env(x) for x in node.args if isinstance(x, torch.fx.Node)]
             a, b = (probe.compute(gm.get_submodule(node.target), *[v[m] for v in inputs])
                     for m, gm in enumerate(self.models))
             self._add(f"{node.name}:probe{i}", a, b, pocc, gen)
 
-    def _add(self, name, a, b, occ, gen) -> None:
+    def _add(self, name, a, b, occ, gen, free_axes=()) -> None:
         by_axis = defaultdict(list)
         for axis, root, pos in occ:
             by_axis[axis].append((root, pos))
         for axis, items in by_axis.items():
-            va, vb = positions_view(a, axis), positions_view(b, axis)
+            # another axis that carries a permutation (the channels of a token
+            # mixer's input) is in a different order in each model: its entries
+            # are no common positions, so matching reads their mean, which no
+            # permutation changes
+            others = [x for x in free_axes if x != axis]
+            pa, pb = (a.mean(dim=others, keepdim=True), b.mean(dim=others, keepdim=True)) if others else (a, b)
+            va, vb = positions_view(pa, axis), positions_view(pb, axis)
             idx = sample_positions(va.shape[1], self.positions, gen, va.device)
             ra, rb = rows(va, idx), rows(vb, idx)
             # checked on the kept rows only: a full-tensor check costs a third

@@ -1,0 +1,99 @@
+"""A layer along another axis while the channels widen (an MLP-Mixer's
+token mixing, written by hand): a permuted copy merges back at every budget,
+least squares skips what it cannot pair and says so, and a cost the plan did
+not count is a warning naming the op, an error under ``strict``."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxmerge
+
+X = torch.randn(4, 3, 16, 16)
+BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+class Mixer(nn.Module):
+    """Patch embedding, one token-mixing MLP (a Linear over the tokens after a
+    transpose) and one channel-mixing MLP, pre-norm, residual."""
+
+    def __init__(self, dim=32, tokens=16, hidden=24):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tok1, self.tok2 = nn.Linear(tokens, hidden), nn.Linear(hidden, tokens)
+        self.ch1, self.ch2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.tok2(F.gelu(self.tok1(self.norm1(t).transpose(1, 2)))).transpose(1, 2)
+        t = t + self.ch2(F.gelu(self.ch1(self.norm2(t))))
+        return self.head(t.mean(1))
+
+
+def model(seed):
+    torch.manual_seed(seed)
+    return Mixer().eval()
+
+
+def permuted_copy(m, seed=3):
+    pg = fxmerge.analyze(m, X[:2])
+    state = m.state_dict()
+    state.update(pg.permute_state(state, pg.sampler(np.random.default_rng(seed))))
+    other = copy.deepcopy(m)
+    other.load_state_dict(state)
+    return other
+
+
+def calib():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(16, 3, 16, 16, generator=g) for _ in range(4)]
+
+
+def rel(x, y):
+    return float((x - y).norm() / y.norm())
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_a_permuted_copy_merges_back_at_every_budget(budget):
+    a = model(0)
+    b = permuted_copy(a)
+    assert rel(b(X), a(X)) < 1e-5
+    with pytest.warns(fxmerge.BudgetWarning) if budget > 1.25 else _no_budget_warning():
+        res = fxmerge.merge(a, b, calib(), budget=budget, method="perm", bn_stats="source")
+    assert rel(res.model(X), a(X)) < 1e-5
+
+
+def test_least_squares_skips_the_token_mixer_when_channels_widen_and_says_so():
+    a = model(0)
+    with pytest.warns(fxmerge.BudgetWarning, match="least squares skipped for 2 layer.*'tok1'"):
+        res = fxmerge.merge(a, permuted_copy(a), calib(), budget=1.5, method="pleas", bn_stats="source")
+    assert set(res.report["least_squares_skipped"]) == {"tok1", "tok2"}
+    assert rel(res.model(X), a(X)) < 1e-4
+
+
+def test_a_cost_the_plan_did_not_count_names_the_op_and_fails_under_strict():
+    a, b = model(0), model(1)
+    with pytest.warns(fxmerge.BudgetWarning, match=r"costs 1\.\d+x, not the 1\.50x asked.*nn\.Linear \(tok1, tok2\)"):
+        res = fxmerge.merge(a, b, calib(), budget=1.5, method="perm", bn_stats="source")
+    assert abs(res.report["cost_measured"] - 1.5) > 0.015 and any("tok1" in w for w in res.report["warnings"])
+    with pytest.raises(fxmerge.BudgetError, match="strict"):
+        fxmerge.merge(a, b, calib(), budget=1.5, method="perm", bn_stats="source", strict=True)
+
+
+class _no_budget_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", fxmerge.BudgetWarning)
+
+    def __exit__(self, *exc):
+        return self._catch.__exit__(*exc)
