@@ -210,8 +210,8 @@ def pass_check_cost(st: MergeState) -> None:
         return
     kinds = cost_departures(st)
     message = (f"the merged model costs {ratio:.3f}x, not the {budget:.2f}x asked"
-               + (f": the plan does not count how the cost of {'; '.join(kinds[:4])} grows when channels widen"
-                  if kinds else ""))
+               + (f": the plan does not count how the cost of {'; '.join(kinds[:4])} grows when channels widen; "
+                  "there the widened model mixes the models' features (at 2x it is not the ensemble)" if kinds else ""))
     if st.opts.strict:
         raise BudgetError(message + " (strict)")
     warnings.warn(message, BudgetWarning, stacklevel=4)

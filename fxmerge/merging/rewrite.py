@@ -93,13 +93,19 @@ class WidenGraph:
         ``x.shape``) can change once channels widen, even on an axis that keeps
         its size. Run the widened graph on the traced example and replace
         every computed size that differs from the planned one by the planned
-        constant (sizes that still agree, such as the batch, stay computed)."""
+        constant (sizes that still agree, such as the batch, stay computed).
+        A number computed from a size that tensor arithmetic reads (the
+        attention scale ``(c // heads) ** -0.5``) keeps its source value: the
+        widened axis is more heads of the same width, not wider heads."""
         example = self.pg.traced.example_inputs
-        planned = {}
+        planned, source = {}, {}
         for node in self.pg.gm.graph.nodes:
             shape = self.new_shape(node)
-            if shape is not None and isinstance(node.meta.get("fxm_value"), TensorInfo):
+            value = node.meta.get("fxm_value")
+            if shape is not None and isinstance(value, TensorInfo):
                 planned[node.name] = shape
+            if _is_number(value):
+                source[node.name] = value
         changed = False
 
         class Fixer(fx.Interpreter):
@@ -107,7 +113,10 @@ class WidenGraph:
                 nonlocal changed
                 if n.name in planned and _is_reshape(n):
                     changed |= _fix_sizes(n, inner.env, planned[n.name])
-                return super().run_node(n)
+                out = super().run_node(n)
+                if n.name in source and _is_number(out) and out != source[n.name]:
+                    changed |= _keep_source_number(n, source[n.name])
+                return out
 
         try:
             with torch.no_grad():
@@ -306,6 +315,32 @@ class WidenGraph:
 def _is_reshape(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in ("reshape", "view", "expand")) or (
         node.op == "call_function" and node.target is torch.reshape)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, operator.pow, torch.mul, torch.div,
+               torch.add, torch.sub, torch.pow}
+_ARITHMETIC_METHODS = {"mul", "div", "add", "sub", "pow", "__mul__", "__truediv__", "__add__", "__sub__", "__rmul__"}
+
+
+def _keep_source_number(node: fx.Node, value) -> bool:
+    """Where tensor arithmetic reads ``node`` (a number computed from sizes
+    that widening changed), read the source's ``value`` instead; a float is
+    never a size, so every reader of one gets it. Returns whether a reader
+    changed."""
+    changed = False
+    for user in list(node.users):
+        tensor_op = isinstance(user.meta.get("fxm_value"), TensorInfo) and (
+            (user.op == "call_function" and user.target in _ARITHMETIC)
+            or (user.op == "call_method" and user.target in _ARITHMETIC_METHODS))
+        if isinstance(value, float) or tensor_op:
+            user.args = fx.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.map_arg(user.kwargs, lambda a: value if a is node else a)
+            changed = True
+    return changed
 
 
 def _fix_sizes(node: fx.Node, env: dict, want: list) -> bool:

@@ -1,7 +1,10 @@
-"""A layer along another axis while the channels widen (an MLP-Mixer's
-token mixing, written by hand): a permuted copy merges back at every budget,
-least squares skips what it cannot pair and says so, and a cost the plan did
-not count is a warning naming the op, an error under ``strict``."""
+"""Nets written by hand as a new user would, with the patterns that strain
+widening: window attention whose head width and scale are read from the
+input's shape, and an MLP-Mixer's token mixing (a layer along another axis
+while the channels widen). A permuted copy merges back at every budget;
+window attention at 2x is the ensemble; least squares skips what it cannot
+pair and says so; a cost the plan did not count is a warning naming the op,
+an error under ``strict``."""
 from __future__ import annotations
 
 import copy
@@ -37,9 +40,33 @@ class Mixer(nn.Module):
         return self.head(t.mean(1))
 
 
-def model(seed):
+class WindowAttention(nn.Module):
+    """Swin-style attention over 2x2 windows, the head width ``c // heads``
+    and the scale ``(c // heads) ** -0.5`` computed from the input's shape."""
+
+    def __init__(self, dim=32, heads=4, window=2):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x).permute(0, 2, 3, 1)
+        b, h, w, c = t.shape
+        s = self.window
+        y = self.norm(t).reshape(b, h // s, s, w // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, c)
+        n, head_dim = y.shape[1], c // self.heads
+        q, k, v = self.qkv(y).reshape(-1, n, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        o = self.proj((attn @ v).transpose(1, 2).reshape(-1, n, c))
+        o = o.reshape(b, h // s, w // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        return self.head((t + o).mean((1, 2)))
+
+
+def model(seed, cls=Mixer):
     torch.manual_seed(seed)
-    return Mixer().eval()
+    return cls().eval()
 
 
 def permuted_copy(m, seed=3):
@@ -61,13 +88,22 @@ def rel(x, y):
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_a_permuted_copy_merges_back_at_every_budget(budget):
-    a = model(0)
+@pytest.mark.parametrize("cls", [Mixer, WindowAttention], ids=lambda c: c.__name__)
+def test_a_permuted_copy_merges_back_at_every_budget(cls, budget):
+    a = model(0, cls)
     b = permuted_copy(a)
     assert rel(b(X), a(X)) < 1e-5
-    with pytest.warns(fxmerge.BudgetWarning) if budget > 1.25 else _no_budget_warning():
+    # the token mixer's cost grows with the channels beyond what the plan counts (and says so)
+    with pytest.warns(fxmerge.BudgetWarning) if cls is Mixer and budget > 1.25 else _no_budget_warning():
         res = fxmerge.merge(a, b, calib(), budget=budget, method="perm", bn_stats="source")
     assert rel(res.model(X), a(X)) < 1e-5
+    assert abs(res.report["cost_measured"] - budget) <= 0.01 * budget or cls is Mixer
+
+
+def test_window_attention_at_two_x_is_the_ensemble():
+    a, b = model(0, WindowAttention), model(1, WindowAttention)
+    res = fxmerge.merge(a, b, calib(), budget=2.0, method="perm", bn_stats="source")
+    assert rel(res.model(X), (a(X) + b(X)) / 2) < 1e-5 and res.report["budget_reachable"]
 
 
 def test_least_squares_skips_the_token_mixer_when_channels_widen_and_says_so():
