@@ -1,8 +1,9 @@
 """Nets written by hand as a new user would, with the patterns that strain
 widening: window attention whose head width and scale are read from the
-input's shape, and an MLP-Mixer's token mixing (a layer along another axis
-while the channels widen). A permuted copy merges back at every budget;
-window attention at 2x is the ensemble; least squares skips what it cannot
+input's shape, GroupNorm (widened a group at a time) and an MLP-Mixer's
+token mixing (a layer along another axis while the channels widen). A
+permuted copy merges back at every budget within 1% of it; window attention
+and GroupNorm at 2x are the ensemble; least squares skips what it cannot
 pair and says so; a cost the plan did not count is a warning naming the op,
 an error under ``strict``."""
 from __future__ import annotations
@@ -64,6 +65,19 @@ class WindowAttention(nn.Module):
         return self.head((t + o).mean((1, 2)))
 
 
+class GroupNormNet(nn.Module):
+    """``nn.GroupNorm(4, 32)`` between convolutions: widened a whole group at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(4, 32)
+        self.c2, self.head = nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c2(F.relu(self.gn(self.c1(x)))))
+        return self.head(x.mean((2, 3)))
+
+
 def model(seed, cls=Mixer):
     torch.manual_seed(seed)
     return cls().eval()
@@ -88,7 +102,7 @@ def rel(x, y):
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("cls", [Mixer, WindowAttention], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [Mixer, WindowAttention, GroupNormNet], ids=lambda c: c.__name__)
 def test_a_permuted_copy_merges_back_at_every_budget(cls, budget):
     a = model(0, cls)
     b = permuted_copy(a)
@@ -100,8 +114,9 @@ def test_a_permuted_copy_merges_back_at_every_budget(cls, budget):
     assert abs(res.report["cost_measured"] - budget) <= 0.01 * budget or cls is Mixer
 
 
-def test_window_attention_at_two_x_is_the_ensemble():
-    a, b = model(0, WindowAttention), model(1, WindowAttention)
+@pytest.mark.parametrize("cls", [WindowAttention, GroupNormNet], ids=lambda c: c.__name__)
+def test_at_two_x_the_merge_is_the_ensemble(cls):
+    a, b = model(0, cls), model(1, cls)
     res = fxmerge.merge(a, b, calib(), budget=2.0, method="perm", bn_stats="source")
     assert rel(res.model(X), (a(X) + b(X)) / 2) < 1e-5 and res.report["budget_reachable"]
 
