@@ -208,10 +208,15 @@ def pass_check_cost(st: MergeState) -> None:
     budget = st.opts.budget
     if not st.budget_reachable or abs(ratio - budget) <= C.COST_TOLERANCE * budget:
         return
-    kinds = cost_departures(st)
-    message = (f"the merged model costs {ratio:.3f}x, not the {budget:.2f}x asked"
-               + (f": the plan does not count how the cost of {'; '.join(kinds[:4])} grows when channels widen; "
-                  "there the widened model mixes the models' features (at 2x it is not the ensemble)" if kinds else ""))
+    message = f"the merged model costs {ratio:.3f}x, not the {budget:.2f}x asked"
+    if abs(st.plan.ratio - budget) > C.COST_TOLERANCE * budget:
+        # the plan itself lands there: the nearest cost its units allow (whole blocks, a ZipIt! cut)
+        message += f": the nearest plan costs {st.plan.ratio:.3f}x"
+    else:
+        kinds = cost_departures(st)
+        if kinds:
+            message += (f": the plan does not count how the cost of {'; '.join(kinds[:4])} grows when channels "
+                        "widen; there the widened model mixes the models' features (at 2x it is not the ensemble)")
     if st.opts.strict:
         raise BudgetError(message + " (strict)")
     warnings.warn(message, BudgetWarning, stacklevel=4)
