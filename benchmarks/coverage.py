@@ -9,10 +9,13 @@ random initialisation, eval mode:
   group, pinned op kinds, every group verified sound (float64);
 * export: the groups' JSON, applied by the reference applier
   (``fxmerge.analysis.apply``) with random permutations, leaves the output unchanged;
-* merging (``--merge``): a permuted copy merged back at 1.0x with PLeaS is
-  the same function; two random inits merged at 1.5x give a finite model
-  whose measured cost equals the planned one; at 2.0x the ensemble (or the
-  budget is reported out of reach); the largest reachable cost.
+* merging (``--merge``): weights initialised to zero are re-drawn first (so
+  no comparison is of all-zero outputs); a permuted copy merged back at 1.5x
+  (permutation only, the sources' statistics) is the same function; two
+  random inits merged at 1.5x with PLeaS give a finite model whose measured
+  cost is within 1% of 1.5x or the merge says why; at 2.0x the ensemble (or
+  the budget is reported out of reach, naming the op); the largest
+  reachable cost.
 
 Writes docs/coverage.md and docs/coverage-models.json (the models and input
 sizes, which tests/test_export.py reads).
@@ -48,7 +51,8 @@ MAX_SIDE = 448  # larger default inputs are rebuilt at 224 where the model allow
 MAX_PARAMS = 200e6  # larger models do not fit a float64 verification on this machine
 # three merges of a larger model (least squares over 2x-wide layers) take minutes each on 2 CPU cores
 MERGE_MAX_PARAMS = 30e6
-MERGE_ANYWAY: set = set()  # models merged whatever their size (--merge-anyway)
+MERGE_ANYWAY: set = set()
+SELF_TOLERANCE = 1e-3  # relative max-abs change: a merge that should give back the function  # models merged whatever their size (--merge-anyway)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE_DIR = os.path.join(HERE, "..", ".cache")
 DEFAULT_OUT = os.path.abspath(os.path.join(HERE, "..", "docs", "coverage.md"))
@@ -166,52 +170,78 @@ def at_merge_size(source, name, kw, model, size, side):
         return model, size, kw
 
 
+def redraw_zero_init(model: torch.nn.Module, seed: int) -> int:
+    """Re-draw the weights a model initialises to zero (timm's classifier
+    heads, the last norm scale of residual branches): with them every
+    output, or every branch, is 0 and any comparison of merged outputs is
+    exact whatever the merge did. Norm scales (1-D) become 1 + noise, other
+    weights small noise; zero biases stay. Returns how many tensors."""
+    g = torch.Generator().manual_seed(seed)
+    redrawn = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point() or p.numel() == 0 or name.endswith("bias") or bool(p.any()):
+                continue
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            p.copy_(1 + 0.1 * noise if p.ndim == 1 else 0.02 * noise)
+            redrawn += 1
+    return redrawn
+
+
+def _first(v):
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
+def _relative(y, want) -> float:
+    return float((y - want).abs().max() / (want.abs().max() + 1e-12))
+
+
 def merge_checks(source, name, kw, model, size, groups, side=None) -> dict:
     """The merge columns (see the module docstring)."""
     out = {}
     small_model, size, kw = at_merge_size(source, name, kw, model, size, side)
-    if small_model is not model or side is not None:
-        model = small_model
-        groups = fxmerge.analyze(model, torch.randn(1, *size))
+    model = copy.deepcopy(small_model)
+    out["redrawn"] = redraw_zero_init(model, seed=0)
+    groups = fxmerge.analyze(model, torch.randn(1, *size))
     out["merge_size"] = list(size)
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(4, *size, generator=g) for _ in range(2)]
     x = torch.randn(2, *size, generator=g)
     opts = dict(positions=16, max_memory="4G")
-    # a permuted copy, merged back at 1x
+    with torch.no_grad(), without_fast_path():
+        want = _first(model(x))
+    out["output_scale"] = float(want.abs().max())
+    # a permuted copy, merged back at 1.5x: the widened model is the model
     sampler = groups.sampler(np.random.default_rng(3))
     state = model.state_dict()
     state.update(groups.permute_state(state, sampler))
     b = copy.deepcopy(model)
     b.load_state_dict(state)
-    res = fxmerge.merge(model, b, data, budget=1.0, method="pleas", **opts)
+    res = fxmerge.merge(model, b, data, budget=1.5, method="perm", bn_stats="source", **opts)
     with torch.no_grad(), without_fast_path():
-        y, want = res.model(x), model(x)
-    y = y[0] if isinstance(y, (tuple, list)) else y
-    want = want[0] if isinstance(want, (tuple, list)) else want
-    out["self"] = float((y - want).abs().max() / (want.abs().max() + 1e-12))
-    # two inits at 1.5x and 2x
+        out["self"] = _relative(_first(res.model(x)), want)
+    # two inits at 1.5x (PLeaS) and 2x (the ensemble)
     torch.manual_seed(1)
     other = build_model(source, name, **kw).eval()
+    redraw_zero_init(other, seed=1)
     res = fxmerge.merge(model, other, data, budget=1.5, method="pleas", **opts)
     with torch.no_grad(), without_fast_path():
-        y = res.model(x)
-    y = y[0] if isinstance(y, (tuple, list)) else y
+        y = _first(res.model(x))
     r = res.report
     out["finite"] = bool(torch.isfinite(y).all())
     out["cost_15"] = r["cost_measured"]
     out["planned_15"] = r["cost_planned"]
     out["reachable"] = r["cost_feasible"][1]
+    out["warned_15"] = "; ".join(w for w in r["warnings"] if "costs" in w or "out of reach" in w)[:200]
     res = fxmerge.merge(model, other, data, budget=2.0, method="perm", bn_stats="source", **opts)
     with torch.no_grad(), without_fast_path():
-        y, ya, yb = res.model(x), model(x), other(x)
-    pick = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
-    y, ya, yb = pick(y), pick(ya), pick(yb)
-    want = (ya + yb) / 2
-    out["two_x"] = float((y - want).abs().max() / (want.abs().max() + 1e-12))
+        y, ya, yb = _first(res.model(x)), want, _first(other(x))
+    out["two_x"] = _relative(y, (ya + yb) / 2)
     # the ensemble is expected where 2x is reachable and no op keeps features merged
     out["two_x_reachable"] = r["cost_feasible"][1] >= 2.0 - 1e-6 and not res.report["kept_merged"]
-    out["blocked"] = "; ".join(k["reason"] for k in res.report["kept_merged"][:2])
+    out["blocked"] = "; ".join(k["reason"] for k in res.report["kept_merged"][:2]) or "; ".join(
+        w.split("kept from widening by: ")[-1] for w in res.report["warnings"] if "out of reach" in w)
+    out["per_view"] = len(res.report["per_model_views"])
     return out
 
 
@@ -256,13 +286,14 @@ def run_one(source, family, name, timeout, merge, merge_side=None):
 
 
 def merges_ok(r) -> bool:
-    """The merge properties: the self-merge is the same function, the 1.5x
-    merge is finite and costs what was planned, 2x is the ensemble where it
-    is reachable."""
+    """The merge properties: the permuted self-merge at 1.5x is the same
+    function, the 1.5x merge is finite and lands within 1% of the budget or
+    says why, 2x is the ensemble where it is reachable."""
     if "self" not in r:
         return False
-    ok = r["self"] < 1e-2 and r["finite"] and abs(r["cost_15"] - r["planned_15"]) <= 1e-3 * r["planned_15"]
-    return ok and (not r["two_x_reachable"] or r["two_x"] < 1e-3)
+    on_budget = abs(r["cost_15"] - 1.5) <= 0.01 * 1.5 or bool(r.get("warned_15"))
+    ok = r["self"] < SELF_TOLERANCE and r["finite"] and on_budget
+    return ok and (not r["two_x_reachable"] or r["two_x"] < SELF_TOLERANCE)
 
 
 def main():
@@ -402,10 +433,10 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
             f"input size; 16 positions per image): "
             f"{len(merged)} of {len(traced_rows)} traced timm families merged "
             f"({100 * len(merged) / max(len(traced_rows), 1):.0f}%) and {len(tv_merged)} of {len(tv_rows_run)} torchvision "
-            "models pass every merge check: a permuted copy merged back at 1x with PLeaS is the same function "
-            "(relative change < 1e-2: least squares from 8 images), two inits at 1.5x give a finite model whose "
-            "measured cost equals the plan, 2x is the ensemble (relative change < 1e-3) where reachable with nothing "
-            "kept merged",
+            "models pass every merge check (weights initialised to zero re-drawn first): a permuted copy merged back "
+            f"at 1.5x is the same function (relative change < {SELF_TOLERANCE:.0e}), two inits at 1.5x with PLeaS give "
+            "a finite model whose measured cost is within 1% of 1.5x or the merge warns why, 2x is the ensemble "
+            f"(relative change < {SELF_TOLERANCE:.0e}) where reachable with nothing kept merged",
             f"- not merged, over {MERGE_MAX_PARAMS / 1e6:.0f}M parameters (three merges of such a model take "
             f"too long for a sweep over the zoo on this machine): {len(too_large)} ("
             + ", ".join(r["model"] for r in too_large) + ")",
@@ -434,13 +465,13 @@ def _why(r) -> str:
     if "self" not in r:
         return r["error"] or "not merged"
     parts = []
-    if r["self"] >= 1e-2:
+    if r["self"] >= SELF_TOLERANCE:
         parts.append(f"self-merge changes the output by {r['self']:.1e}")
     if not r["finite"]:
         parts.append("non-finite outputs at 1.5x")
-    if abs(r["cost_15"] - r["planned_15"]) > 1e-3 * r["planned_15"]:
-        parts.append(f"1.5x measured {r['cost_15']:.3f}x, planned {r['planned_15']:.3f}x")
-    if r["two_x_reachable"] and r["two_x"] >= 1e-3:
+    if abs(r["cost_15"] - 1.5) > 0.01 * 1.5 and not r.get("warned_15"):
+        parts.append(f"1.5x measured {r['cost_15']:.3f}x without a warning")
+    if r["two_x_reachable"] and r["two_x"] >= SELF_TOLERANCE:
         parts.append(f"2x differs from the ensemble by {r['two_x']:.1e}")
     return "; ".join(parts)
 

@@ -111,6 +111,7 @@ def build_report(st: MergeState) -> dict:
         "bytes_reduced": st.bytes_reduced,
         "source_num_classes": int(output_width(st.pg)),
         "row_block_layers": st.row_block_layers,
+        "per_model_views": st.per_model_views,
         "timings": st.timings,
         "least_squares": st.least_squares,
         "least_squares_skipped": st.skipped_layers,

@@ -169,22 +169,22 @@ def layer_systems(pg, merged: fx.GraphModule, gm_a: fx.GraphModule, widener, *, 
     systems, modules = {}, {}
     for key, c in pg.contractions.items():
         name = c.node
-        node = nodes[name]
-        if node.op != "call_module" or key in systems or c.weight is None:
+        node = nodes.get(name)  # absent: run per model view, with each model's own weights
+        if node is None or node.op != "call_module" or key in systems or c.weight is None:
             continue
         mod = merged.get_submodule(node.target)
         lays = pg.members[c.weight]
         if c.taps is None:
-            if not supports(mod):
-                continue
-            weight_name = f"{node.target}.weight"
-            bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
             x_lays = pg.layouts[pg_nodes[name].args[0]].lays
             if any(widener.size(lay) != layout_size(lay) for axis, lay in enumerate(x_lays)
                    if axis not in (0, c.input_axis)):
                 if unfit is not None:
                     unfit.append(key)
                 continue
+            if not supports(mod):
+                continue
+            weight_name = f"{node.target}.weight"
+            bias_name = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
             x_lay = x_lays[c.input_axis]
             y_lay = pg.layouts[pg_nodes[name]].lays[c.output_axis]
         else:

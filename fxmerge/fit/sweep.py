@@ -100,7 +100,8 @@ class Schedule:
         slots = tuple(graphs)
         self.graph_nodes = {s: {n.name: n for n in graphs[s].nodes} for s in slots}
         ref = graphs[M] if M in graphs else graphs[slots[-1]]
-        self.order = [n.name for n in ref.nodes]
+        # each slot's graph order (the merged graph runs some parts per model view under other names)
+        self.order = {s: [n.name for n in graphs[s].nodes] for s in slots}
         by_name = {n.name: n for n in ref.nodes}
         self.points_at: dict = defaultdict(list)
         for p in points:
@@ -187,7 +188,7 @@ class Schedule:
     def computed_at(self, slot: int, wave: int) -> list:
         """Names of the nodes ``slot`` computes in ``wave``, in graph order."""
         step = self.step[slot]
-        return [n for n in self.order if step.get(n, NEVER) == wave]
+        return [n for n in self.order[slot] if step.get(n, NEVER) == wave]
 
     def loaded_at(self, slot: int, wave: int) -> list:
         """The frontier values ``slot`` reads in ``wave`` (computed earlier)."""
@@ -195,7 +196,7 @@ class Schedule:
         want = set(self.point_reads[slot].get(wave, ()))
         for n in self.computed_at(slot, wave):
             want.update(self.inputs[slot][n])
-        return [n for n in self.order if n in want and step.get(n, NEVER) < wave]
+        return [n for n in self.order[slot] if n in want and step.get(n, NEVER) < wave]
 
     def recomputed_at(self, slot: int, wave: int) -> list:
         """Without a frontier: everything ``wave`` reads and all that is
@@ -208,7 +209,7 @@ class Schedule:
                 continue
             closure.add(n)
             stack.extend(self.inputs[slot][n])
-        return [n for n in self.order if n in closure]
+        return [n for n in self.order[slot] if n in closure]
 
 
 class RowBlockInterpreter(fx.Interpreter):

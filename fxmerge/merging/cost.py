@@ -28,13 +28,14 @@ linear in ``k`` too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from fxmerge.analysis.ir import find, fold
-from fxmerge.analysis.rules.registry import weight_layouts, weight_shape
+from fxmerge.analysis.ir import find, fold, layout_size
+from fxmerge.analysis.rules.registry import tensors_in, weight_layouts, weight_shape
 from fxmerge.runtime.inputs import as_inputs
 
 
@@ -84,6 +85,8 @@ class LayerCost:
     in_form: tuple
     grouped: bool
     per_group_in: int
+    # the output's other widened axes (a token mixer's channels): (D_p, linear form of K_p)
+    positions: list = field(default_factory=list)
 
 
 @dataclass
@@ -132,12 +135,13 @@ class CostModel:
                 positions = int(np.prod(x.shape)) / max(1, batch * x.shape[c.input_axis])
             out_lay, in_lay = lays[out_axis], lays[c.weight_in_axis]
             of, inf = linear_form(out_lay, sizes), linear_form(in_lay, sizes)
-            for form in (of, inf):
+            moving = position_forms(pg, nodes[c.node], c.output_axis, sizes)
+            for form in [of, inf] + [f for _, f in moving]:
                 for uid in form[1]:
                     uids.setdefault(uid, len(uids))
             d_out = shape[out_axis] * (c.groups if c.weight_in_axis == 0 else 1)
             layers.append(LayerCost(c.node, positions * taps, d_out, shape[c.weight_in_axis], of, inf,
-                                    c.groups > 1, shape[c.weight_in_axis]))
+                                    c.groups > 1, shape[c.weight_in_axis], moving))
         products = []
         for p in pg.activation_products.values():
             dims = [(d, linear_form(lay, sizes)) for lay, d in zip(p.lays, p.sizes)]
@@ -151,6 +155,11 @@ class CostModel:
             model.constant = max(0.0, source_macs - model.modelled_source_cost())
         return model
 
+    @cached_property
+    def full_counts(self) -> dict:
+        """Root uid -> size: every pair merged (the source's cost)."""
+        return dict(zip(self.uids, self.sizes.tolist()))
+
     def k_full(self) -> np.ndarray:
         return self.sizes.copy()
 
@@ -160,12 +169,22 @@ class CostModel:
 
     def _layer_cost(self, l: LayerCost, kd: dict) -> float:
         ko = self._K(l.out_form, kd)
+        widened = [(d, self._K(form, kd)) for d, form in l.positions]
+        spread = float(np.prod([(2 * d - k) / d for d, k in widened]))
+        full = self.full_counts
+        if any(k < d for d, k in widened) and (ko < self._K(l.out_form, full) or
+                                              self._K(l.in_form, kd) < self._K(l.in_form, full)):
+            # two widened axes: run once per model view, each at the source's cost
+            return 2 * l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in)
         if l.grouped:
-            return l.scale * l.per_group_in * (2 * l.d_out - ko)
-        return l.scale * (2 * l.d_out * l.d_in - ko * self._K(l.in_form, kd))
+            return spread * l.scale * l.per_group_in * (2 * l.d_out - ko)
+        return spread * l.scale * (2 * l.d_out * l.d_in - ko * self._K(l.in_form, kd))
 
     def _product_cost(self, p: ProductCost, kd: dict) -> float:
-        return p.scale * float(np.prod([2 * d - self._K(form, kd) for d, form in p.dims]))
+        widths = [(d, self._K(form, kd)) for d, form in p.dims]
+        if sum(k < d for d, k in widths) > 1:
+            return 2 * p.scale * float(np.prod([d for d, _ in widths]))  # once per model view
+        return p.scale * float(np.prod([2 * d - k for d, k in widths]))
 
     def cost(self, k: np.ndarray) -> float:
         kd = dict(zip(self.uids, k.tolist()))
@@ -193,6 +212,24 @@ class CostModel:
 
     def source_cost(self) -> float:
         return self.modelled_source_cost() + self.constant
+
+
+def position_forms(pg, node, output_axis: int, sizes: dict) -> list:
+    """``(D, linear form of K)`` of every axis of a contraction's output
+    other than the batch and its channels that can widen (the channels of a
+    layer applied over the tokens): the layer runs once per position there."""
+    tls = tensors_in(pg.layouts.get(node))
+    if len(tls) != 1:
+        return []
+    lays = tls[0].lays
+    out = []
+    for axis, lay in enumerate(lays):
+        if axis in (0, output_axis % len(lays)):
+            continue
+        form = linear_form(lay, sizes)
+        if form[1]:
+            out.append((layout_size(lay), form))
+    return out
 
 
 def traced_batch_size(pg) -> int:

@@ -148,7 +148,9 @@ def full_plan(st: MergeState) -> None:
 def pass_widen(st: MergeState) -> None:
     """Emit the widened GraphModule: ``[A-only | merged | B-only]`` per root."""
     st.widener = LayoutWidener(st.plan.masks)
-    st.merged = WidenGraph(st.pg, st.widener).run(tensor_state(st.gm_a), tensor_state(st.gm_b))
+    widen = WidenGraph(st.pg, st.widener)
+    st.merged = widen.run(tensor_state(st.gm_a), tensor_state(st.gm_b))
+    st.per_model_views = widen.per_view
     check_shapes(st.merged, st.pg, st.widener, st.example_inputs)
 
 

@@ -89,6 +89,7 @@ class MergeState:
     macs_merged: Optional[float] = None  # measured once the model is emitted
     warnings: list = field(default_factory=list)
     row_block_layers: int = 0
+    per_model_views: list = field(default_factory=list)  # nodes the rewrite runs once per model view
     bytes_reduced: int = 0  # summed across ranks by this merge
 
     def batches(self) -> Iterable[Inputs]:

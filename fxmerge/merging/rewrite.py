@@ -37,6 +37,7 @@ from fxmerge.runtime.layers import PartialFunctional
 from fxmerge.analysis.rules.registry import RESIZE, ROW_BLOCKS, SPLIT_NORM, tensors_in, weight_layouts
 from fxmerge.analysis.tracing import TensorInfo, ValueProp
 from fxmerge.runtime.tensors import replace_module, set_tensor, split_name
+from .views import emit_views, role_split_layers
 from .widening import LayoutWidener, row_blocks, widen_tensor
 
 
@@ -53,6 +54,7 @@ class WidenGraph:
     def __init__(self, pg, widener: LayoutWidener):
         self.pg = pg
         self.widener = widener
+        self.per_view: list = []  # nodes run once per model view (``views``)
 
     def new_shape(self, node: fx.Node) -> Optional[list]:
         tls = tensors_in(self.pg.layouts.get(node))
@@ -82,6 +84,8 @@ class WidenGraph:
                 if isinstance(new, nn.Module) and new is not mod:  # the rule replaces the module
                     replace_module(gm, mod_name, new)
         self._rewrite_constants(gm)
+        self.per_view = emit_views(gm, self.pg, self.widener, state_a, state_b)
+        self.per_view += role_split_layers(gm, self.pg, self.widener, state_a, state_b)
         self._split_normalizations(gm)
         gm.to(model_device(pg.gm))  # modules the rewrite made (split norms) join the model's device
         gm.recompile()
@@ -136,9 +140,9 @@ class WidenGraph:
                 calls[n.target] = calls.get(n.target, 0) + 1
         for name, norm in self.pg.normalizations.items():
             ws = [self.widener.widen(lay) for lay in normalized_layouts(self.pg, old_nodes[name], norm)]
-            if all((w.role == 3).all() for w in ws):
-                continue  # fully merged: the plain op is exact
-            node = nodes[name]
+            node = nodes.get(name)
+            if node is None or all((w.role == 3).all() for w in ws):
+                continue  # run per model view, or fully merged: the plain op is exact
             if not splittable(gm, node, norm):
                 raise RewriteError(
                     f"cannot widen the features normalised by '{name}': only single-axis LayerNorm/RMSNorm can be split; "
@@ -436,8 +440,8 @@ def module_row_blocks(gm: fx.GraphModule, pg, widener: LayoutWidener) -> list:
     plan = []
     nodes = {n.name: n for n in gm.graph.nodes}
     for c in pg.contractions.values():
-        node = nodes[c.node]
-        if c.groups != 1 or node.op != "call_module":
+        node = nodes.get(c.node)  # absent: run per model view
+        if node is None or c.groups != 1 or node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         entry = ROW_BLOCKS.for_module(mod)
@@ -460,8 +464,8 @@ def split_contractions(gm: fx.GraphModule, pg, widener: LayoutWidener) -> int:
     count = 0
     nodes = {n.name: n for n in gm.graph.nodes}
     for c in pg.contractions.values():
-        node = nodes[c.node]
-        if c.groups == 1 and node.op == "call_function":
+        node = nodes.get(c.node)  # absent: run per model view
+        if node is not None and c.groups == 1 and node.op == "call_function":
             count += _split_functional(gm, node, c, pg, widener)
     for target, kind, in_index, out_index, c in module_row_blocks(gm, pg, widener):
         if kind is None:

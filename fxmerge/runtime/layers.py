@@ -299,3 +299,94 @@ class WidenedMultiheadAttention(nn.Module):
             raise NotImplementedError("widened attention is self-attention: key and value must be the query")
         o = packed_attention(self, query, key_padding_mask, attn_mask, is_causal)
         return self.out_proj(o), None
+
+
+class ModelViews(nn.Module):
+    """A part of the graph run once per source model's view of its widened
+    axes, where no widened form of its ops exists (a token mixer's hidden
+    layer while the channels widen: every entry would mix the two models).
+
+    ``views[v]`` is the part's graph with model ``v``'s weights at its source
+    shapes. Each input is gathered to model ``v``'s view along its widened
+    axes (``gathers[v][i]``: ``(axis, index)`` pairs); each output is placed
+    back on its widened axis (``scatters[j]``: ``(axis, width)``, or None for
+    an output that did not widen), a merged entry taking the mean of the
+    views that read it. With nothing merged this is the models side by
+    side; with everything merged, one model's graph run twice on shared
+    inputs.
+    """
+
+    def __init__(self, views: Sequence[nn.Module], gathers: Sequence[Sequence[Sequence[tuple]]],
+                 scatters: Sequence[Optional[tuple]], scatter_index: Sequence[Sequence[np.ndarray]]):
+        super().__init__()
+        self.views = nn.ModuleList(views)
+        self.gather_axes = [[[axis for axis, _ in axes] for axes in per_input] for per_input in gathers]
+        for v, per_input in enumerate(gathers):
+            for i, axes in enumerate(per_input):
+                for k, (_, index) in enumerate(axes):
+                    self.register_buffer(f"gather_{v}_{i}_{k}", torch.as_tensor(index, dtype=torch.long),
+                                         persistent=False)
+        self.scatters = list(scatters)
+        for j, spec in enumerate(scatters):
+            if spec is None:
+                continue
+            counts = np.zeros(spec[1])
+            for v, index in enumerate(scatter_index[j]):
+                self.register_buffer(f"scatter_{v}_{j}", torch.as_tensor(index, dtype=torch.long), persistent=False)
+                counts[index] += 1
+            self.register_buffer(f"share_{j}", torch.as_tensor(1.0 / np.maximum(counts, 1), dtype=torch.float32),
+                                 persistent=False)
+
+    def _view_inputs(self, v: int, xs) -> list:
+        out = []
+        for i, x in enumerate(xs):
+            for k, axis in enumerate(self.gather_axes[v][i]):
+                x = x.index_select(axis, getattr(self, f"gather_{v}_{i}_{k}"))
+            out.append(x)
+        return out
+
+    def forward(self, *xs):
+        ys = [view(*self._view_inputs(v, xs)) for v, view in enumerate(self.views)]
+        outs = []
+        for j, spec in enumerate(self.scatters):
+            parts = [y[j] for y in ys]
+            if not isinstance(parts[0], torch.Tensor):
+                outs.append(parts[0])  # a size or flag: the same in every view
+            elif spec is None:
+                outs.append(sum(parts) / len(parts))
+            else:
+                axis, width = spec
+                shape = list(parts[0].shape)
+                shape[axis] = width
+                out = parts[0].new_zeros(shape)
+                for v, part in enumerate(parts):
+                    out = out.index_add(axis, getattr(self, f"scatter_{v}_{j}"), part)
+                share = getattr(self, f"share_{j}").to(out.dtype)
+                outs.append(out * share.reshape([-1 if a == axis % out.ndim else 1 for a in range(out.ndim)]))
+        return tuple(outs)
+
+
+class RoleSplit(nn.Module):
+    """A layer applied along another axis than the one that widens (a Linear
+    over the tokens while the channels widen): its weights do not index the
+    widened axis, so one weight cannot serve both models. Positions of that
+    axis that carry only model A's feature run A's layer, model B's B's, the
+    merged ones the merged layer; each position is computed once, at the
+    cost the plan counts."""
+
+    def __init__(self, layers: Sequence[nn.Module], indices: Sequence[np.ndarray], axis: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.axis = axis
+        for i, index in enumerate(indices):
+            self.register_buffer(f"index_{i}", torch.as_tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [(getattr(self, f"index_{i}"), layer) for i, layer in enumerate(self.layers)]
+        ys = [(index, layer(x.index_select(self.axis, index))) for index, layer in parts if len(index)]
+        shape = list(ys[0][1].shape)
+        shape[self.axis] = x.shape[self.axis]
+        out = ys[0][1].new_empty(shape)
+        for index, y in ys:
+            out = out.index_copy(self.axis, index, y)
+        return out

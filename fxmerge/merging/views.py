@@ -1,0 +1,241 @@
+"""Per-model views: the rewrite's fallback where widening in place would mix
+the models.
+
+A widened tensor is the two models' tensors side by side, sharing the merged
+channels. That holds for every op that treats one widened axis at a time. A
+tensor with two widened axes (a token mixer's hidden layer, channels by
+hidden tokens) would hold cross entries, model A's channels against model
+B's hidden units, that neither model computes: there the widened graph is
+not the ensemble of its views. ``view_regions`` finds the parts of the graph
+that compute or read such tensors; ``emit_views`` replaces each part by a
+``ModelViews`` module that runs the part once per model, on that model's
+view of its inputs (its own and the merged channels, at its source shapes)
+with that model's aligned weights, and places the outputs back on their
+widened axes, a merged channel taking the mean of the two views. The cost
+model counts such a part twice at the source's cost (``CostModel``), as the
+module computes it.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from fxmerge.errors import RewriteError
+from fxmerge.analysis.ir import layout_size
+from fxmerge.analysis.rules.registry import tensors_in
+from fxmerge.analysis.tracing import TensorInfo
+from fxmerge.runtime.layers import ModelViews, RoleSplit
+from fxmerge.runtime.tensors import set_tensor
+from .widening import ROLE_A, ROLE_B, ROLE_M, LayoutWidener
+
+VIEW_BITS = (ROLE_A, ROLE_B)
+
+
+@dataclass
+class Region:
+    """A connected part of the source graph run per model view."""
+
+    nodes: list = field(default_factory=list)  # names, graph order
+    inputs: list = field(default_factory=list)  # fx.Nodes of the source graph read from outside
+    outputs: list = field(default_factory=list)  # fx.Nodes of the region read outside it
+
+
+def grown_axes(pg, widener: LayoutWidener, node: fx.Node) -> list:
+    """The axes of ``node``'s tensor that widen under the plan."""
+    tls = tensors_in(pg.layouts.get(node))
+    if len(tls) != 1 or not isinstance(node.meta.get("fxm_value"), TensorInfo):
+        return []
+    return [axis for axis, lay in enumerate(tls[0].lays) if widener.size(lay) != layout_size(lay)]
+
+
+def view_regions(pg, widener: LayoutWidener) -> list:
+    """The parts of the graph that compute a tensor widened along two axes,
+    with the nodes that read one, as connected regions in graph order."""
+    nodes = list(pg.gm.graph.nodes)
+    coupled = {n.name for n in nodes if n.op not in ("get_attr", "placeholder", "output")
+               and len(grown_axes(pg, widener, n)) > 1}
+    member = set(coupled)
+    for n in nodes:
+        if n.name in coupled:
+            member |= {u.name for u in n.users if u.op != "output"}
+    # connected components over edges between members
+    parent = {name: name for name in member}
+
+    def root(name):
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for n in nodes:
+        if n.name in member:
+            for i in n.all_input_nodes:
+                if i.name in member:
+                    parent[root(i.name)] = root(n.name)
+    regions: dict = {}
+    for n in nodes:
+        if n.name in member:
+            regions.setdefault(root(n.name), Region()).nodes.append(n.name)
+    by_name = {n.name: n for n in nodes}
+    out = []
+    for region in regions.values():
+        inside = set(region.nodes)
+        for name in region.nodes:
+            n = by_name[name]
+            for i in n.all_input_nodes:
+                if i.name not in inside and i.op != "get_attr" and i not in region.inputs:
+                    region.inputs.append(i)
+            if any(u.name not in inside for u in n.users):
+                region.outputs.append(n)
+        out.append(region)
+    return out
+
+
+def _view_index(widener: LayoutWidener, lay, bit: int) -> np.ndarray:
+    """Positions of the widened axis that carry model ``bit``'s view."""
+    return np.flatnonzero(widener.widen(lay).reads(bit))
+
+
+def _view_graph(pg, region: Region) -> fx.GraphModule:
+    """The region as a graph of its own: its inputs as placeholders, its
+    outputs as a tuple, A's modules and attributes (copied)."""
+    by_name = {n.name: n for n in pg.gm.graph.nodes}
+    graph = fx.Graph()
+    env: dict = {}
+    for i, node in enumerate(region.inputs):
+        env[node] = graph.placeholder(f"input_{i}")
+    for name in region.nodes:
+        node = by_name[name]
+        for i in node.all_input_nodes:
+            if i not in env and i.op == "get_attr":
+                env[i] = graph.node_copy(i)
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[o] for o in region.outputs))
+    return copy.deepcopy(fx.GraphModule(pg.gm, graph))
+
+
+def _view_state(view: fx.GraphModule, pg, state: dict, widener: LayoutWidener, bit: int) -> None:
+    """Give ``view`` one model's aligned weights, each widened axis
+    restricted (and ordered) as that model's view of it."""
+    for name, value in list(view.state_dict().items()):
+        if name not in state:
+            continue
+        t = state[name]
+        for axis, lay in enumerate(pg.members.get(name, ())):
+            w = widener.widen(lay)
+            src = w.src[np.flatnonzero(w.reads(bit))]
+            if not np.array_equal(src, np.arange(t.shape[axis])):
+                t = t.index_select(axis, torch.as_tensor(src, dtype=torch.long, device=t.device))
+        if tuple(t.shape) != tuple(value.shape):
+            raise RewriteError(f"cannot run '{name}' per model view: its view has shape {tuple(t.shape)}, "
+                               f"the source {tuple(value.shape)}")
+        set_tensor(view, name, t.detach().clone())
+
+
+def views_module(pg, region: Region, widener: LayoutWidener, states: tuple) -> ModelViews:
+    """The ``ModelViews`` module of one region, from A's and aligned B's states."""
+    views = []
+    for bit, state in zip(VIEW_BITS, states):
+        view = _view_graph(pg, region)
+        _view_state(view, pg, state, widener, bit)
+        views.append(view)
+    gathers = []
+    for bit in VIEW_BITS:
+        per_input = []
+        for node in region.inputs:
+            lays = tensors_in(pg.layouts.get(node))
+            axes = grown_axes(pg, widener, node)
+            per_input.append([(axis, _view_index(widener, lays[0].lays[axis], bit)) for axis in axes])
+        gathers.append(per_input)
+    scatters, scatter_index = [], []
+    for node in region.outputs:
+        axes = grown_axes(pg, widener, node)
+        if len(axes) > 1:
+            raise RewriteError(f"cannot run '{node.name}' per model view: its output, read outside the part, "
+                               "widens along two axes")
+        if not axes:
+            scatters.append(None)
+            scatter_index.append([])
+            continue
+        lay = tensors_in(pg.layouts.get(node))[0].lays[axes[0]]
+        scatters.append((axes[0], widener.size(lay)))
+        scatter_index.append([_view_index(widener, lay, bit) for bit in VIEW_BITS])
+    return ModelViews(views, gathers, scatters, scatter_index)
+
+
+def emit_views(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: dict, state_b: dict) -> list:
+    """Replace every region of ``gm`` (the widened copy of ``pg``'s graph) by
+    its ``ModelViews`` module. Returns the names of the nodes now run per view."""
+    replaced = []
+    for region in view_regions(pg, widener):
+        target = f"fxm_views_{region.nodes[0]}"
+        gm.add_submodule(target, views_module(pg, region, widener, (state_a, state_b)))
+        nodes = {n.name: n for n in gm.graph.nodes}
+        inside = set(region.nodes)
+        last = nodes[region.nodes[-1]]
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for o in region.outputs:
+            early = [u.name for u in nodes[o.name].users if u.name not in inside and order[u] < order[last]]
+            if early:
+                raise RewriteError(f"cannot run '{o.name}' per model view: '{early[0]}' reads it before the part ends")
+        with gm.graph.inserting_after(last):
+            call = gm.graph.call_module(target, tuple(nodes[i.name] for i in region.inputs))
+        previous = call
+        for j, o in enumerate(region.outputs):
+            with gm.graph.inserting_after(previous):
+                previous = gm.graph.call_function(operator.getitem, (call, j))
+            nodes[o.name].replace_all_uses_with(previous, delete_user_cb=lambda u: u.name not in inside)
+        modules, feeds = set(), {}
+        for name in reversed(region.nodes):
+            node = nodes[name]
+            feeds.update((i.name, i) for i in node.all_input_nodes if i.op == "get_attr")
+            if node.op == "call_module":
+                modules.add(node.target)
+            gm.graph.erase_node(node)
+        for i in feeds.values():
+            if not i.users:
+                gm.graph.erase_node(i)
+        still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for m in modules - still_called:
+            gm.delete_submodule(m)
+        replaced += region.nodes
+    return replaced
+
+
+def role_split_layers(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: dict, state_b: dict) -> list:
+    """Give every layer whose weights do not index a widened axis of its
+    tensor (a Linear over the tokens while the channels widen) one weight
+    per role of that axis (``RoleSplit``): A's on A-only positions, B's on
+    B-only ones, the merged weight on merged ones. Returns their names."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    done = []
+    for c in pg.contractions.values():
+        node = nodes.get(c.node)
+        source = next((n for n in pg.gm.graph.nodes if n.name == c.node), None)
+        if node is None or node.op != "call_module" or c.taps is not None or len(source.all_input_nodes) != 1:
+            continue
+        out_axes = grown_axes(pg, widener, source)
+        in_axes = grown_axes(pg, widener, source.args[0])
+        if len(out_axes) != 1 or in_axes != out_axes or out_axes[0] in (0, c.output_axis % len(source.meta["fxm_value"].shape)):
+            continue
+        axis = out_axes[0]
+        w = widener.widen(tensors_in(pg.layouts.get(source))[0].lays[axis])
+        merged = gm.get_submodule(node.target)
+        layers = []
+        for state in (state_a, None, state_b):
+            layer = copy.deepcopy(merged)
+            if state is not None:
+                for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
+                    full = f"{node.target}.{name}"
+                    if full in state:
+                        set_tensor(layer, name, state[full].detach().clone())
+            layers.append(layer)
+        indices = [np.flatnonzero(w.role == role) for role in (ROLE_A, ROLE_M, ROLE_B)]
+        gm.add_submodule(node.target, RoleSplit(layers, indices, axis))
+        done.append(c.node)
+    return done
