@@ -212,11 +212,7 @@ def merge_checks(source, name, kw, model, size, groups, side=None) -> dict:
         want = _first(model(x))
     out["output_scale"] = float(want.abs().max())
     # a permuted copy, merged back at 1.5x: the widened model is the model
-    sampler = groups.sampler(np.random.default_rng(3))
-    state = model.state_dict()
-    state.update(groups.permute_state(state, sampler))
-    b = copy.deepcopy(model)
-    b.load_state_dict(state)
+    b = groups.permuted_copy(model, groups.sampler(np.random.default_rng(3)))
     res = fxmerge.merge(model, b, data, budget=1.5, method="perm", bn_stats="source", **opts)
     with torch.no_grad(), without_fast_path():
         out["self"] = _relative(_first(res.model(x)), want)
@@ -480,7 +476,7 @@ def _table(rows, merge):
     head = "| family | model | traced | groups | covered | verified | applier | time (s) |"
     sep = "|---|---|---|---|---|---|---|---|"
     if merge:
-        head += " merge input | self-merge | 1.5x measured / planned | 2x vs ensemble | max cost |"
+        head += " merge input | self-merge at 1.5x | 1.5x measured | 2x vs ensemble | max cost |"
         sep += "---|---|---|---|---|"
     out = [head + " pinned op kinds / error |", sep + "---|"]
     for r in rows:
@@ -491,8 +487,10 @@ def _table(rows, merge):
                  f"{r['covered']:.2f} | {v} | {app} | {r['time']:.2f} |")
         if merge:
             if "self" in r:
-                two = f"{r['two_x']:.0e}" if r["two_x_reachable"] else f"out of reach ({r['blocked'][:60]})"
-                cells += f" {'x'.join(map(str, r['merge_size'][1:]))} | {r['self']:.0e} | {r['cost_15']:.3f} / {r['planned_15']:.3f} | {two} | {r['reachable']:.2f} |"
+                two = f"{r['two_x']:.0e}" if r["two_x_reachable"] else f"out of reach ({r['blocked'][:90]})"
+                warned = " (warned: " + r["warned_15"][:80].replace("|", "/") + ")" if r.get("warned_15") else ""
+                cells += (f" {'x'.join(map(str, r['merge_size'][1:]))} | {r['self']:.0e} | {r['cost_15']:.3f}{warned} | "
+                          f"{two} | {r['reachable']:.2f} |")
             elif r.get("merge_skipped"):
                 cells += " not run (" + r["merge_skipped"].split(":")[0] + ") | - | - | - | - |"
             else:

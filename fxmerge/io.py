@@ -80,7 +80,7 @@ def load(path: str, model: Optional[nn.Module] = None, *, device="cpu"):
         model = models.create(payload["arch"], **kw)
     model = model.eval()
     x = torch.zeros(*payload["input_shape"])
-    pg = analyze(model, (x,), per_model_output=payload["labels"] == "disjoint")
+    pg = analyze(model, (x,), per_model_output=payload["labels"] == "disjoint", fold_weights=True)
     masks = {}
     for gid, m in payload["masks"].items():
         g = pg.groups[int(gid)]

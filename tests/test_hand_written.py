@@ -8,7 +8,6 @@ ensemble; least squares skips what it cannot pair and says so; a cost the
 plan did not count is a warning naming the op, an error under ``strict``."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -58,6 +57,49 @@ class TokenMixer(nn.Module):
         return self.head(t.mean(2))
 
 
+class WSConv(nn.Conv2d):
+    """NFNet-style weight standardisation written by hand: each filter
+    normalised over its inputs in ``forward``."""
+
+    def forward(self, x):
+        w = self.weight
+        mean, var = w.mean(dim=(1, 2, 3), keepdim=True), w.var(dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), self.bias, self.stride, self.padding)
+
+
+class StandardizedNet(nn.Module):
+    """Weight-standardised convolutions, by hand and timm's ``ScaledStdConv2d``."""
+
+    def __init__(self):
+        from timm.layers import ScaledStdConv2d
+
+        super().__init__()
+        self.c1, self.c2 = WSConv(3, 32, 3, padding=1), ScaledStdConv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+class CoordinateBias(nn.Module):
+    """Swin v2-style continuous position bias: an MLP over a fixed table of
+    coordinates (a non-persistent buffer) makes a bias per token and
+    channel; its hidden units see no input, only the table."""
+
+    def __init__(self, dim=32, hidden=24):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 4), indexing="ij"), -1)
+        self.register_buffer("coords", grid.reshape(16, 2), persistent=False)
+        self.bias1, self.bias2 = nn.Linear(2, hidden), nn.Linear(hidden, dim)
+        self.mix, self.head = nn.Linear(dim, dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.bias2(F.relu(self.bias1(self.coords)))
+        return self.head(F.relu(self.mix(t)).mean(1))
+
+
 class WindowAttention(nn.Module):
     """Swin-style attention over 2x2 windows, the head width ``c // heads``
     and the scale ``(c // heads) ** -0.5`` computed from the input's shape."""
@@ -102,11 +144,7 @@ def model(seed, cls=Mixer):
 
 def permuted_copy(m, seed=3):
     pg = fxmerge.analyze(m, X[:2])
-    state = m.state_dict()
-    state.update(pg.permute_state(state, pg.sampler(np.random.default_rng(seed))))
-    other = copy.deepcopy(m)
-    other.load_state_dict(state)
-    return other
+    return pg.permuted_copy(m, pg.sampler(np.random.default_rng(seed)))
 
 
 def calib():
@@ -119,7 +157,8 @@ def rel(x, y):
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet, StandardizedNet, CoordinateBias],
+                         ids=lambda c: c.__name__)
 def test_a_permuted_copy_merges_back_at_every_budget(cls, budget):
     a = model(0, cls)
     b = permuted_copy(a)
@@ -130,7 +169,8 @@ def test_a_permuted_copy_merges_back_at_every_budget(cls, budget):
     assert abs(res.report["cost_measured"] - budget) <= 0.01 * budget
 
 
-@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet, StandardizedNet, CoordinateBias],
+                         ids=lambda c: c.__name__)
 def test_at_two_x_the_merge_is_the_ensemble(cls):
     a, b = model(0, cls), model(1, cls)
     with _no_budget_warning():
@@ -199,3 +239,25 @@ class _no_budget_warning:
 
     def __exit__(self, *exc):
         return self._catch.__exit__(*exc)
+
+
+@pytest.mark.parametrize("cls,budget", [(Mixer, 2.0), (TokenMixer, 1.5), (StandardizedNet, 1.5)],
+                         ids=["views", "role-split", "folded"])
+def test_rewritten_parts_survive_save_and_load(tmp_path, cls, budget):
+    a, b = model(0, cls), model(1, cls)
+    res = fxmerge.merge(a, b, calib(), budget=budget, method="perm", bn_stats="source")
+    fxmerge.save(res, str(tmp_path / "m.pt"))
+    loaded, _, _ = fxmerge.load(str(tmp_path / "m.pt"), model(5, cls))
+    with torch.no_grad():
+        assert rel(loaded(X), res.model(X)) < 1e-6
+
+
+def test_weight_standardisation_is_folded_for_merging_only():
+    a = model(0, StandardizedNet)
+    weights = {k: v.clone() for k, v in a.state_dict().items()}
+    res = fxmerge.merge(a, model(1, StandardizedNet), calib(), budget=1.5, method="pleas", bn_stats="source")
+    assert any(k.startswith("fxm_folded_") for k in res.model.state_dict())
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in weights.items())  # the source is untouched
+    # the groups a user exports still name the model's own weights
+    names = {m for g in fxmerge.analyze(a, X[:2]).groups for m, _ in g.members}
+    assert "c1.weight" in names and not any(n.startswith("fxm_folded_") for n in names)

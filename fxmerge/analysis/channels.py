@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from .fold import FOLDED_PREFIX
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from .groups import PermutationGroups
 from .ir import Dep, Dim, IRConflict, collapse, pin
@@ -255,16 +256,19 @@ def analyze(
     per_model_output: bool = False,
     traced: Optional[Traced] = None,
     model_name: str = "",
+    fold_weights: bool = False,
 ) -> PermutationGroups:
     """Trace ``model`` and find its permutation groups.
 
     ``per_model_output=True`` leaves the output's last axis unpinned (models
     with different label spaces keep separate heads); otherwise inputs and
-    outputs are pinned.
+    outputs are pinned. ``fold_weights``: the graph merging widens, with
+    statistics of the weights folded into constants (``fold``).
     """
     if traced is None:
-        traced = trace(model, example_inputs)
+        traced = trace(model, example_inputs, fold_weights=fold_weights)
     known = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    known |= {n for n, _ in traced.gm.named_parameters() if n.startswith(FOLDED_PREFIX)}
     analysis = ChannelAnalysis(traced.gm, per_model_output=per_model_output, known_members=known)
     analysis.propagate()
     _finalize_members(analysis)

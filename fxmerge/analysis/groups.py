@@ -16,6 +16,7 @@ can be applied from the description alone (``fxmerge.analysis.apply``).
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -27,6 +28,7 @@ import torch.fx as fx
 from .ir import Concat, Dep, Dim, Product, find, roots_in
 from .permute import PermutationSampler, permute_tensor, provides
 from fxmerge.analysis.rules.registry import tensors_in
+from fxmerge.runtime.tensors import set_tensor
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,18 @@ class PermutationGroups:
                 for alias in self.aliases.get(name, ()):
                     if alias in state and alias not in self.members:
                         out[alias] = out[name]
+        return out
+
+    def permuted_copy(self, model: torch.nn.Module, sampler: PermutationSampler) -> torch.nn.Module:
+        """A copy of ``model`` with every group permuted by ``sampler``, its
+        parameters and buffers alike (non-persistent buffers included, which
+        ``permute_state`` on a state dict cannot reach): the same function."""
+        out = copy.deepcopy(model)
+        tensors = dict(out.named_parameters(remove_duplicate=False))
+        tensors.update(out.named_buffers(remove_duplicate=False))
+        with torch.no_grad():
+            for name, value in self.permute_state(tensors, sampler).items():
+                set_tensor(out, name, value.detach().clone())
         return out
 
     # -- presentation (fxmerge.analysis.export) --------------------------------------

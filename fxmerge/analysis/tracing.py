@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from .fold import fold_weight_statistics
 from fxmerge.errors import TraceError
 from fxmerge.runtime.inputs import Inputs, as_inputs
 
@@ -251,8 +252,11 @@ def trace(
     leaf_modules: Sequence[type] = (),
     atol: float = 1e-5,
     rtol: float = 1e-4,
+    fold_weights: bool = False,
 ) -> Traced:
     """Trace a deep copy of ``model`` (in eval mode) into a ``GraphModule``.
+    ``fold_weights`` turns statistics of the weights (weight standardisation)
+    into constants (``fold.fold_weight_statistics``): what merging widens.
 
     Raises ``TraceError`` naming the module path and source line when tracing,
     running the graph, or the comparison with the eager model fails.
@@ -273,6 +277,8 @@ def trace(
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     out_of_place(gm)
+    if fold_weights:
+        fold_weight_statistics(gm)
     with torch.no_grad():
         traced_out = ValueProp(gm).run(*inputs.for_placeholders(gm))
         if check:

@@ -37,7 +37,7 @@ from .widening import LayoutWidener
 @merge_pass("analyze", "analysis")
 def pass_analyze(st: MergeState) -> None:
     """Trace model A, find its groups; B's weights go into A's graph."""
-    st.pg = analyze(st.model_a, st.example_inputs, per_model_output=st.opts.labels == "disjoint")
+    st.pg = analyze(st.model_a, st.example_inputs, per_model_output=st.opts.labels == "disjoint", fold_weights=True)
     st.gm_a = st.pg.gm
     st.gm_b = copy.deepcopy(st.gm_a)
     state_b = dict(st.model_b.state_dict())
@@ -46,7 +46,7 @@ def pass_analyze(st: MergeState) -> None:
         # non-persistent buffers (some are computed by the forward, at the
         # input's size) and tensors the tracer turned into graph constants:
         # read B's own from a trace of a copy of B (the same graph, names)
-        state_b = {**tensor_state(trace(st.model_b, st.example_inputs, check=False).gm), **state_b}
+        state_b = {**tensor_state(trace(st.model_b, st.example_inputs, check=False, fold_weights=True).gm), **state_b}
     missing = [k for k in wanted if k not in state_b]
     if missing:
         raise InputError(f"model B has no tensor for {missing[0]!r} of model A's graph: "
@@ -174,6 +174,9 @@ def check_budget(st: MergeState) -> None:
     blockers = [f"{p.kind} (pinned: {p.reason})" for p in st.pg.pinned]
     blockers += [f"{kind} (pinned: {why})" for kind, why in st.pg.rule_pins.items()]
     blockers += sorted({why for reasons in st.kept_merged.values() for why in reasons})
+    if o.labels == "shared" and outputs_features(st.pg):
+        blockers.append("the model's output: features its own layers read, kept merged by labels='shared' "
+                        "(labels='disjoint' keeps each model's)")
     messages = []
     if not st.budget_reachable:
         listed = "; ".join(blockers[:4]) + (f" (+{len(blockers) - 4} more)" if len(blockers) > 4 else "")
@@ -195,6 +198,20 @@ def check_budget(st: MergeState) -> None:
             raise BudgetError(m + " (strict)")
         warnings.warn(m, BudgetWarning, stacklevel=5)
     st.warnings.extend(messages)
+
+
+def outputs_features(pg) -> bool:
+    """Whether the model outputs features (a model without a classifier)
+    rather than a layer's own output: walking back from the output through
+    ops of one input, a node other than a contraction is reached."""
+    contractions = {c.node for c in pg.contractions.values()}
+    output = next(n for n in pg.gm.graph.nodes if n.op == "output")
+    for node in output.all_input_nodes:
+        while node.name not in contractions and len(node.all_input_nodes) == 1 and node.op != "placeholder":
+            node = node.all_input_nodes[0]
+        if node.name not in contractions:
+            return True
+    return False
 
 
 @merge_pass("check_cost", "widen")

@@ -41,7 +41,8 @@ class Region:
     """A connected part of the source graph run per model view."""
 
     nodes: list = field(default_factory=list)  # names, graph order
-    inputs: list = field(default_factory=list)  # fx.Nodes of the source graph read from outside
+    inputs: list = field(default_factory=list)  # fx.Nodes of the source graph read from outside (tensors)
+    constants: dict = field(default_factory=dict)  # numbers read from outside (sizes): their source values
     outputs: list = field(default_factory=list)  # fx.Nodes of the region read outside it
 
 
@@ -63,6 +64,7 @@ def view_regions(pg, widener: LayoutWidener) -> list:
     for n in nodes:
         if n.name in coupled:
             member |= {u.name for u in n.users if u.op != "output"}
+    member |= _between(nodes, member)
     # connected components over edges between members
     parent = {name: name for name in member}
 
@@ -88,12 +90,40 @@ def view_regions(pg, widener: LayoutWidener) -> list:
         for name in region.nodes:
             n = by_name[name]
             for i in n.all_input_nodes:
-                if i.name not in inside and i.op != "get_attr" and i not in region.inputs:
+                if i.name in inside or i.op == "get_attr" or i in region.inputs or i in region.constants:
+                    continue
+                value = i.meta.get("fxm_value")
+                if isinstance(value, TensorInfo):
                     region.inputs.append(i)
+                elif _is_constant(value):
+                    region.constants[i] = value  # a size read off a widened tensor: the view's is the source's
+                else:
+                    raise RewriteError(f"cannot run '{name}' per model view: it reads '{i.name}', "
+                                       "neither a tensor nor a number")
             if any(u.name not in inside for u in n.users):
                 region.outputs.append(n)
         out.append(region)
     return out
+
+
+def _is_constant(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_constant(v) for v in value)
+    return isinstance(value, (int, float, bool, type(None), torch.Size, str, torch.dtype, torch.device))
+
+
+def _between(nodes: list, member: set) -> set:
+    """Nodes on a path from one member to another (a slice of the tokens
+    taken out and put back): a part runs as one module, so it must hold
+    every node between its own."""
+    below, above = set(), set()
+    for n in nodes:
+        if any(i.name in member or i.name in below for i in n.all_input_nodes):
+            below.add(n.name)
+    for n in reversed(nodes):
+        if any(u.name in member or u.name in above for u in n.users):
+            above.add(n.name)
+    return (below & above) - member
 
 
 def _view_index(widener: LayoutWidener, lay, bit: int) -> np.ndarray:
@@ -109,6 +139,7 @@ def _view_graph(pg, region: Region) -> fx.GraphModule:
     env: dict = {}
     for i, node in enumerate(region.inputs):
         env[node] = graph.placeholder(f"input_{i}")
+    env.update(region.constants)
     for name in region.nodes:
         node = by_name[name]
         for i in node.all_input_nodes:

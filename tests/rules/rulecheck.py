@@ -6,7 +6,6 @@ and widening is sound (at 2x the merged model is the ensemble, or the budget
 is reported out of reach; a model merged with a randomly permuted copy of
 itself keeps its function at every budget, and costs the budget within 1% or
 says why)."""
-import copy
 import warnings
 
 import numpy as np
@@ -82,11 +81,7 @@ BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
 def permuted_copy(model, groups, seed: int = 5):
     """``model`` with every group randomly permuted: the same function."""
-    state = model.state_dict()
-    state.update(groups.permute_state(state, groups.sampler(np.random.default_rng(seed))))
-    twin = copy.deepcopy(model)
-    twin.load_state_dict(state)
-    return twin
+    return groups.permuted_copy(model, groups.sampler(np.random.default_rng(seed)))
 
 
 def _rebuildable(model) -> bool:
