@@ -58,6 +58,25 @@ CACHE_DIR = os.path.join(HERE, "..", ".cache")
 DEFAULT_OUT = os.path.abspath(os.path.join(HERE, "..", "docs", "coverage.md"))
 
 
+def source_commit() -> str:
+    """The commit the sweep runs (read when it starts: the code it imported),
+    marked ``+changes`` when fxmerge/ differs from it."""
+    import subprocess
+
+    root = os.path.join(HERE, "..")
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "fxmerge"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+COMMIT = source_commit()
+
+
 def rows_cache(out: str) -> str:
     """Where the sweep that writes report ``out`` keeps its rows for
     ``--rerun``: one file per report, so a trial sweep written elsewhere never
@@ -397,7 +416,8 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         "# Coverage over the model zoo",
         "",
         f"Produced by `{cmd} in {minutes:.0f} minutes; torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, timm {timm.__version__}, fxmerge {fxmerge.__version__}, python "
+        f"{torchvision.__version__}, timm {timm.__version__}, fxmerge {fxmerge.__version__} at commit "
+        f"{COMMIT}, python "
         f"{platform.python_version()}, {os.cpu_count()} CPU threads; random initialisation, eval mode, each "
         "model's default input size (rebuilt at 224 when larger than 448).",
         "",
