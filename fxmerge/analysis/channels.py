@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .fold import FOLDED_PREFIX
+from .weight_folding import FOLDED_PREFIX
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from .groups import PermutationGroups
 from .ir import Dep, Dim, IRConflict, collapse, pin
@@ -263,7 +263,7 @@ def analyze(
     ``per_model_output=True`` leaves the output's last axis unpinned (models
     with different label spaces keep separate heads); otherwise inputs and
     outputs are pinned. ``fold_weights``: the graph merging widens, with
-    statistics of the weights folded into constants (``fold``).
+    statistics of the weights folded into constants (``weight_folding``).
     """
     if traced is None:
         traced = trace(model, example_inputs, fold_weights=fold_weights)

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .fold import fold_weight_statistics
+from .weight_folding import fold_weight_statistics
 from fxmerge.errors import TraceError
 from fxmerge.runtime.inputs import Inputs, as_inputs
 
@@ -256,7 +256,7 @@ def trace(
 ) -> Traced:
     """Trace a deep copy of ``model`` (in eval mode) into a ``GraphModule``.
     ``fold_weights`` turns statistics of the weights (weight standardisation)
-    into constants (``fold.fold_weight_statistics``): what merging widens.
+    into constants (``weight_folding.fold_weight_statistics``): what merging widens.
 
     Raises ``TraceError`` naming the module path and source line when tracing,
     running the graph, or the comparison with the eager model fails.
