@@ -11,7 +11,8 @@ random initialisation, eval mode:
   (``fxmerge.analysis.apply``) with random permutations, leaves the output unchanged;
 * merging (``--merge``): weights initialised to zero are re-drawn first (so
   no comparison is of all-zero outputs); a permuted copy merged back at 1.5x
-  (permutation only, the sources' statistics) is the same function; two
+  (weight matching, permutation only, the sources' statistics) is the same
+  function; two
   random inits merged at 1.5x with PLeaS give a finite model whose measured
   cost is within 1% of 1.5x or the merge says why; at 2.0x the ensemble (or
   the budget is reported out of reach, naming the op); the largest
@@ -230,9 +231,11 @@ def merge_checks(source, name, kw, model, size, groups, side=None) -> dict:
     with torch.no_grad(), without_fast_path():
         want = _first(model(x))
     out["output_scale"] = float(want.abs().max())
-    # a permuted copy, merged back at 1.5x: the widened model is the model
+    # a permuted copy, merged back at 1.5x: the widened model is the model. Weight matching finds the
+    # permutation exactly; activation matching from 8 generic images can pair units that no image tells apart
+    # (dead on the calibration data, alive on the test input), which tests the data, not the widening
     b = groups.permuted_copy(model, groups.sampler(np.random.default_rng(3)))
-    res = fxmerge.merge(model, b, data, budget=1.5, method="perm", bn_stats="source", **opts)
+    res = fxmerge.merge(model, b, data, budget=1.5, method="perm", matching="weight", bn_stats="source", **opts)
     with torch.no_grad(), without_fast_path():
         out["self"] = _relative(_first(res.model(x)), want)
     # two inits at 1.5x (PLeaS) and 2x (the ensemble)
@@ -450,7 +453,7 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
             f"{len(merged)} of {len(traced_rows)} traced timm families merged "
             f"({100 * len(merged) / max(len(traced_rows), 1):.0f}%) and {len(tv_merged)} of {len(tv_rows_run)} torchvision "
             "models pass every merge check (weights initialised to zero re-drawn first): a permuted copy merged back "
-            f"at 1.5x is the same function (relative change < {SELF_TOLERANCE:.0e}), two inits at 1.5x with PLeaS give "
+            f"at 1.5x (weight matching) is the same function (relative change < {SELF_TOLERANCE:.0e}), two inits at 1.5x with PLeaS give "
             "a finite model whose measured cost is within 1% of 1.5x or the merge warns why, 2x is the ensemble "
             f"(relative change < {SELF_TOLERANCE:.0e}) where reachable with nothing kept merged",
             f"- not merged, over {MERGE_MAX_PARAMS / 1e6:.0f}M parameters (three merges of such a model take "
