@@ -170,9 +170,10 @@ def _view_state(view: fx.GraphModule, pg, state: dict, widener: LayoutWidener, b
 
 def views_module(pg, region: Region, widener: LayoutWidener, states: tuple) -> ModelViews:
     """The ``ModelViews`` module of one region, from A's and aligned B's states."""
+    template = _view_graph(pg, region)
     views = []
     for bit, state in zip(VIEW_BITS, states):
-        view = _view_graph(pg, region)
+        view = copy.deepcopy(template) if views else template
         _view_state(view, pg, state, widener, bit)
         views.append(view)
     gathers = []
@@ -244,10 +245,10 @@ def role_split_layers(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: d
     per role of that axis (``RoleSplit``): A's on A-only positions, B's on
     B-only ones, the merged weight on merged ones. Returns their names."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    sources = {n.name: n for n in pg.gm.graph.nodes}
     done = []
     for c in pg.contractions.values():
-        node = nodes.get(c.node)
-        source = next((n for n in pg.gm.graph.nodes if n.name == c.node), None)
+        node, source = nodes.get(c.node), sources[c.node]
         if node is None or node.op != "call_module" or c.taps is not None or len(source.all_input_nodes) != 1:
             continue
         out_axes = grown_axes(pg, widener, source)
@@ -259,12 +260,14 @@ def role_split_layers(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: d
         merged = gm.get_submodule(node.target)
         layers = []
         for state in (state_a, None, state_b):
+            if state is None:
+                layers.append(merged)  # merged positions: the merged layer itself
+                continue
             layer = copy.deepcopy(merged)
-            if state is not None:
-                for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
-                    full = f"{node.target}.{name}"
-                    if full in state:
-                        set_tensor(layer, name, state[full].detach().clone())
+            for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
+                full = f"{node.target}.{name}"
+                if full in state:
+                    set_tensor(layer, name, state[full].detach().clone())
             layers.append(layer)
         indices = [np.flatnonzero(w.role == role) for role in (ROLE_A, ROLE_M, ROLE_B)]
         gm.add_submodule(node.target, RoleSplit(layers, indices, axis))
