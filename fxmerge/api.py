@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,9 +33,9 @@ __all__ = ["merge", "MergeResult", "MergePlan"]
 
 
 def merge(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    data: Iterable,
+    model_a: nn.Module | Sequence[nn.Module],
+    model_b: nn.Module | Iterable,
+    data: Optional[Iterable] = None,
     *,
     budget: float = 1.0,
     method: str = C.DEFAULT_METHOD,
@@ -63,8 +63,9 @@ def merge(
     progress: bool = False,
     on_least_squares: Optional[Callable] = None,
 ) -> MergeResult:
-    """Merge two models of one architecture into one of ``budget`` x the cost
-    of model A (multiply-accumulates, counted at ``example_inputs``; default:
+    """Merge two models of one architecture (``merge([m1, m2, m3, ...], data)``:
+    N of them, ``budget`` in [1, N]) into one of ``budget`` x the cost of
+    model A (multiply-accumulates, counted at ``example_inputs``; default:
     the first calibration batch; give inputs of the size the merged model
     will run at when calibrating at another: layers after a global pooling
     cost the same at every size, the rest grows with the image).
@@ -108,20 +109,22 @@ def merge(
     models are never modified.
     """
     t_start = time.perf_counter()
+    models, data = source_models(model_a, model_b, data)
     opts = merge_options(method=method, budget=budget, labels=labels, matching=matching, ridge=ridge,
                          positions=positions, bn_stats=bn_stats, reset_bn=reset_bn, norm_policy=norm_policy,
                          ls_inputs=ls_inputs, ls_targets=ls_targets, planner=planner, device=device,
                          max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule, spill_dir=spill_dir,
                          zip_heads=zip_heads, strict=strict, seed=seed, progress=progress,
-                         on_least_squares=on_least_squares)
-    check_same_architecture(model_a, model_b)
-    check_finite_state(model_a.state_dict(), "A")
-    check_finite_state(model_b.state_dict(), "B")
-    names = forward_inputs(model_a)
+                         on_least_squares=on_least_squares, n_models=len(models))
+    for i, model in enumerate(models):
+        if i:
+            check_same_architecture(models[0], model, model_name(i))
+        check_finite_state(model.state_dict(), model_name(i))
+    names = forward_inputs(models[0])
     data, per_rank, example = calibration_set(data, names, opts, batch_inputs, shard, example_inputs)
-    st = MergeState(opts, get_method(opts.method), copy.deepcopy(model_a).to(opts.device).eval(),
-                    copy.deepcopy(model_b).to(opts.device).eval(), data, example, sum(per_rank), input_names=names,
-                    batch_inputs=batch_inputs, images_per_rank=per_rank)
+    st = MergeState(opts, get_method(opts.method), [copy.deepcopy(m).to(opts.device).eval() for m in models],
+                    data, example, sum(per_rank), input_names=names, batch_inputs=batch_inputs,
+                    images_per_rank=per_rank)
     reduced = dist.bytes_reduced()
     run_passes(st, st.method.passes)
     dist.sync()
@@ -129,6 +132,31 @@ def merge(
     st.merged.eval()
     st.timings["total"] = time.perf_counter() - t_start
     return MergeResult(st.merged, describe_plan(st), build_report(st), st.pg)
+
+
+def model_name(i: int) -> str:
+    """How messages name source model ``i``: A, B, C, ..."""
+    return chr(ord("A") + i) if i < 26 else f"#{i + 1}"
+
+
+def source_models(model_a, model_b, data) -> tuple:
+    """``(models, data)`` from ``merge(a, b, data)`` or ``merge([a, b, ...], data)``."""
+    if isinstance(model_a, nn.Module):
+        if not isinstance(model_b, nn.Module):
+            raise InputError("merge(model_a, model_b, data) takes two models, or merge([m1, m2, ...], data) a "
+                             f"sequence of them; got a {type(model_b).__name__} as model_b")
+        if data is None:
+            raise InputError("merge() needs calibration data: merge(model_a, model_b, data)")
+        return [model_a, model_b], data
+    if not isinstance(model_a, (list, tuple)) or not all(isinstance(m, nn.Module) for m in model_a):
+        raise InputError(f"merge() takes nn.Modules or a sequence of them, got {type(model_a).__name__}")
+    if data is not None:
+        raise InputError("merge([m1, m2, ...], data) takes the data second: no third positional argument")
+    if len(model_a) < 2:
+        raise InputError(f"merging needs at least two models, got {len(model_a)}")
+    if len(model_a) > C.MAX_MODELS:
+        raise InputError(f"fxmerge merges at most {C.MAX_MODELS} models at once, got {len(model_a)}")
+    return list(model_a), model_b
 
 
 def calibration_set(data: Iterable, names: list, opts: MergeOptions, batch_inputs: Optional[Callable], shard: bool,

@@ -133,14 +133,15 @@ def cmd_merge(args) -> int:
     _check_writable(args.output)
     distributed.init_from_env(args.device)  # under torchrun: this rank's part of the group
     device = distributed.local_device(args.device)
-    a = models.load(args.arch, args.a)
-    b = models.load(args.arch, args.b)
+    checkpoints = _checkpoints(args)
+    sources = [models.load(args.arch, path) for path in checkpoints]
+    a = sources[0]
     size = models.parse_input_size(args.input_size) if args.input_size else models.default_input_size(a)
     batches = _calibration(args, size)
     bn_stats = "source" if args.keep_bn_stats else args.bn_stats
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FxmergeWarning)
-        result = merge(a, b, batches, budget=args.budget, method=args.method, labels=args.labels,
+        result = merge(sources, batches, budget=args.budget, method=args.method, labels=args.labels,
                        device=device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
                        ridge=args.ridge, positions=args.positions, bn_stats=bn_stats, planner=args.planner,
                        max_memory=args.max_memory, frontier_dtype=args.frontier_dtype, strict=args.strict,
@@ -162,6 +163,19 @@ def cmd_merge(args) -> int:
               f"cost {r['cost_measured']:.3f}x (planned {r['cost_planned']:.3f}x), "
               f"{r['params_merged'] / 1e6:.2f}M parameters, {r['timings']['total']:.1f}s -> {args.output}")
     return EXIT_OK
+
+
+def _checkpoints(args) -> list:
+    """The source checkpoints: ``--models`` (two or more) or ``--a`` and ``--b``."""
+    if args.models:
+        if args.a or args.b:
+            raise CLIError("give the models either as --models a.pt b.pt ... or as --a/--b, not both")
+        if len(args.models) < 2:
+            raise CLIError(f"--models needs at least two checkpoints, got {len(args.models)}")
+        return list(args.models)
+    if not (args.a and args.b):
+        raise CLIError("give the models to merge: --a A.pt --b B.pt, or --models a.pt b.pt c.pt ...")
+    return [args.a, args.b]
 
 
 def cmd_demo(args) -> int:
@@ -225,12 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge two checkpoints of one architecture")
     m.add_argument("--arch", required=True, help="architecture (timm name or torchvision:NAME)")
-    m.add_argument("--a", required=True, metavar="CKPT", help="model A's state dict")
-    m.add_argument("--b", required=True, metavar="CKPT", help="model B's state dict")
+    m.add_argument("--a", metavar="CKPT", help="model A's state dict")
+    m.add_argument("--b", metavar="CKPT", help="model B's state dict")
+    m.add_argument("--models", nargs="+", metavar="CKPT",
+                   help="two or more state dicts to merge (instead of --a/--b); the budget then lies in [1, N]")
     m.add_argument("--data", default="digits", help="calibration data: digits, generic or a folder of images (default digits)")
     m.add_argument("--calib", type=int, default=512, help="number of calibration images (default 512)")
     m.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
-    m.add_argument("--budget", type=float, default=1.0, help="cost of the merged model, x one source model, in [1, 2]")
+    m.add_argument("--budget", type=float, default=1.0, help="cost of the merged model, x one source model, in [1, N] for N models")
     m.add_argument("--method", default=C.DEFAULT_METHOD, choices=method_names(),
                    help=f"merging method (default {C.DEFAULT_METHOD}): " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     m.add_argument("--norm-policy", default=C.DEFAULT_NORM_POLICY, choices=C.NORM_POLICIES,

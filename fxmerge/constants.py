@@ -43,6 +43,10 @@ DEFAULT_MEMORY_SHARE = 0.25  # of the memory available when the merge starts
 COST_TOLERANCE = 0.01
 # a merge warns when more than this share of the conv/linear weights cannot be widened
 PINNED_SHARE_WARNING = 0.5
+# the most models one merge takes (a widened channel's role is a bit set over them)
+MAX_MODELS = 8
+# rounds of re-aligning every model to the mean of the others (``merging.universe``) at most
+UNIVERSE_ROUNDS = 5
 
 # the demo's architectures: a half-width ResNet-18, a timm ViT, the same ViT written with nn.TransformerEncoder
 DEMO_ARCHS = ("resnet", "vit", "torch-vit")

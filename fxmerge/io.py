@@ -2,7 +2,8 @@
 
 A merged model is fully described by its architecture (a name fxmerge can
 build, or a template module the caller passes), the example input shape, the
-label mode and the plan's merge masks per group: re-running the analysis and
+label mode, the number of source models and the plan's merge masks (or
+partitions, for more than two models) per group: re-running the analysis and
 the widening rewrite on the architecture rebuilds the same GraphModule, into
 which the saved weights load. The file is a ``torch.save`` of tensors, strings
 and numbers only, so ``torch.load(weights_only=True)`` reads it.
@@ -34,6 +35,7 @@ def save(result, path: str, *, arch: Optional[str] = None) -> None:
         "source_num_classes": int(result.report.get("source_num_classes", 0)),
         "input_shape": list(example[0]),
         "labels": result.plan.labels,
+        "n_models": int(result.plan.n_models),
         "masks": {str(k): torch.as_tensor(v.astype(np.int8)) for k, v in result.plan.masks.items()},
         "plan": json.dumps(result.plan.to_dict()),
         "report": json.dumps(result.report, default=float),
@@ -82,12 +84,13 @@ def load(path: str, model: Optional[nn.Module] = None, *, device="cpu"):
     x = torch.zeros(*payload["input_shape"])
     pg = analyze(model, (x,), per_model_output=payload["labels"] == "disjoint", fold_weights=True)
     masks = {}
+    n_models = int(payload.get("n_models", 2))
     for gid, m in payload["masks"].items():
         g = pg.groups[int(gid)]
-        masks[g.roots[0].uid] = m.numpy().astype(bool)
-    widener = LayoutWidener(masks)
+        masks[g.roots[0].uid] = m.numpy().astype(bool) if m.ndim == 1 else m.numpy().astype(np.int64)
+    widener = LayoutWidener(masks, n_models)
     state = pg.gm.state_dict()
-    gm = WidenGraph(pg, widener).run(state, state)
+    gm = WidenGraph(pg, widener).run([state] * n_models)
     split_contractions(gm, pg, widener)
     report = json.loads(payload["report"])
     cut = report.get("zip_cut_position")

@@ -41,10 +41,19 @@ class Method:
     matching: Optional[str] = "activation"
     norm_policy: Optional[str] = None
     permutes: bool = True
+    side_by_side: bool = False
+    max_models: Optional[int] = None
 
     @property
     def budgeted(self) -> bool:
         return self.fixed_budget is None
+
+    def fixed_cost(self, n_models: int) -> Optional[float]:
+        """The cost of the method's merges of ``n_models`` models (``None``:
+        the budget)."""
+        if self.fixed_budget is None:
+            return None
+        return float(n_models) if self.side_by_side else self.fixed_budget
 
 
 METHODS: dict[str, Method] = {}
@@ -89,21 +98,22 @@ register_method(Method(
     "zipit", ("analyze", "zip_match", "zip_plan", "widen", "zip_weights", "row_blocks", "zip_cut",
               "batch_norm_sweep", "sweep", "batch_norm_reset", "check_cost"),
     "ZipIt!: features zipped within and across models, partial zipping by a graph cut",
-    matching=None))  # it pools both models' features: no pair of A and B is matched as such
+    matching=None, max_models=2))  # it pools both models' features: no pair of A and B is matched as such
 register_method(Method(
     "rebasin", _PERMUTED + ("plan_full", "widen") + _FITTED,
-    "Git Re-Basin: weight matching, full merge (1x)", fixed_budget=1.0, matching="weight"))
+    "Git Re-Basin: weight matching (MergeMany for more than two models), full merge (1x)", fixed_budget=1.0,
+    matching="weight"))
 register_method(Method(
     "regmean", ("analyze", "plan_full", "widen", "regmean") + _FITTED,
-    "RegMean: each layer's closed form over both models' Gram matrices (1x)",
+    "RegMean: each layer's closed form over every model's Gram matrices (1x)",
     fixed_budget=1.0, matching=None, permutes=False))
 register_method(Method(
     "avg", ("analyze", "plan_full", "widen") + _FITTED,
     "weight averaging, no permutation (1x)", fixed_budget=1.0, matching=None, permutes=False))
 register_method(Method(
     "ensemble", ("analyze", "plan", "widen", "row_blocks", "check_cost"),
-    "both models side by side (2x): the reference", fixed_budget=2.0, bn_stats=None, matching=None,
-    norm_policy="split", permutes=False))
+    "every model side by side (2x for two, Nx for N): the reference", fixed_budget=2.0, bn_stats=None,
+    matching=None, norm_policy="split", permutes=False, side_by_side=True))
 
 
 def methods_table() -> str:
@@ -111,7 +121,7 @@ def methods_table() -> str:
     docs/architecture.md's copy equal to it)."""
     rows = ["| method | what it does | cost | BatchNorm statistics | matching | passes |", "|---|---|---|---|---|---|"]
     for m in METHODS.values():
-        cost = "the budget" if m.budgeted else f"{m.fixed_budget:g}x"
+        cost = "the budget" if m.budgeted else ("Nx" if m.side_by_side else f"{m.fixed_budget:g}x")
         bn_stats = m.bn_stats or "the sources' (always)"
         rows.append(f"| `{m.name}` | {m.summary} | {cost} | {bn_stats} | {m.matching or 'none'} | {', '.join(m.passes)} |")
     return "\n".join(rows)

@@ -24,10 +24,13 @@ def merge_options(*, method: str, budget: Any, labels: str, matching: Optional[s
                   bn_stats: Optional[str], reset_bn: Optional[bool], norm_policy: str, ls_inputs: str,
                   ls_targets: str, planner: str, device: Any, max_memory: Any, frontier_dtype: str, schedule: str,
                   spill_dir: Optional[str], zip_heads: str, strict: bool, seed: int, progress: bool,
-                  on_least_squares: Optional[Callable]) -> MergeOptions:
+                  on_least_squares: Optional[Callable], n_models: int = 2) -> MergeOptions:
     """The checked options of a merge; the method's record fills what the
     caller left to it (budget, matching, BatchNorm and norm policies)."""
     m = get_method(method)
+    if m.max_models is not None and n_models > m.max_models:
+        raise InputError(f"method '{m.name}' merges at most {m.max_models} models, got {n_models}: use one of "
+                         "pleas, perm, rebasin, regmean, avg or ensemble")
     if bn_stats is None:
         bn_stats = "source" if reset_bn is False or m.bn_stats is None else m.bn_stats
     picked = {"labels": labels, "norm_policy": m.norm_policy or norm_policy, "ls_inputs": ls_inputs,
@@ -39,25 +42,27 @@ def merge_options(*, method: str, budget: Any, labels: str, matching: Optional[s
             raise InputError(f"{name} must be one of {', '.join(CHOICES[name])}, got '{value}'")
     if not isinstance(positions, int) or positions < 0:
         raise InputError(f"positions must be a whole number >= 0 (0 keeps every position), got {positions!r}")
-    return MergeOptions(method=m.name, budget=_budget(m, budget), ridge=_ridge(ridge), positions=positions,
+    return MergeOptions(method=m.name, budget=_budget(m, budget, n_models), n_models=n_models, ridge=_ridge(ridge),
+                        positions=positions,
                         device=_device(device), max_memory=_memory(max_memory), spill_dir=spill_dir,
                         strict=bool(strict), seed=seed, progress=progress, on_least_squares=on_least_squares,
                         **picked)
 
 
-def _budget(m: Method, budget: Any) -> float:
+def _budget(m: Method, budget: Any, n_models: int) -> float:
     try:
         budget = float(budget)
     except (TypeError, ValueError):
-        raise InputError(f"budget must be a number between 1 and 2, got {budget!r}") from None
-    if not 1.0 <= budget <= 2.0 or not np.isfinite(budget):
-        raise InputError(f"budget must be between 1 and 2 (x the cost of one source model), got {budget}")
+        raise InputError(f"budget must be a number between 1 and {n_models}, got {budget!r}") from None
+    if not 1.0 <= budget <= n_models or not np.isfinite(budget):
+        raise InputError(f"budget must be between 1 and {n_models} (x the cost of one source model, for {n_models} "
+                         f"models), got {budget}")
     if m.budgeted:
         return budget
-    if budget not in (1.0, m.fixed_budget):  # 1.0: merge()'s default, left as it is
-        raise InputError(f"method '{m.name}' always costs {m.fixed_budget:g}x; use 'perm' or 'pleas' for budget "
-                         f"{budget}")
-    return m.fixed_budget
+    fixed = m.fixed_cost(n_models)
+    if budget not in (1.0, fixed):  # 1.0: merge()'s default, left as it is
+        raise InputError(f"method '{m.name}' always costs {fixed:g}x; use 'perm' or 'pleas' for budget {budget}")
+    return fixed
 
 
 def _ridge(ridge: Any) -> float:

@@ -23,14 +23,20 @@ class MergePlan:
     budget: float
     labels: str
     groups: list  # dicts: id, kind, size, merged, width
-    permutations: dict = field(default_factory=dict)  # group id -> B index per A index
-    masks: dict = field(default_factory=dict)  # group id -> merged mask (A index order)
+    # group id -> B index per A index; for more than two models ``(N, size)``:
+    # each model's own feature at every position of the shared order
+    permutations: dict = field(default_factory=dict)
+    # group id -> merged mask (A index order); for more than two models the
+    # partition: each model's cluster label per feature of the shared order
+    masks: dict = field(default_factory=dict)
+    n_models: int = 2
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
             "budget": self.budget,
             "labels": self.labels,
+            "n_models": self.n_models,
             "groups": self.groups,
             "permutations": {str(k): v.tolist() for k, v in self.permutations.items()},
             "masks": {str(k): v.astype(int).tolist() for k, v in self.masks.items()},
@@ -54,12 +60,16 @@ def describe_plan(st: MergeState) -> MergePlan:
             continue
         uid = g.roots[0].uid
         k = st.plan.k.get(uid, g.size)
-        groups.append({"id": g.id, "kind": g.kind, "size": g.size, "merged": int(k), "width": int(2 * g.size - k)})
-        if uid in st.match.perms:
+        width = 2 * g.size - k if st.n_models == 2 or st.widener is None else st.widener.size(g.roots[0])
+        groups.append({"id": g.id, "kind": g.kind, "size": g.size, "merged": int(k), "width": int(width)})
+        if st.universe is not None:
+            if g.roots[0].structure is None:
+                perms[g.id] = np.stack([p.get(uid, np.arange(g.size)) for p in st.universe.perms])
+        elif uid in st.match.perms:
             perms[g.id] = np.asarray(st.match.perms[uid])
         if uid in st.plan.masks:
             masks[g.id] = st.plan.masks[uid]
-    return MergePlan(o.method, o.budget, o.labels, groups, perms, masks)
+    return MergePlan(o.method, o.budget, o.labels, groups, perms, masks, st.n_models)
 
 
 def kept_merged_summary(st: MergeState) -> list:
@@ -92,6 +102,7 @@ def build_report(st: MergeState) -> dict:
         "method": o.method,
         "budget": o.budget,
         "labels": o.labels,
+        "n_models": st.n_models,
         "matching": o.matching if st.method.matching is not None else "identity",
         "cost_planned": plan.ratio,
         "cost_measured": macs_m / macs_a if macs_a else float("nan"),
@@ -119,5 +130,6 @@ def build_report(st: MergeState) -> dict:
         "bn_stats": o.bn_stats,
         "pinned_ops": [p.kind for p in st.pg.pinned] + list(st.pg.rule_pins),
         "norm_policy": o.norm_policy,
+        **({"universe": st.universe.report(st.pg)} if st.universe is not None else {}),
         **(st.method_state.report() if hasattr(st.method_state, "report") else {}),
     }

@@ -2,7 +2,7 @@
 
 For every convolution and linear layer of the merged model, fit weights ``W``
 so the layer maps the permuted-ensemble inputs ``X~`` to the permuted-ensemble
-outputs ``Y~`` (``widen_features`` of A's and aligned B's values: teacher
+outputs ``Y~`` (``widen_features`` of every model's aligned values: teacher
 forcing). Convolutions are unfolded (im2col, any stride, padding, dilation
 and groups) so each output position is a sample; at most ``positions``
 positions per input are kept. Only ``G = X~^T X~`` and ``C = X~^T Y~`` are
@@ -41,7 +41,7 @@ from fxmerge.analysis.ir import layout_size
 from fxmerge.analysis.rules.registry import LEAST_SQUARES
 from fxmerge.runtime.distributed import all_sum
 from fxmerge.runtime.runner import sample_positions
-from .sweep import A, B, M, Point
+from .sweep import A, M, Point, source_slots
 from fxmerge.runtime.tensors import add_gram_upper, get_tensor, matmul, positions_view, rows, symmetric
 from fxmerge.merging.widening import ROLE_A, ROLE_B, ROLE_M, Widening, widen_features
 
@@ -138,9 +138,9 @@ def statistics_layout(sysm: LayerSystem, ncols: int) -> Optional[StatisticsLayou
     """The ``StatisticsLayout`` of a dense layer with ``ncols`` weight
     columns (taps and bias included), or None where every column pair is
     read (a merged output row, grouped weights, no A-only or B-only side)."""
-    if sysm.groups != 1:
-        return None
     role_out, role_in = sysm.w_out.role, sysm.w_in.role
+    if sysm.groups != 1 or max(role_out.max(initial=0), role_in.max(initial=0)) > ROLE_M:
+        return None  # grouped weights, or more than two models
     rows_a, rows_b = np.flatnonzero(role_out == ROLE_A), np.flatnonzero(role_out == ROLE_B)
     if (role_out == ROLE_M).any() or not len(rows_a) or not len(rows_b):
         return None
@@ -291,12 +291,13 @@ class LeastSquaresPoint(Point):
         self.positions = positions
         self.seed = seed
         self.solve = solve
+        self.sources = source_slots(len(models) - 1)  # every source model's slot, A's first
 
     def reads(self, node: fx.Node) -> list:
         args = list(node.all_input_nodes) if self.sysm.taps is not None else [node.args[0]]
-        out = [(A, node), (B, node)]
+        out = [(s, node) for s in self.sources]
         if self.sysm.taps is not None or not self.merged_inputs:
-            out += [(m, a) for a in args for m in (A, B)]
+            out += [(m, a) for a in args for m in self.sources]
         if self.merged_inputs:
             out += [(M, a) for a in args]
         return out
@@ -304,12 +305,13 @@ class LeastSquaresPoint(Point):
     def collect(self, batch: int, value) -> None:
         node = self._node = self._node or _find_node(self.models[A], self.node)
         xs, ys = {}, {}  # by model slot: what ``reads`` declares, nothing more
+        sources = self.sources
         if self.sysm.taps is None:
-            for s in (M,) if self.merged_inputs else (A, B):
+            for s in (M,) if self.merged_inputs else sources:
                 xs[s] = value(s, node.args[0])
-            ys = {A: value(A, node), B: value(B, node)}
+            ys = {s: value(s, node) for s in sources}
         else:
-            for s in (A, B, M) if self.merged_inputs else (A, B):
+            for s in (*sources, M) if self.merged_inputs else sources:
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: value(s, a))
                 xs[s], y = self.sysm.taps(self.models[s].get_submodule(node.target), *args, **kwargs,
                                           output=value(s, node) if s != M else None)
@@ -318,42 +320,43 @@ class LeastSquaresPoint(Point):
         mod = self.models[M if self.models[M] is not None else A].get_submodule(node.target)
         sysm = self.sysm
         stacked = self.inputs == "stacked"
-        for m in range(2 if stacked else 1):
+        for m in range(len(sources) if stacked else 1):
             gen = torch.Generator().manual_seed(self.seed * 7919 + batch * 104729 + len(sysm.node) + 31 * m)
-            yv = {s: output_view(mod, ys[s]) for s in (A, B)}
+            yv = {s: output_view(mod, ys[s]) for s in sources}
             idx = sample_positions(yv[A].shape[1], self.positions, gen, yv[A].device)
-            yr = {s: rows(yv[s], idx) for s in (((A, B)[m],) if stacked else (A, B))}
+            yr = {s: rows(yv[s], idx) for s in ((sources[m],) if stacked else sources)}
             if stacked:
                 # RegMean: each model's own inputs and outputs, stacked as samples
-                X, Y = sample_rows(mod, xs[(A, B)[m]], idx), yr[(A, B)[m]]
+                X, Y = sample_rows(mod, xs[sources[m]], idx), yr[sources[m]]
             else:
                 if self.merged_inputs:
                     X = sample_rows(mod, xs[M], idx)
                 else:
-                    X = widen_features(sample_rows(mod, xs[A], idx), sample_rows(mod, xs[B], idx), 1, sysm.w_x)
+                    X = widen_features([sample_rows(mod, xs[s], idx) for s in sources], 1, sysm.w_x)
                 if self.norm is None:
-                    Y = widen_features(yr[A], yr[B], 1, sysm.w_y)
+                    Y = widen_features([yr[s] for s in sources], 1, sysm.w_y)
                 else:
-                    Y = self._normalized_target(yr[A], yr[B])
+                    Y = self._normalized_target([yr[s] for s in sources])
             g = sysm.groups
-            accumulate(sysm, X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1), m if stacked else None)
+            accumulate(sysm, X.reshape(X.shape[0], g, -1), Y.reshape(Y.shape[0], g, -1), m if stacked else None,
+                       len(sources))
 
     _node = None
 
-    def _normalized_target(self, ya: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """The merged layer's target when a BatchNorm follows: A's and B's
-        outputs normalised by their own BatchNorm, averaged where merged, and
+    def _normalized_target(self, ys: list) -> torch.Tensor:
+        """The merged layer's target when a BatchNorm follows: every model's
+        outputs normalised by its own BatchNorm, averaged where merged, and
         mapped back through the merged model's BatchNorm (identical to the
-        plain target on A-only and B-only channels)."""
-        za, zb = (_batch_norm_rows(self.models[s].get_submodule(self.norm), y) for s, y in ((A, ya), (B, yb)))
-        z = widen_features(za, zb, 1, self.sysm.w_y)
+        plain target on channels of one model)."""
+        z = widen_features([_batch_norm_rows(self.models[s].get_submodule(self.norm), y)
+                            for s, y in zip(self.sources, ys)], 1, self.sysm.w_y)
         bn = self.models[M].get_submodule(self.norm)
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
         scale = torch.sqrt(bn.running_var + bn.eps)
         safe = gamma.abs() > 1e-6
         y = (z - beta) / torch.where(safe, gamma, torch.ones_like(gamma)) * scale + bn.running_mean
-        plain = widen_features(ya, yb, 1, self.sysm.w_y)
+        plain = widen_features(ys, 1, self.sysm.w_y)
         return torch.where(safe, y, plain)
 
     def finish(self) -> None:
@@ -428,7 +431,8 @@ def solve_bytes(sysm: LayerSystem, gm: fx.GraphModule) -> int:
     return 8 * cols * cols
 
 
-def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optional[int] = None) -> None:
+def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optional[int] = None,
+               n_models: int = 2) -> None:
     """Add one batch's ``(rows, groups, cols)`` inputs and ``(rows, groups,
     outs)`` targets to the layer's float64 sums (``model``: RegMean's
     per-model Gram diagonals). Products are float32, their sums float64."""
@@ -459,6 +463,6 @@ def accumulate(sysm: LayerSystem, X: torch.Tensor, Y: torch.Tensor, model: Optio
     sysm.yy += Y.pow(2).sum(0, dtype=torch.float64)
     if model is not None:
         if sysm.diag is None:
-            sysm.diag = [torch.zeros(g, cols, dtype=torch.float64, device=X.device) for _ in range(2)]
+            sysm.diag = [torch.zeros(g, cols, dtype=torch.float64, device=X.device) for _ in range(n_models)]
         sysm.diag[model] += X.pow(2).sum(0, dtype=torch.float64)
     sysm.n += X.shape[0]

@@ -25,7 +25,7 @@ from fxmerge.runtime.tensors import owner_of, set_tensor
 from .batchnorm import batch_norm_points, reset_batch_norm
 from .lstsq import LeastSquaresPoint, conv_weight, following_batch_norm, from_conv_weight, layer_systems
 from .solve import regmean_layer, solve_layer
-from .sweep import Sweep, wave_bytes
+from .sweep import Sweep, slotted, wave_bytes
 
 REGMEAN_ALPHA = 0.9  # off-diagonal scaling of RegMean's Gram matrices (its authors' default)
 
@@ -57,7 +57,7 @@ def add_least_squares(st: MergeState, inputs: str) -> None:
         st.warnings.append(message)
         st.skipped_layers += list(unfit)
     per_layer: dict = {}
-    models = [st.gm_a, st.gm_b, st.merged]
+    models = slotted(st.sources, st.merged)
     solve = solver(st, per_layer)
     normalized = o.ls_targets == "normalized" and o.bn_stats == "source" and inputs != "stacked"
     points = [LeastSquaresPoint(key, sysm, models, inputs, o.positions, o.seed, solve,
@@ -84,7 +84,7 @@ def pass_sweep(st: MergeState) -> None:
     o = st.opts
     if not st.fit_points:
         return
-    models = [st.gm_a, st.gm_b, st.merged]
+    models = slotted(st.sources, st.merged)
     sweep = Sweep(models, st.fit_points, schedule=o.schedule, max_memory=o.max_memory,
                   frontier_dtype=getattr(torch, o.frontier_dtype), spill_dir=o.spill_dir, progress=o.progress,
                   desc="fit", row_blocks={target: (kind, ins, outs) for target, kind, ins, outs, _ in
@@ -111,7 +111,7 @@ def solver(st: MergeState, per_layer: dict) -> Callable:
             o.on_least_squares(sysm, weight, bias)
         if point.inputs == "stacked":
             src = [(as_conv(gm.get_parameter(sysm.weight)), gm.get_parameter(sysm.bias) if sysm.bias else None)
-                   for gm in (st.gm_a, st.gm_b)]
+                   for gm in st.sources]
             w_new, bias = regmean_layer(sysm, [w for w, _ in src], [b for _, b in src], REGMEAN_ALPHA, o.ridge)
         else:
             w_new, bias = solve_layer(sysm, weight, bias, o.ridge)

@@ -151,7 +151,7 @@ def regmean_layer(sysm: LayerSystem, weights: list, biases: list, alpha: float, 
         Ws.append(W)
     W_new = torch.empty_like(Ws[0])
     for j in range(g):
-        d = sysm.diag[0][j] + sysm.diag[1][j]
+        d = sum(dm[j] for dm in sysm.diag)
         G = alpha * sysm.gram[j] + (1 - alpha) * torch.diag(d)
         C = alpha * sysm.cross[j] + (1 - alpha) * sum(dm[j][:, None] * Wm[j].T for dm, Wm in zip(sysm.diag, Ws))
         W_new[j] = solve_block(G, C, 0.5 * (Ws[0][j] + Ws[1][j]), ridge)

@@ -43,6 +43,17 @@ from fxmerge.runtime.memory import release_freed_memory
 from .frontier import FrontierStore, value_bytes
 
 A, B, M = 0, 1, 2  # model slots: source A, aligned source B, merged
+
+
+def source_slots(n_models: int) -> list:
+    """The slots of ``n_models`` source models: A and B, then every further
+    model after the merged one (``M`` stays the merged model's slot)."""
+    return [A, B][:n_models] + [M + 1 + i for i in range(n_models - 2)]
+
+
+def slotted(sources: list, merged) -> list:
+    """The sweep's models list: the sources in their slots, the merged model in ``M``."""
+    return sources[:2] + [merged] + sources[2:]
 NEVER = 1 << 30
 RELEASE_BYTES = 256 << 20  # the least frontier shrinkage after which freed pages go back to the system
 

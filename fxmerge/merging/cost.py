@@ -214,6 +214,73 @@ class CostModel:
         return self.modelled_source_cost() + self.constant
 
 
+class ClusterCost:
+    """The cost model of a widened model of ``N`` source models, where a
+    root's channels are clusters of models: per root a histogram of its
+    channels' roles (``hists[uid][role]``: how many channels the models of
+    bit set ``role`` read). A dense layer's row of role ``r`` reads every
+    column whose role shares a model with ``r`` (structural zeros are never
+    computed), so its cost is ``H_out^T T H_in`` with ``T[r, s] = (r & s) != 0``;
+    with two models and ``k`` merged pairs this is ``2 D_o D_i - K_o K_i``,
+    as ``CostModel.cost``. Widths (grouped layers, activation products,
+    other widened axes) are the histograms' totals; a part with two widened
+    axes runs once per model view, ``N`` times the source's cost."""
+
+    def __init__(self, model: CostModel, n_models: int):
+        self.model = model
+        self.n = n_models
+        roles = np.arange(1 << n_models)
+        self.touch = ((roles[:, None] & roles[None, :]) != 0).astype(np.float64)
+        self.full = np.zeros(1 << n_models)
+        self.full[-1] = 1.0  # a shared channel: every model reads it
+
+    def merged(self, d: int) -> np.ndarray:
+        return self.full * d
+
+    def _H(self, form, hists: dict) -> np.ndarray:
+        const, coef = form
+        h = self.full * const
+        for u, c in coef.items():
+            h = h + c * hists[u]
+        return h
+
+    def _widened(self, h: np.ndarray, d: float) -> bool:
+        return h[-1] < d - 1e-9
+
+    def layer_cost(self, l: LayerCost, hists: dict, full: dict) -> float:
+        ho, hi = self._H(l.out_form, hists), self._H(l.in_form, hists)
+        widened = [(d, self._H(form, hists)) for d, form in l.positions]
+        spread = float(np.prod([h.sum() / d for d, h in widened]))
+        if any(self._widened(h, d) for d, h in widened) and (
+                self._widened(ho, self._H(l.out_form, full)[-1]) or self._widened(hi, self._H(l.in_form, full)[-1])):
+            return self.n * l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in)
+        if l.grouped:
+            return spread * l.scale * l.per_group_in * ho.sum()
+        return spread * l.scale * float(ho @ self.touch @ hi)
+
+    def product_cost(self, p: ProductCost, hists: dict) -> float:
+        widths = [(d, self._H(form, hists)) for d, form in p.dims]
+        if sum(self._widened(h, d) for d, h in widths) > 1:
+            return self.n * p.scale * float(np.prod([d for d, _ in widths]))
+        return p.scale * float(np.prod([h.sum() for _, h in widths]))
+
+    def node_costs(self, hists: dict) -> dict:
+        """The modelled cost of every node the model covers (roots not in
+        ``hists`` merge fully)."""
+        m = self.model
+        full = {u: self.merged(s) for u, s in zip(m.uids, m.sizes.tolist())}
+        hd = {**full, **hists}
+        out: dict = {}
+        for l in m.layers:
+            out[l.node] = out.get(l.node, 0.0) + self.layer_cost(l, hd, full)
+        for p in m.products:
+            out[p.node] = out.get(p.node, 0.0) + self.product_cost(p, hd)
+        return out
+
+    def cost(self, hists: dict) -> float:
+        return sum(self.node_costs(hists).values()) + self.model.constant
+
+
 def position_forms(pg, node, output_axis: int, sizes: dict) -> list:
     """``(D, linear form of K)`` of every axis of a contraction's output
     other than the batch and its channels that can widen (the channels of a

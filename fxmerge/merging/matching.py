@@ -18,6 +18,7 @@ it matched. ``MatchSampler`` turns it into index arrays for ``permute_state``.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -29,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 from fxmerge.analysis.ir import Concat, Dep, Dim, Product, find
 from fxmerge.analysis.permute import PermutationSampler, permute_tensor
+from fxmerge.runtime.tensors import set_tensor, tensor_state
 
 from .statistics import ActivationCollector, BlockDiagonal, occurrences
 
@@ -228,7 +230,7 @@ def _nesting_depth(d) -> int:
 # weight matching
 
 
-def _matchable_roots(pg) -> dict:
+def matchable_roots(pg) -> dict:
     """Atom roots and product roots that carry parameter axes."""
     roots = {}
     for name, lays in pg.members.items():
@@ -243,7 +245,7 @@ def _matchable_roots(pg) -> dict:
 def weight_matching(pg, state_a: dict, state_b: dict, *, iters: int = 30, seed: int = 0, exclude: Iterable = ()) -> Matching:
     """Git Re-Basin weight matching: coordinate ascent over roots, each step a
     Hungarian problem on ``sum_members <W_A, P(W_B)>`` along that root's axis."""
-    roots = {u: r for u, r in _matchable_roots(pg).items() if u not in set(exclude)}
+    roots = {u: r for u, r in matchable_roots(pg).items() if u not in set(exclude)}
     members_of: dict = defaultdict(list)
     for name, lays in pg.members.items():
         if not pg.member_is_param.get(name, False) or name not in state_a:
@@ -304,6 +306,16 @@ def _without(perms: dict, r: Dim) -> dict:
         out.pop(find(s.outer).uid, None)
         for i in s.inners:
             out.pop(find(i).uid, None)
+    return out
+
+
+def permuted(pg, template: torch.fx.GraphModule, gm: torch.fx.GraphModule, sampler) -> torch.fx.GraphModule:
+    """A copy of ``template`` holding ``gm``'s tensors permuted by ``sampler``
+    along every group axis (a function-preserving change)."""
+    out = copy.deepcopy(template)
+    for k, v in tensor_state(gm).items():
+        lays = pg.members.get(k)
+        set_tensor(out, k, permute_tensor(v, lays, sampler) if lays is not None else v)
     return out
 
 

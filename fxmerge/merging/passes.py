@@ -25,9 +25,11 @@ from fxmerge.errors import BudgetError, BudgetWarning, InputError
 from fxmerge.runtime.runner import LockstepRunner
 from fxmerge.runtime.tensors import set_tensor, tensor_state
 
-from .cost import CostModel, measure_macs, node_costs
-from .matching import activation_matching, weight_matching
+from .cost import ClusterCost, CostModel, measure_macs, node_costs
+from .clusters import plan_clusters
+from .matching import activation_matching, permuted, weight_matching
 from .statistics import ActivationCollector
+from .universe import match_universe
 from .pipeline import MergeState, lockstep_pass, merge_pass
 from .plan import merged_only_roots, normalized_roots, plan_budget
 from .rewrite import WidenGraph, check_shapes, split_contractions
@@ -36,33 +38,43 @@ from .widening import LayoutWidener
 
 @merge_pass("analyze", "analysis")
 def pass_analyze(st: MergeState) -> None:
-    """Trace model A, find its groups; B's weights go into A's graph."""
+    """Trace model A, find its groups; every other model's weights go into
+    A's graph."""
     st.pg = analyze(st.model_a, st.example_inputs, per_model_output=st.opts.labels == "disjoint", fold_weights=True)
-    st.gm_a = st.pg.gm
-    st.gm_b = copy.deepcopy(st.gm_a)
-    state_b = dict(st.model_b.state_dict())
-    wanted = tensor_state(st.gm_b)
-    if any(k not in state_b for k in wanted):
+    st.sources = [st.pg.gm] + [weights_in_graph(st, m, chr(ord("A") + i + 1)) for i, m in enumerate(st.models[1:])]
+
+
+def weights_in_graph(st: MergeState, model, name: str):
+    """A copy of A's GraphModule holding ``model``'s tensors."""
+    gm = copy.deepcopy(st.pg.gm)
+    state = dict(model.state_dict())
+    wanted = tensor_state(gm)
+    if any(k not in state for k in wanted):
         # non-persistent buffers (some are computed by the forward, at the
         # input's size) and tensors the tracer turned into graph constants:
-        # read B's own from a trace of a copy of B (the same graph, names)
-        state_b = {**tensor_state(trace(st.model_b, st.example_inputs, check=False, fold_weights=True).gm), **state_b}
-    missing = [k for k in wanted if k not in state_b]
+        # read the model's own from a trace of a copy of it (the same graph, names)
+        state = {**tensor_state(trace(model, st.example_inputs, check=False, fold_weights=True).gm), **state}
+    missing = [k for k in wanted if k not in state]
     if missing:
-        raise InputError(f"model B has no tensor for {missing[0]!r} of model A's graph: "
-                         "merge two models of the same architecture")
+        raise InputError(f"model {name} has no tensor for {missing[0]!r} of model A's graph: "
+                         "merge models of the same architecture")
     for k, v in wanted.items():
-        if tuple(state_b[k].shape) != tuple(v.shape):
-            raise InputError(f"{k!r} is {tuple(v.shape)} in model A but {tuple(state_b[k].shape)} in model B: "
-                             "merge two models of the same architecture")
-        set_tensor(st.gm_b, k, state_b[k].detach().clone())
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise InputError(f"{k!r} is {tuple(v.shape)} in model A but {tuple(state[k].shape)} in model {name}: "
+                             "merge models of the same architecture")
+        set_tensor(gm, k, state[k].detach().clone())
+    return gm
 
 
 @merge_pass("match", "matching")
 def pass_match(st: MergeState) -> None:
     """Which feature of B corresponds to which of A: activation matching
-    (one lockstep pass over the data) or Git Re-Basin's weight matching."""
+    (one lockstep pass over the data) or Git Re-Basin's weight matching.
+    More than two models are matched into one shared order (``universe``)."""
     o = st.opts
+    if st.n_models > 2:
+        st.universe = match_universe(st)
+        return
     if o.matching == "weight":
         st.match = weight_matching(st.pg, tensor_state(st.gm_a), tensor_state(st.gm_b), seed=o.seed, exclude=st.output_roots)
         return
@@ -75,18 +87,17 @@ def pass_match(st: MergeState) -> None:
 
 @merge_pass("align", "matching")
 def pass_align(st: MergeState) -> None:
-    """Permute B's weights so its features sit opposite A's."""
+    """Permute every model's weights so its features sit opposite A's (or,
+    for more than two models, opposite the shared order)."""
+    if st.universe is not None:
+        st.sources = list(st.universe.aligned)  # aligned while the universe was found
+        return
     align_weights(st)
 
 
 def align_weights(st: MergeState) -> None:
-    """B's weights permuted by the matching (``st.gm_b`` replaced)."""
-    sampler = st.match.sampler()
-    aligned = copy.deepcopy(st.gm_a)
-    for k, v in tensor_state(st.gm_b).items():
-        lays = st.pg.members.get(k)
-        set_tensor(aligned, k, permute_tensor(v, lays, sampler) if lays is not None else v)
-    st.gm_b = aligned
+    """B's weights permuted by the matching (``st.sources[1]`` replaced)."""
+    st.sources[1] = permuted(st.pg, st.gm_a, st.gm_b, st.match.sampler())
 
 
 def fixed_roots(st: MergeState, cost_model: CostModel) -> dict:
@@ -116,8 +127,14 @@ def cost_model_of(st: MergeState) -> CostModel:
 
 @merge_pass("plan", "plan")
 def pass_plan(st: MergeState) -> None:
-    """Partial merging: how many pairs of every root merge, for the budget."""
+    """Partial merging: how many pairs of every root merge, for the budget
+    (for more than two models: how the models cluster per feature)."""
     cost_model = cost_model_of(st)
+    if st.n_models > 2:
+        st.plan = plan_clusters(cost_model, st.universe.similarity if st.universe else {}, st.opts.budget,
+                                st.n_models, fixed=fixed_roots(st, cost_model))
+        check_budget(st)
+        return
     residual = {r.uid for g in st.pg.all_groups if g.kind == "residual" for r in g.roots}
     score = st.opts.planner
     if score == "auto":  # residual streams first where a LayerNorm normalises them (transformers)
@@ -141,15 +158,19 @@ def full_plan(st: MergeState) -> None:
     cost_model = cost_model_of(st)
     fixed = fixed_roots(st, cost_model)
     fixed.update({u: int(s) for u, s in zip(cost_model.uids, cost_model.sizes) if u not in fixed})
+    if st.n_models > 2:
+        st.plan = plan_clusters(cost_model, {}, st.opts.budget, st.n_models, fixed=fixed)
+        return
     st.plan = plan_budget(cost_model, st.match.sims, st.opts.budget, fixed=fixed)
 
 
 @merge_pass("widen", "widen")
 def pass_widen(st: MergeState) -> None:
-    """Emit the widened GraphModule: ``[A-only | merged | B-only]`` per root."""
-    st.widener = LayoutWidener(st.plan.masks)
+    """Emit the widened GraphModule: ``[A-only | merged | B-only]`` per root
+    (one channel per cluster of models for more than two)."""
+    st.widener = LayoutWidener(st.plan.masks, st.n_models)
     widen = WidenGraph(st.pg, st.widener)
-    st.merged = widen.run(tensor_state(st.gm_a), tensor_state(st.gm_b))
+    st.merged = widen.run([tensor_state(gm) for gm in st.sources])
     st.per_model_views = widen.per_view
     check_shapes(st.merged, st.pg, st.widener, st.example_inputs)
 
@@ -182,7 +203,7 @@ def check_budget(st: MergeState) -> None:
         listed = "; ".join(blockers[:4]) + (f" (+{len(blockers) - 4} more)" if len(blockers) > 4 else "")
         messages.append(f"budget {o.budget:.2f}x is out of reach for this model: it can cost at most {high:.3f}x"
                         + (f"; kept from widening by: {listed}" if blockers else ""))
-    if st.budget_reachable and o.budget >= 2.0 - tol and st.kept_merged and st.method.budgeted:
+    if st.budget_reachable and o.budget >= st.n_models - tol and st.kept_merged and st.method.budgeted:
         # the cost is reached (a merged row reading both models' inputs costs
         # as much as two rows), but a 2x merge is promised to be the ensemble
         st.budget_reachable = False
@@ -248,7 +269,11 @@ def cost_departures(st: MergeState) -> list:
     cost: nodes the cost model covers against its count at the plan's merge
     counts, the others against their cost in the source model."""
     planned = node_costs(st.gm_a, st.example_inputs)
-    planned.update(cost_model_of(st).node_costs(st.plan.k))
+    cost_model = cost_model_of(st)
+    if st.plan.histograms is not None:
+        planned.update(ClusterCost(cost_model, st.n_models).node_costs(st.plan.histograms))
+    else:
+        planned.update(cost_model.node_costs(st.plan.k))
     measured = node_costs(st.merged, st.example_inputs)
     nodes = {n.name: n for n in st.pg.gm.graph.nodes}
     by_kind: dict = {}

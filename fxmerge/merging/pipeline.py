@@ -34,6 +34,7 @@ class MergeOptions:
     method: str
     budget: float
     labels: str
+    n_models: int
     matching: str
     ridge: float
     positions: int
@@ -61,8 +62,7 @@ class MergeState:
 
     opts: MergeOptions
     method: Any  # the fxmerge.methods.Method record
-    model_a: nn.Module
-    model_b: nn.Module
+    models: list  # the source modules (copies), model A first
     data: Any
     example_inputs: Inputs
     n_images: int
@@ -71,9 +71,10 @@ class MergeState:
     images_per_rank: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     pg: Optional[PermutationGroups] = None
-    gm_a: Optional[fx.GraphModule] = None
-    gm_b: Optional[fx.GraphModule] = None  # B's weights in A's graph, aligned once ``align`` ran
-    match: Matching = field(default_factory=Matching)
+    # every model's weights in A's graph (A's own first), aligned once ``align`` ran
+    sources: list = field(default_factory=list)
+    match: Matching = field(default_factory=Matching)  # B's features opposite A's (two models)
+    universe: Any = None  # every model's features opposite one shared order (``Universe``; more than two models)
     plan: Optional[Plan] = None
     widener: Optional[LayoutWidener] = None
     merged: Optional[fx.GraphModule] = None
@@ -91,6 +92,26 @@ class MergeState:
     row_block_layers: int = 0
     per_model_views: list = field(default_factory=list)  # nodes the rewrite runs once per model view
     bytes_reduced: int = 0  # summed across ranks by this merge
+
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
+
+    @property
+    def model_a(self) -> nn.Module:
+        return self.models[0]
+
+    @property
+    def model_b(self) -> nn.Module:
+        return self.models[1]
+
+    @property
+    def gm_a(self) -> Optional[fx.GraphModule]:
+        return self.sources[0] if self.sources else None
+
+    @property
+    def gm_b(self) -> Optional[fx.GraphModule]:
+        return self.sources[1] if len(self.sources) > 1 else None
 
     def batches(self) -> Iterable[Inputs]:
         """This rank's calibration inputs, batch by batch, on the device."""

@@ -9,6 +9,7 @@ target to within one pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -176,7 +177,11 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
 
 @dataclass
 class Plan:
-    """Per root: how many pairs merge and which (``masks``), with the cost."""
+    """Per root: how many pairs merge and which (``masks``), with the cost.
+    For more than two models (``clusters.plan_clusters``): ``k`` counts the
+    units every model shares, ``masks`` holds each widened root's partition
+    (``(n_models, units)`` cluster labels) and ``histograms`` its channels'
+    roles."""
 
     k: dict
     masks: dict
@@ -185,6 +190,8 @@ class Plan:
     source_cost: float
     feasible: tuple  # (min, max) relative cost
     resolution: float = 0.0  # relative cost of the smallest step next to the target
+    histograms: Optional[dict] = None
+    n_models: int = 2
 
     @property
     def ratio(self) -> float:

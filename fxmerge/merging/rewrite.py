@@ -3,7 +3,7 @@
 ``WidenGraph`` copies A's GraphModule and, under a ``LayoutWidener``:
 
 1. replaces every parameter and buffer with its merged value
-   (``widen_tensor`` from A and aligned B),
+   (``widen_tensor`` from every model's aligned value),
 2. makes module attributes agree with the new shapes (the ``RESIZE`` rules:
    ``in_channels``, ``out_channels``, ``groups``, ``num_features``,
    ``normalized_shape``, ...),
@@ -62,15 +62,18 @@ class WidenGraph:
             return None
         return [self.widener.size(l) for l in tls[0].lays]
 
-    def run(self, state_a: dict, state_b: dict) -> fx.GraphModule:
+    def run(self, states: list) -> fx.GraphModule:
+        """The widened GraphModule from every model's aligned state (model
+        A's first)."""
         pg = self.pg
+        state_a = states[0]
         gm = copy.deepcopy(pg.gm)
         contracted = in_axes_of(pg)
         old_shapes: dict = {}
         for name, lays in pg.members.items():
             if name not in state_a:
                 continue
-            new = widen_tensor(state_a[name], state_b[name], lays, contracted.get(name, set()), self.widener)
+            new = widen_tensor([s[name] for s in states], lays, contracted.get(name, set()), self.widener)
             mod_name, leaf = split_name(name)
             old_shapes.setdefault(mod_name, {})[leaf] = tuple(state_a[name].shape)
             set_tensor(gm, name, new)
@@ -84,8 +87,8 @@ class WidenGraph:
                 if isinstance(new, nn.Module) and new is not mod:  # the rule replaces the module
                     replace_module(gm, mod_name, new)
         self._rewrite_constants(gm)
-        self.per_view = emit_views(gm, self.pg, self.widener, state_a, state_b)
-        self.per_view += role_split_layers(gm, self.pg, self.widener, state_a, state_b)
+        self.per_view = emit_views(gm, self.pg, self.widener, states)
+        self.per_view += role_split_layers(gm, self.pg, self.widener, states)
         self._split_normalizations(gm)
         gm.to(model_device(pg.gm))  # modules the rewrite made (split norms) join the model's device
         gm.recompile()
@@ -141,7 +144,7 @@ class WidenGraph:
         for name, norm in self.pg.normalizations.items():
             ws = [self.widener.widen(lay) for lay in normalized_layouts(self.pg, old_nodes[name], norm)]
             node = nodes.get(name)
-            if node is None or all((w.role == 3).all() for w in ws):
+            if node is None or all((w.role == self.widener.shared_role).all() for w in ws):
                 continue  # run per model view, or fully merged: the plain op is exact
             if not splittable(gm, node, norm):
                 raise RewriteError(

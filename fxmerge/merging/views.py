@@ -31,9 +31,7 @@ from fxmerge.analysis.rules.registry import tensors_in
 from fxmerge.analysis.tracing import TensorInfo
 from fxmerge.runtime.layers import ModelViews, RoleSplit
 from fxmerge.runtime.tensors import set_tensor
-from .widening import ROLE_A, ROLE_B, ROLE_M, LayoutWidener
-
-VIEW_BITS = (ROLE_A, ROLE_B)
+from .widening import LayoutWidener, model_bit, role_order
 
 
 @dataclass
@@ -168,16 +166,16 @@ def _view_state(view: fx.GraphModule, pg, state: dict, widener: LayoutWidener, b
         set_tensor(view, name, t.detach().clone())
 
 
-def views_module(pg, region: Region, widener: LayoutWidener, states: tuple) -> ModelViews:
-    """The ``ModelViews`` module of one region, from A's and aligned B's states."""
+def views_module(pg, region: Region, widener: LayoutWidener, states: list) -> ModelViews:
+    """The ``ModelViews`` module of one region, from every model's aligned state."""
     template = _view_graph(pg, region)
     views = []
-    for bit, state in zip(VIEW_BITS, states):
+    for bit, state in zip(widener.view_bits, states):
         view = copy.deepcopy(template) if views else template
         _view_state(view, pg, state, widener, bit)
         views.append(view)
     gathers = []
-    for bit in VIEW_BITS:
+    for bit in widener.view_bits:
         per_input = []
         for node in region.inputs:
             lays = tensors_in(pg.layouts.get(node))
@@ -196,17 +194,17 @@ def views_module(pg, region: Region, widener: LayoutWidener, states: tuple) -> M
             continue
         lay = tensors_in(pg.layouts.get(node))[0].lays[axes[0]]
         scatters.append((axes[0], widener.size(lay)))
-        scatter_index.append([_view_index(widener, lay, bit) for bit in VIEW_BITS])
+        scatter_index.append([_view_index(widener, lay, bit) for bit in widener.view_bits])
     return ModelViews(views, gathers, scatters, scatter_index)
 
 
-def emit_views(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: dict, state_b: dict) -> list:
+def emit_views(gm: fx.GraphModule, pg, widener: LayoutWidener, states: list) -> list:
     """Replace every region of ``gm`` (the widened copy of ``pg``'s graph) by
     its ``ModelViews`` module. Returns the names of the nodes now run per view."""
     replaced = []
     for region in view_regions(pg, widener):
         target = f"fxm_views_{region.nodes[0]}"
-        gm.add_submodule(target, views_module(pg, region, widener, (state_a, state_b)))
+        gm.add_submodule(target, views_module(pg, region, widener, states))
         nodes = {n.name: n for n in gm.graph.nodes}
         inside = set(region.nodes)
         last = nodes[region.nodes[-1]]
@@ -239,11 +237,13 @@ def emit_views(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: dict, st
     return replaced
 
 
-def role_split_layers(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: dict, state_b: dict) -> list:
+def role_split_layers(gm: fx.GraphModule, pg, widener: LayoutWidener, states: list) -> list:
     """Give every layer whose weights do not index a widened axis of its
     tensor (a Linear over the tokens while the channels widen) one weight
-    per role of that axis (``RoleSplit``): A's on A-only positions, B's on
-    B-only ones, the merged weight on merged ones. Returns their names."""
+    per role of that axis (``RoleSplit``): a model's own weights on the
+    positions only it reads, the mean of its readers' weights on the others
+    (the merged layer itself where every model reads them). Returns their
+    names."""
     nodes = {n.name: n for n in gm.graph.nodes}
     sources = {n.name: n for n in pg.gm.graph.nodes}
     done = []
@@ -258,18 +258,20 @@ def role_split_layers(gm: fx.GraphModule, pg, widener: LayoutWidener, state_a: d
         axis = out_axes[0]
         w = widener.widen(tensors_in(pg.layouts.get(source))[0].lays[axis])
         merged = gm.get_submodule(node.target)
-        layers = []
-        for state in (state_a, None, state_b):
-            if state is None:
-                layers.append(merged)  # merged positions: the merged layer itself
+        layers, indices = [], []
+        for role in sorted({int(r) for r in w.role}, key=role_order):
+            indices.append(np.flatnonzero(w.role == role))
+            if role == widener.shared_role:
+                layers.append(merged)  # positions every model reads: the merged layer itself
                 continue
+            readers = [s for m, s in enumerate(states) if role & model_bit(m)]
             layer = copy.deepcopy(merged)
             for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
                 full = f"{node.target}.{name}"
-                if full in state:
-                    set_tensor(layer, name, state[full].detach().clone())
+                if full in readers[0]:
+                    set_tensor(layer, name, (sum(s[full] for s in readers) / len(readers)).detach().clone()
+                               if len(readers) > 1 else readers[0][full].detach().clone())
             layers.append(layer)
-        indices = [np.flatnonzero(w.role == role) for role in (ROLE_A, ROLE_M, ROLE_B)]
         gm.add_submodule(node.target, RoleSplit(layers, indices, axis))
         done.append(c.node)
     return done

@@ -156,8 +156,9 @@ class SplitLayerNorm(nn.Module):
     taken per source model.
 
     Model A's view of the axis is every feature that carries A (A-only and
-    merged), model B's likewise. Each view is normalised on its own, as its
-    model would; a merged feature takes the mean of its two normalised values.
+    merged), every other model's likewise. Each view is normalised on its
+    own, as its model would; a merged feature takes the mean of its models'
+    normalised values.
     With nothing merged this is exactly both models' LayerNorms side by side;
     with everything merged it is the plain LayerNorm. The affine parameters,
     if any, are applied to the whole widened axis afterwards (owned here, or
@@ -174,20 +175,20 @@ class SplitLayerNorm(nn.Module):
         self.rms = rms
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        a_index = np.flatnonzero(role & 1)
-        b_index = np.flatnonzero(role & 2)
         n_a_only = int((role == 1).sum())
         n_merged = int((role == 3).sum())
-        # The usual layout [A-only | merged | B-only] needs no gather.
+        # Two models' usual layout [A-only | merged | B-only] needs no gather.
         self.contiguous = bool(
             np.array_equal(role, np.concatenate([np.full(n_a_only, 1), np.full(n_merged, 3), np.full(width - n_a_only - n_merged, 2)]))
         )
         self.n_a_only, self.n_merged = n_a_only, n_merged
-        self.register_buffer("a_index", torch.as_tensor(a_index, dtype=torch.long), persistent=False)
-        self.register_buffer("b_index", torch.as_tensor(b_index, dtype=torch.long), persistent=False)
-        share = np.where(role == 3, 0.5, 1.0)
-        self.register_buffer("a_share", torch.as_tensor(share[a_index], dtype=torch.float32), persistent=False)
-        self.register_buffer("b_share", torch.as_tensor(share[b_index], dtype=torch.float32), persistent=False)
+        self.n_models = int(role.max()).bit_length() if width else 0
+        readers = np.array([bin(int(r)).count("1") for r in role], dtype=np.float64)
+        for m in range(self.n_models):
+            index = np.flatnonzero(role & (1 << m))
+            self.register_buffer(f"index_{m}", torch.as_tensor(index, dtype=torch.long), persistent=False)
+            self.register_buffer(f"share_{m}", torch.as_tensor(1.0 / readers[index], dtype=torch.float32),
+                                 persistent=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:
@@ -203,9 +204,10 @@ class SplitLayerNorm(nn.Module):
             nb = self._norm(x[..., p:])
             out = torch.cat([na[..., :p], 0.5 * (na[..., p:] + nb[..., :k]), nb[..., k:]], dim=-1)
         else:
-            na = self._norm(x.index_select(-1, self.a_index)) * self.a_share.to(x.dtype)
-            nb = self._norm(x.index_select(-1, self.b_index)) * self.b_share.to(x.dtype)
-            out = x.new_zeros(x.shape).index_add_(-1, self.a_index, na).index_add_(-1, self.b_index, nb)
+            out = x.new_zeros(x.shape)
+            for m in range(self.n_models):
+                index = getattr(self, f"index_{m}")
+                out = out.index_add_(-1, index, self._norm(x.index_select(-1, index)) * getattr(self, f"share_{m}").to(x.dtype))
         if weight is not None:
             out = out * weight
         if bias is not None:

@@ -11,14 +11,14 @@ from fxmerge.errors import InputError
 from fxmerge.runtime.inputs import Inputs
 
 
-def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
+def check_same_architecture(a: nn.Module, b: nn.Module, name_b: str = "B") -> None:
     sa, sb = a.state_dict(), b.state_dict()
     for name, t in sa.items():
         if name not in sb:
-            raise InputError(f"the models differ: model B has no parameter '{name}' (model A: {tuple(t.shape)})")
+            raise InputError(f"the models differ: model {name_b} has no parameter '{name}' (model A: {tuple(t.shape)})")
         if tuple(t.shape) != tuple(sb[name].shape):
             raise InputError(
-                f"the models differ at '{name}': model A {tuple(t.shape)}, model B {tuple(sb[name].shape)}"
+                f"the models differ at '{name}': model A {tuple(t.shape)}, model {name_b} {tuple(sb[name].shape)}"
             )
     for name in sb:
         if name not in sa:
