@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
            scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
 
-.PHONY: install test demo groups bench bench-quick perf tune budget-curve budget-size seeds pleas-free coverage scaling digest gpu-check clean
+.PHONY: install test demo groups bench bench-quick perf tune budget-curve budget-size seeds pleas-free coverage scaling n-models digest gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -42,6 +42,7 @@ perf: $(STAMP)
 	$(PY) -m benchmarks.performance --arch resnet50 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance.md
 	$(PY) -m benchmarks.performance --arch vit_tiny_patch16_224 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-vit.md
 	$(PY) -m benchmarks.performance --arch resnet18 --calib 512 --adam-max-cols 0 --memory-size 224 --out docs/performance-resnet18.md
+	$(PY) -m benchmarks.n_scaling --arch resnet18 --size 224 --calib 256 --out docs/performance-n-models.md
 
 # every tuned default, chosen on the validation split (test figures beside it; about 3 h)
 tune: $(STAMP)
@@ -60,6 +61,10 @@ budget-curve: $(STAMP)
 # the budget counted at the calibration size (32x32) against the deployed size (224x224)
 budget-size: $(STAMP)
 	$(PY) -m benchmarks.budget_size --out docs/budget-size.md
+
+# merging 2, 3 and 4 models: PLeaS against the N-model baselines on digit tasks and styles
+n-models: $(STAMP)
+	$(PY) -m benchmarks.n_models --out docs/n-models.md
 
 # data-parallel merging under torchrun (gloo) against one process
 scaling: $(STAMP)

@@ -95,13 +95,13 @@ def load(path: str, model: Optional[nn.Module] = None, *, device="cpu"):
     report = json.loads(payload["report"])
     cut = report.get("zip_cut_position")
     if cut is not None and cut < len(pg.gm.graph.nodes):
-        # ZipIt!'s partial zipping: both models after the cut; their weights
+        # ZipIt!'s partial zipping: every model after the cut; their weights
         # and the unzip indices come with the state dict
         from fxmerge.analysis.permute import PermutationSampler
-        from fxmerge.merging.zipit import emit_partial_zip
+        from fxmerge.merging.zip_cut import emit_partial_zip
 
-        gm = emit_partial_zip(gm, pg.gm, pg.gm, pg, cut, {}, PermutationSampler(np.random.default_rng(0), set()),
-                              payload["labels"])
+        identity = PermutationSampler(np.random.default_rng(0), set())
+        gm = emit_partial_zip(gm, [pg.gm] * n_models, pg, cut, {}, [identity] * n_models, payload["labels"])
     try:
         gm.load_state_dict(payload["state_dict"])
     except RuntimeError as e:

@@ -42,7 +42,6 @@ class Method:
     norm_policy: Optional[str] = None
     permutes: bool = True
     side_by_side: bool = False
-    max_models: Optional[int] = None
 
     @property
     def budgeted(self) -> bool:
@@ -98,7 +97,11 @@ register_method(Method(
     "zipit", ("analyze", "zip_match", "zip_plan", "widen", "zip_weights", "row_blocks", "zip_cut",
               "batch_norm_sweep", "sweep", "batch_norm_reset", "check_cost"),
     "ZipIt!: features zipped within and across models, partial zipping by a graph cut",
-    matching=None, max_models=2))  # it pools both models' features: no pair of A and B is matched as such
+    matching=None))  # it pools both models' features: no pair of A and B is matched as such
+register_method(Method(
+    "cca", ("analyze", "zip_match", "cca_plan", "widen", "zip_weights", "row_blocks") + _FITTED + ("check_cost",),
+    "CCA Merge: every model's features mapped into A's by canonical correlation analysis, averaged (1x)",
+    fixed_budget=1.0, matching=None))
 register_method(Method(
     "rebasin", _PERMUTED + ("plan_full", "widen") + _FITTED,
     "Git Re-Basin: weight matching (MergeMany for more than two models), full merge (1x)", fixed_budget=1.0,

@@ -28,9 +28,6 @@ def merge_options(*, method: str, budget: Any, labels: str, matching: Optional[s
     """The checked options of a merge; the method's record fills what the
     caller left to it (budget, matching, BatchNorm and norm policies)."""
     m = get_method(method)
-    if m.max_models is not None and n_models > m.max_models:
-        raise InputError(f"method '{m.name}' merges at most {m.max_models} models, got {n_models}: use one of "
-                         "pleas, perm, rebasin, regmean, avg or ensemble")
     if bn_stats is None:
         bn_stats = "source" if reset_bn is False or m.bn_stats is None else m.bn_stats
     picked = {"labels": labels, "norm_policy": m.norm_policy or norm_policy, "ls_inputs": ls_inputs,

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py in each of several processes (ranks):
-merge two small networks with every data-driven method and save rank 0's
+merge two small networks with every data-driven method (and three with
+PLeaS, ZipIt! and CCA Merge) and save rank 0's
 merged weights and every rank's report (``torch.distributed`` from the
 environment, or a single process without it)."""
 import json
@@ -22,13 +23,18 @@ torch.manual_seed(0)
 a = build(8, spec).eval()
 torch.manual_seed(1)
 b = build(8, spec).eval()
+torch.manual_seed(2)
+c = build(8, spec).eval()
 g = torch.Generator().manual_seed(5)
 data = [torch.randn(8, 3, 12, 12, generator=g) for _ in range(6)]  # every rank passes all; merge shards them
 weights, reports = {}, {}
-for method, budget in (("pleas", 1.3), ("perm", 1.3), ("zipit", 1.3), ("regmean", 1.0)):
-    res = fxmerge.merge(a, b, data, budget=budget, method=method, labels="disjoint")
-    weights[method] = {k: v.clone() for k, v in res.model.state_dict().items()}
-    reports[method] = {k: res.report[k] for k in ("world_size", "images_per_rank", "calibration_inputs")}
+runs = [(method, [a, b], budget, method) for method, budget in (("pleas", 1.3), ("perm", 1.3), ("zipit", 1.3),
+                                                                 ("regmean", 1.0))]
+runs += [(f"{method}-3", [a, b, c], budget, method) for method, budget in (("pleas", 1.8), ("zipit", 1.5), ("cca", 1.0))]
+for label, models, budget, method in runs:
+    res = fxmerge.merge(models, data, budget=budget, method=method, labels="disjoint")
+    weights[label] = {k: v.clone() for k, v in res.model.state_dict().items()}
+    reports[label] = {k: res.report[k] for k in ("world_size", "images_per_rank", "calibration_inputs")}
 rank, world = distributed.rank(), distributed.world_size()
 if rank == 0:
     torch.save(weights, os.path.join(out_dir, f"weights-{world}.pt"))

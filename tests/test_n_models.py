@@ -15,9 +15,11 @@ import torch.nn as nn
 
 import fxmerge
 from fxmerge.errors import InputError
+from fxmerge.merging.cca import cca_maps
 from fxmerge.merging.clusters import plan_clusters, ward_splits
 from fxmerge.merging.cost import ClusterCost, CostModel
 from fxmerge.merging.plan import plan_budget
+from fxmerge.merging.zipit import zip_clusters
 from nets import build
 from test_hand_written import Mixer
 
@@ -54,6 +56,8 @@ def rel(x, y):
 def test_permuted_copies_merge_back_at_every_budget(method, tol):
     m = net(0)
     models, _, _ = permuted_copies(m, 3)
+    # aligned copies agree as the model agrees with itself (constant units correlate with nothing)
+    itself = fxmerge.merge([m, m, m], calib(), method="perm", bn_stats="source").report["universe"]["agreement"]
     with torch.no_grad():
         ref = m(X)
         for budget in (1.0, 1.5, 2.0, 2.5, 3.0):
@@ -62,7 +66,7 @@ def test_permuted_copies_merge_back_at_every_budget(method, tol):
             assert rel(r.model(X), ref) < tol, budget
             measured = r.report["cost_measured"]
             assert abs(measured - budget) <= 0.01 * budget or caught, (budget, measured)
-            assert r.report["n_models"] == 3 and r.report["universe"]["agreement"] == 1.0
+            assert r.report["n_models"] == 3 and r.report["universe"]["agreement"] == pytest.approx(itself, abs=1e-6)
 
 
 class _budget_warnings:
@@ -184,6 +188,55 @@ def test_save_and_load_three_models(tmp_path):
     assert plan["n_models"] == 3 and report["n_models"] == 3
 
 
+def test_zipit_n_way_zips_and_cuts_for_the_budget():
+    others = [net(s) for s in range(3)]
+    with torch.no_grad():
+        ref = torch.cat([o(X) for o in others], -1)
+        full = fxmerge.merge(others, calib(), method="zipit", budget=1.0, labels="disjoint", bn_stats="source")
+        assert full.report["cost_measured"] < 1.1  # the heads (each model's classes) stay apart
+        assert rel(full.model(X), ref) > 1e-2  # zipped: not the ensemble
+        apart = fxmerge.merge(others, calib(), method="zipit", budget=3.0, labels="disjoint", bn_stats="source")
+        # cut before the first layer: every model whole, side by side
+        assert rel(apart.model(X), ref) < 1e-5 and abs(apart.report["cost_measured"] - 3.0) < 1e-6
+
+
+def test_zip_clusters_merge_until_one_feature_per_position():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(200, 4))
+    pooled = np.concatenate([f + 0.05 * rng.normal(size=f.shape) for _ in range(3)], 1)[:, [0, 1, 2, 3, 5, 4, 7, 6, 9, 8, 11, 10]]
+    corr = np.corrcoef(pooled.T)
+    clusters = zip_clusters(corr, 3, alpha=1.0)  # a merged cluster keeps its members' least correlation
+    assert len(clusters) == 4 and sorted(i for c in clusters for i in c) == list(range(12))
+    # each cluster holds the three noisy copies of one feature
+    truth = {0: 0, 1: 1, 2: 2, 3: 3, 4: 1, 5: 0, 6: 3, 7: 2, 8: 1, 9: 0, 10: 3, 11: 2}
+    assert all(len({truth[i] for i in c}) == 1 for c in clusters)
+
+
+def test_cca_maps_undo_a_permutation_and_invert_each_other():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
+    perm = rng.permutation(6)
+    mixed = a @ rng.normal(size=(6, 6))  # a model whose features are another basis of A's
+    cov = np.cov(np.concatenate([a, a[:, perm], mixed], 1).T)
+    M, U = cca_maps(cov, 3, ridge=0.0)
+    d = 6
+    # the permuted copy maps back onto A's features exactly
+    np.testing.assert_allclose(M[:, d:2 * d] @ a[:, perm].T, a.T, atol=1e-6)
+    # and so does a model whose features are any invertible mix of A's
+    np.testing.assert_allclose(M[:, 2 * d:] @ mixed.T, a.T, atol=1e-6)
+    for m in (1, 2):
+        np.testing.assert_allclose(U[m * d:(m + 1) * d] @ M[:, m * d:(m + 1) * d], np.eye(d), atol=1e-6)
+
+
+def test_cca_merge_runs_on_n_models_and_costs_1x():
+    others = [net(s) for s in range(3)]
+    with torch.no_grad():
+        r = fxmerge.merge(others, calib(), method="cca")
+        assert abs(r.report["cost_measured"] - 1.0) < 1e-6 and torch.isfinite(r.model(X)).all()
+        two = fxmerge.merge(others[0], others[1], calib(), method="cca")
+        assert abs(two.report["cost_measured"] - 1.0) < 1e-6
+
+
 def test_weight_matching_for_three_models_is_merge_many():
     m = net(2)
     models, _, _ = permuted_copies(m, 3)
@@ -199,8 +252,6 @@ def test_bad_input():
         fxmerge.merge([a], calib())
     with pytest.raises(InputError, match="between 1 and 3"):
         fxmerge.merge([a, b, c], calib(), budget=3.5)
-    with pytest.raises(InputError, match="at most 2 models"):
-        fxmerge.merge([a, b, c], calib(), method="zipit")
     other = build(8, [("residual", 2)]).eval()
     with pytest.raises(InputError, match="model C"):
         fxmerge.merge([a, b, other], calib())

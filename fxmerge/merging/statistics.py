@@ -119,6 +119,45 @@ class CorrelationStats:
         return correlation_from_moments(cov, self.saa / n - ma * ma, self.sbb / n - mb * mb)
 
 
+class DiagonalStats:
+    """Streaming float64 sums for the correlation of two aligned models'
+    features at the same position only (``d`` values, not ``d x d``): what
+    the N-model planner reads once every model is aligned."""
+
+    __slots__ = ("n", "shift_a", "shift_b", "sa", "sb", "saa", "sbb", "sab")
+
+    def __init__(self, d: int, device):
+        z = lambda: torch.zeros(d, dtype=torch.float64, device=device)  # noqa: E731
+        self.n = 0
+        self.shift_a = self.shift_b = None
+        self.sa, self.sb, self.saa, self.sbb, self.sab = z(), z(), z(), z(), z()
+
+    @staticmethod
+    def nbytes(d: int) -> int:
+        return 8 * 5 * d
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
+        a, b = (a - self.shift_a).double(), (b - self.shift_b).double()
+        self.n += a.shape[0]
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+        self.sab += (a * b).sum(0)
+
+    def reduce(self) -> None:
+        _reduce_moments(self)
+
+    def correlation(self) -> np.ndarray:
+        n = max(self.n, 1)
+        ma, mb = self.sa / n, self.sb / n
+        cov = self.sab / n - ma * mb
+        va, vb = (self.saa / n - ma * ma).clamp_min(0), (self.sbb / n - mb * mb).clamp_min(0)
+        return (cov / (va.sqrt() * vb.sqrt() + 1e-8)).clamp(-1.0, 1.0).cpu().numpy()
+
+
 class BlockDiagonal:
     """The part of a product root's correlation that matching reads when its
     blocks share one within-block order (a flattened ``C x H x W`` map: the
@@ -206,6 +245,8 @@ def _reduce_moments(st) -> None:
             sa, sb = st.sa.reshape(g, t).T, st.sb.reshape(g, t).T
             dA, dB = da.reshape(g, t).T, db.reshape(g, t).T
             st.sab += sa[:, :, None] * dB[:, None, :] + dA[:, :, None] * sb[:, None, :] + n * dA[:, :, None] * dB[:, None, :]
+        elif isinstance(st, DiagonalStats):
+            st.sab += st.sa * db + da * st.sb + n * da * db
         else:
             st.sab += st.sa[:, None] * db[None, :] + da[:, None] * st.sb[None, :] + n * da[:, None] * db[None, :]
         st.saa += 2 * da * st.sa + n * da * da
@@ -271,17 +312,17 @@ class ActivationCollector:
         # seeds must give bit-identical merges in any process
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch * 9973 + zlib.crc32(node.name.encode()) % 997)
         if occ is not None:
-            a, b = values
-            if isinstance(a, (tuple, list)):  # (output, attention weights)
-                a, b = a[0], b[0]
-            self._add(node.name, a, b, occ, gen, self._free_axes[node.name])
+            vals = [v[0] if isinstance(v, (tuple, list)) else v for v in values]  # (output, attention weights)
+            self._add(node.name, vals, occ, gen, self._free_axes[node.name])
         for i, (probe, pocc) in enumerate(probes):
             inputs = [env(x) for x in node.args if isinstance(x, torch.fx.Node)]
-            a, b = (probe.compute(gm.get_submodule(node.target), *[v[m] for v in inputs])
-                    for m, gm in enumerate(self.models))
-            self._add(f"{node.name}:probe{i}", a, b, pocc, gen)
+            vals = [probe.compute(gm.get_submodule(node.target), *[v[m] for v in inputs])
+                    for m, gm in enumerate(self.models)]
+            self._add(f"{node.name}:probe{i}", vals, pocc, gen)
 
-    def _add(self, name, a, b, occ, gen, free_axes=()) -> None:
+    def _add(self, name, vals: list, occ, gen, free_axes=()) -> None:
+        """Add one site's values (one per model: two, or the N of a pooled
+        statistic) to the statistics of every root occurring there."""
         by_axis = defaultdict(list)
         for axis, root, pos in occ:
             by_axis[axis].append((root, pos))
@@ -291,13 +332,12 @@ class ActivationCollector:
             # are no common positions, so matching reads their mean, which no
             # permutation changes
             others = [x for x in free_axes if x != axis]
-            pa, pb = (a.mean(dim=others, keepdim=True), b.mean(dim=others, keepdim=True)) if others else (a, b)
-            va, vb = positions_view(pa, axis), positions_view(pb, axis)
-            idx = sample_positions(va.shape[1], self.positions, gen, va.device)
-            ra, rb = rows(va, idx), rows(vb, idx)
+            views = [positions_view(v.mean(dim=others, keepdim=True) if others else v, axis) for v in vals]
+            idx = sample_positions(views[0].shape[1], self.positions, gen, views[0].device)
+            rs = [rows(v, idx) for v in views]
             # checked on the kept rows only: a full-tensor check costs a third
             # of the forward pass, and a non-finite value spreads downstream
-            if not (torch.isfinite(ra).all() and torch.isfinite(rb).all()):
+            if not all(torch.isfinite(r).all() for r in rs):
                 raise InputError(f"non-finite activations at node '{name}': check the models' weights and the "
                                  "calibration data")
             for root, pos in items:
@@ -308,11 +348,18 @@ class ActivationCollector:
                     if st is None:
                         continue
                     self.keys[root.uid] = root
-                if len(pos) == ra.shape[1] and np.array_equal(pos, np.arange(len(pos))):
-                    st.add(ra, rb)  # the root is the whole axis: no copy
+                if len(pos) == rs[0].shape[1] and np.array_equal(pos, np.arange(len(pos))):
+                    st.add(*rs)  # the root is the whole axis: no copy
                     continue
-                p = torch.as_tensor(pos, device=ra.device)
-                st.add(ra.index_select(1, p), rb.index_select(1, p))
+                p = torch.as_tensor(pos, device=rs[0].device)
+                st.add(*[r.index_select(1, p) for r in rs])
+
+    def stats_bytes(self, d: int) -> int:
+        return self.stats_class.nbytes(d)
+
+    def new_statistic(self, d: int):
+        """The statistic of a root of ``d`` features at one site."""
+        return self.stats_class(d, self.device)
 
     def _new_stats(self, key, root, d: int):
         """The statistic of one site, or None (with a warning) when it would
@@ -335,8 +382,7 @@ class ActivationCollector:
             size = BlockDiagonalStats.nbytes(g, t)
             make = lambda: BlockDiagonalStats(g, t, self.device)  # noqa: E731
         else:
-            size = self.stats_class.nbytes(d)
-            make = lambda: self.stats_class(d, self.device)  # noqa: E731
+            size, make = self.stats_bytes(d), lambda: self.new_statistic(d)  # noqa: E731
         if size > self.max_memory:
             if key[:3] not in {k[:3] for k in self.skipped}:
                 self.skipped.append(key)

@@ -19,9 +19,12 @@ With ``matching="weight"`` step 1-2 are Git Re-Basin's MergeMany (each model
 weight-matched to the mean of the others' weights until nothing changes) and
 step 3 reads the cosine of the aligned weights; no data is used.
 
-The report gives the rounds, and per group the *agreement*: the share of
-(pair of models, feature) for which matching that pair directly gives the
-same partner as the universe does.
+The report gives the rounds, and per group the *agreement*: the mean, over
+pairs of models and features, of how alike two aligned models' features are
+(their correlation, or under weight matching the cosine of their weights).
+The last pass keeps per pair only the correlation at equal positions (``d``
+numbers, not ``d x d``), so the statistics grow linearly with N: N
+universe statistics per round, then N(N-1)/2 vectors.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from fxmerge.runtime.tensors import tensor_state
 
 from .matching import Matching, matchable_roots, activation_matching, permuted, weight_matching
 from .pipeline import MergeState, lockstep_pass
-from .statistics import ActivationCollector, BlockDiagonal, occurrences
+from .statistics import ActivationCollector, DiagonalStats, occurrences
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Universe:
     aligned: list
     similarity: dict
     rounds: int
-    agreement: dict = field(default_factory=dict)  # root uid -> share of direct pairwise matches kept
+    agreement: dict = field(default_factory=dict)  # unit uid -> mean similarity of aligned features
     # per model, per plain root (an atom): its own feature at each position of the shared order
     perms: list = field(default_factory=list)
 
@@ -62,6 +65,12 @@ class Universe:
         shares = list(self.agreement.values())
         return {"rounds": self.rounds, "agreement": float(np.mean(shares)) if shares else 1.0,
                 "agreement_per_group": groups}
+
+
+class AlignedCollector(ActivationCollector):
+    """The last pass's collector: correlations at equal positions only."""
+
+    stats_class = DiagonalStats
 
 
 class PairFeeds:
@@ -147,14 +156,23 @@ def match_universe(st: MergeState) -> Universe:
             compose(p, m, plain)
     # 3. how alike every pair is, feature by feature, once aligned
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    feeds = [(new((gms[i], gms[j])), pair(i, j)) for i, j in pairs]
+    feeds = [(AlignedCollector(pg, o.positions, o.seed, o.device, models=(gms[i], gms[j]), max_memory=o.max_memory),
+              pair(i, j)) for i, j in pairs]
     collect(st, gms, feeds, "agreement")
     similarity = pairwise_similarity({p: aligned_similarity(c) for p, (c, _) in zip(pairs, feeds)}, n)
-    agreement = {}
-    for p, (c, _) in zip(pairs, feeds):
-        for uid, perm in activation_matching(c, exclude=st.output_roots).perms.items():
-            agreement.setdefault(uid, []).append(np.mean(perm == np.arange(len(perm))))
-    return Universe(gms, similarity, rounds, {u: float(np.mean(v)) for u, v in agreement.items()}, perms)
+    return Universe(gms, similarity, rounds, agreement_of(similarity, st.output_roots), perms)
+
+
+def agreement_of(similarity: dict, exclude: set) -> dict:
+    """Per unit root, the mean similarity of every pair of aligned models."""
+    out = {}
+    for uid, s in similarity.items():
+        if uid in exclude:
+            continue
+        n = s.shape[0]
+        off = ~np.eye(n, dtype=bool)
+        out[uid] = float(s[off].mean())
+    return out
 
 
 def plain_roots(pg) -> dict:
@@ -187,12 +205,7 @@ def merge_many(st: MergeState) -> Universe:
             break
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     similarity = pairwise_similarity({(i, j): weight_similarity(pg, states[i], states[j]) for i, j in pairs}, n)
-    agreement = {}
-    for i, j in pairs:
-        m = weight_matching(pg, states[i], states[j], seed=o.seed, exclude=st.output_roots)
-        for uid, perm in m.perms.items():
-            agreement.setdefault(uid, []).append(np.mean(perm == np.arange(len(perm))))
-    return Universe(gms, similarity, rounds, {u: float(np.mean(v)) for u, v in agreement.items()}, perms)
+    return Universe(gms, similarity, rounds, agreement_of(similarity, st.output_roots), perms)
 
 
 def pairwise_similarity(by_pair: dict, n: int) -> dict:
@@ -207,24 +220,18 @@ def pairwise_similarity(by_pair: dict, n: int) -> dict:
     return out
 
 
-def aligned_similarity(collector: ActivationCollector) -> dict:
+def aligned_similarity(collector: AlignedCollector) -> dict:
     """Per planner unit (an atom root's features, a product's blocks), the
-    correlation of two aligned models' features at the same position."""
+    correlation of two aligned models' features at the same position (an
+    ``AlignedCollector``'s)."""
     sums: dict = {}
     for uid, sim in collector.similarities().items():
         r = collector.keys[uid]
         s = r.structure
         if s is None:
-            add_unit(sums, uid, np.diagonal(sim).copy())
-            continue
-        if not isinstance(s, Product) or find(s.outer).structure is not None:
-            continue
-        g = find(s.outer).size
-        if isinstance(sim, BlockDiagonal):
-            per_block = np.array([sim.diag[a, a].mean() for a in range(g)])
-        else:
-            per_block = np.diagonal(sim).reshape(g, -1).mean(1)
-        add_unit(sums, find(s.outer).uid, per_block)
+            add_unit(sums, uid, sim)
+        elif isinstance(s, Product) and find(s.outer).structure is None:
+            add_unit(sums, find(s.outer).uid, sim.reshape(find(s.outer).size, -1).mean(1))
     return {uid: total / count for uid, (total, count) in sums.items()}
 
 
