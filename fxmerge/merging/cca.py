@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxmerge.analysis.ir import Product
+from .zipit import zippable
 
 CCA_RIDGE = 0.1  # the paper's gamma, relative here to the mean variance of the features
 
@@ -55,14 +55,6 @@ def cca_maps(cov: np.ndarray, n_models: int, ridge: float = CCA_RIDGE) -> tuple:
 
 
 def cca_atoms(covs: dict, keys: dict, exclude: set, n_models: int) -> dict:
-    """CCA maps for every atom root (and depthwise blocks, one channel per
-    block) of the pooled covariances: ``{root uid: (M, U)}``."""
-    out = {}
-    for uid, cov in covs.items():
-        r = keys[uid]
-        s = r.structure
-        if uid in exclude or cov.shape[0] != n_models * r.size:
-            continue
-        if s is None or (isinstance(s, Product) and s.inner_size == 1):
-            out[uid] = cca_maps(cov, n_models)
-    return out
+    """CCA maps for every root ZipIt! would zip (atoms, depthwise blocks), from
+    the pooled covariances: ``{root uid: (M, U)}``."""
+    return {uid: cca_maps(cov, n_models) for uid, _, cov in zippable(covs, keys, exclude, n_models)}

@@ -299,17 +299,24 @@ def align_products(pg, sims: dict, keys: dict, exclude: set, model: int = 1):
     return solve(cross, keys)
 
 
-def zipped_atoms(sims: dict, keys: dict, exclude: set, n_models: int = 2) -> dict:
-    """ZipIt!'s pairs (two models) or clusters (more) for every atom root
-    (merging within or across models) and for depthwise blocks (one channel
-    per block): ``{root uid: (M, U)}``."""
-    zipped = {}
-    for uid, corr in sims.items():
+def zippable(pooled: dict, keys: dict, exclude: set, n_models: int):
+    """``(uid, size, statistic)`` of every root whose channels are merged
+    one by one: atom roots and depthwise blocks (one channel per block),
+    from a pooled statistic per root (``N d x N d``)."""
+    for uid, stat in pooled.items():
         r = keys[uid]
         s = r.structure
-        if uid in exclude or corr.shape[0] != n_models * r.size:
+        if uid in exclude or stat.shape[0] != n_models * r.size:
             continue
         if s is None or (isinstance(s, Product) and s.inner_size == 1):
-            groups = zip_pairs(corr) if n_models == 2 else zip_clusters(corr, n_models)
-            zipped[uid] = merge_matrices(groups, r.size, n_models)
+            yield uid, r.size, stat
+
+
+def zipped_atoms(sims: dict, keys: dict, exclude: set, n_models: int = 2) -> dict:
+    """ZipIt!'s pairs (two models) or clusters (more) for every root
+    ``zippable`` gives (merging within or across models): ``{root uid: (M, U)}``."""
+    zipped = {}
+    for uid, size, corr in zippable(sims, keys, exclude, n_models):
+        groups = zip_pairs(corr) if n_models == 2 else zip_clusters(corr, n_models)
+        zipped[uid] = merge_matrices(groups, size, n_models)
     return zipped
