@@ -99,12 +99,16 @@ def source_headline(model, k: int, scenario: str, n: int, split: str) -> float:
 
 
 def runs(n: int, quick: bool) -> list:
-    """``(method, budget, options)`` per row."""
+    """``(row label, method, budget, options)`` per row; for more than two
+    models PLeaS also aligned to A's order only (the shared order's variants,
+    compared on the validation split)."""
     budgets = sorted({1.0, 1.5, 2.0, float(n)}) if not quick else [1.0, 2.0]
-    rows = [(m, b, {}) for m in ("pleas", "perm") for b in budgets if b < n]
-    rows += [("zipit", b, {}) for b in budgets if b < n]
-    rows += [(m, 1.0, {}) for m in ("cca", "rebasin", "regmean", "avg")]
-    rows += [("ensemble", float(n), {})]
+    rows = [(m, m, b, {}) for m in ("pleas", "perm") for b in budgets if b < n]
+    if n > 2:
+        rows += [("pleas (reference)", "pleas", b, {"universe": "reference"}) for b in (1.0, 1.5)]
+    rows += [("zipit", "zipit", b, {}) for b in budgets if b < n]
+    rows += [(m, m, 1.0, {}) for m in ("cca", "rebasin", "regmean", "avg")]
+    rows += [("ensemble", "ensemble", float(n), {})]
     return rows
 
 
@@ -128,21 +132,21 @@ def run_one(family: str, scenario: str, n: int, args) -> list:
         rows.append({"method": f"source {k}", "budget": None, "cost": 1.0,
                      "val": source_headline(m, k, scenario, n, "val"),
                      "test": source_headline(m, k, scenario, n, "test"), "seconds": None, "relative": None})
-    for method, budget, extra in runs(n, args.quick):
+    for label, method, budget, extra in runs(n, args.quick):
         t = time.perf_counter()
         try:
             r = fxmerge.merge(models, data, budget=budget, method=method, labels=labels, **extra)
         except Exception as e:  # noqa: BLE001 - the report lists it
-            log(f"    FAILED {method} {budget}: {type(e).__name__}: {e}")
-            rows.append({"method": method, "budget": budget, "failed": f"{type(e).__name__}: {e}"})
+            log(f"    FAILED {label} {budget}: {type(e).__name__}: {e}")
+            rows.append({"method": label, "budget": budget, "failed": f"{type(e).__name__}: {e}"})
             continue
         sec = time.perf_counter() - t
-        rows.append({"method": method, "budget": budget, "cost": r.report["cost_measured"],
+        rows.append({"method": label, "budget": budget, "cost": r.report["cost_measured"],
                      "val": headline(r.model, scenario, n, "val"), "test": headline(r.model, scenario, n, "test"),
                      "seconds": sec, "relative": sec / base if base else None,
                      "rounds": r.report.get("universe", {}).get("rounds")})
         row = rows[-1]
-        log(f"    {method:9s} {budget:.1f}x  cost {row['cost']:.3f}  val {row['val']:.1f}  test {row['test']:.1f}  "
+        log(f"    {label:17s} {budget:.1f}x  cost {row['cost']:.3f}  val {row['val']:.1f}  test {row['test']:.1f}  "
             f"{sec:.1f}s ({row['relative']:.0f}x the sources' pass)")
     return rows
 
@@ -180,6 +184,27 @@ def claims(results: dict) -> list:
     return out
 
 
+def universe_choice(results: dict) -> list:
+    """The shared order's two variants on the validation split: PLeaS at
+    1.0x and 1.5x, per family, scenario and N > 2."""
+    out = ["| family | scenario | N | budget | mean (val) | reference (val) |", "|---|---|---|---|---|---|"]
+    diffs = []
+    for (fam, scen, n), rows in results.items():
+        if n < 3:
+            continue
+        for b in (1.0, 1.5):
+            mean = [r["val"] for r in rows if r["method"] == "pleas" and r.get("budget") == b and "failed" not in r]
+            ref = [r["val"] for r in rows if r["method"] == "pleas (reference)" and r.get("budget") == b
+                   and "failed" not in r]
+            if mean and ref:
+                out.append(f"| {fam} | {scen} | {n} | {b:.1f}x | {mean[0]:.1f} | {ref[0]:.1f} |")
+                diffs.append(mean[0] - ref[0])
+    if diffs:
+        out += ["", f"Mean over these rows, `mean` minus `reference`: {np.mean(diffs):+.2f} points on the validation "
+                f"split (`mean` ahead in {sum(d > 0 for d in diffs)} of {len(diffs)} rows)."]
+    return out
+
+
 def plot(results: dict, out_dir: str) -> list:
     import matplotlib
 
@@ -199,7 +224,7 @@ def plot(results: dict, out_dir: str) -> list:
                     if pts:
                         ax.plot(*zip(*pts), marker, label=f"{method} N={n}")
                 for r in rows:
-                    if r["method"] not in ("pleas", "perm", "zipit"):
+                    if r["method"] not in ("pleas", "perm", "zipit", "pleas (reference)"):
                         ax.scatter(r["cost"], r["test"], marker="x")
                         ax.annotate(f"{r['method']} N={n}", (r["cost"], r["test"]), fontsize=6)
             ax.set_title(f"{fam}, {scen}")
@@ -240,7 +265,10 @@ def report(args, argv, results, minutes) -> list:
              "(`fxmerge.merging.universe`); `rebasin` is Git Re-Basin's MergeMany there, `zipit` ZipIt! N-way "
              "(partial zipping above 1x), `cca` CCA Merge (docs/algorithm.md).", "",
              "## At N = 3", ""]
-    lines += claims(results) + [""]
+    lines += claims(results) + ["", "## The shared order, on the validation split", "",
+                                "`mean` (the default) re-aligns every model to the mean of all until nothing moves; "
+                                "`reference` keeps model A's order (`universe=`).", ""]
+    lines += universe_choice(results) + [""]
     for fam in sorted({k[0] for k in results}):
         lines += [f"## {fam}", ""]
         for (f, scen, n), rows in results.items():

@@ -59,12 +59,14 @@ def merge(
     strict: bool = False,
     shard: bool = True,
     zip_heads: str = "align",
+    universe: str = C.DEFAULT_UNIVERSE,
     batch_inputs: Optional[Callable] = None,
     progress: bool = False,
     on_least_squares: Optional[Callable] = None,
 ) -> MergeResult:
     """Merge two models of one architecture (``merge([m1, m2, m3, ...], data)``:
-    N of them, ``budget`` in [1, N]) into one of ``budget`` x the cost of
+    N of them, ``budget`` in [1, N], aligned to A's order or, ``universe="mean"``,
+    re-aligned to the mean of all) into one of ``budget`` x the cost of
     model A (multiply-accumulates, counted at ``example_inputs``; default:
     the first calibration batch; give inputs of the size the merged model
     will run at when calibrating at another: layers after a global pooling
@@ -86,11 +88,11 @@ def merge(
     ``"sweep"`` re-estimates each BatchNorm on the merged model's own
     activations inside the fitting sweep, ``"reset"`` once after fitting,
     ``"source"`` keeps the sources' statistics (``reset_bn=False`` is the
-    same); the default is the method's (``fxmerge.methods``). ``ridge`` pulls each least-squares solution toward the permuted
-    weights. ``max_memory`` (bytes or ``"2G"``; default a quarter of the
-    available memory) caps the sweep's frontier, statistics and solves: beyond it the
-    frontier spills to a temporary directory (``spill_dir``), stored as
-    ``frontier_dtype``. ``planner``: what the budget planner counts when it
+    same); the default is the method's (``fxmerge.methods``). ``ridge`` pulls
+    each least-squares solution toward the permuted weights. ``max_memory``
+    (bytes or ``"2G"``; default a quarter of the available memory) caps the
+    sweep's frontier, statistics and solves: beyond it the frontier spills
+    to a temporary directory (``spill_dir``), stored as ``frontier_dtype``. ``planner``: what the budget planner counts when it
     un-merges a pair (``"pairs"``: its disagreement; ``"reach"``: its
     disagreement times the layers reading its root; ``"residual"``: the
     residual streams first; ``"auto"``: residual streams first where a
@@ -98,15 +100,13 @@ def merge(
     be reached or most weights cannot be permuted the merge warns
     (``BudgetWarning``, ``report["warnings"]``) and goes on at the nearest
     cost; ``strict=True`` raises ``BudgetError`` instead.
-    ``zip_heads="average"`` (ZipIt! only) averages heads and convolution
-    groups index by index instead of aligning them first: ZipIt!'s paper has
-    no notion of them (kept for comparison). Under an initialised
-    ``torch.distributed`` process group every rank
-    reads its own shard of ``data`` (``shard=False``: the caller gives each
-    rank its own), statistics are summed across ranks and every rank gets
-    the same merged model. ``on_least_squares(system, weight, bias)`` is called
-    with every layer's accumulated system before it is solved. The source
-    models are never modified.
+    ``zip_heads="average"`` (ZipIt!, CCA Merge) averages heads and groups
+    index by index instead of aligning them first. Under an initialised
+    ``torch.distributed`` process group every rank reads its own shard of
+    ``data`` (``shard=False``: the caller gives each rank its own),
+    statistics are summed across ranks and every rank gets the same merged
+    model. ``on_least_squares(system, weight, bias)`` sees every layer's
+    system before it is solved. The source models are never modified.
     """
     t_start = time.perf_counter()
     models, data = source_models(model_a, model_b, data)
@@ -115,7 +115,7 @@ def merge(
                          ls_inputs=ls_inputs, ls_targets=ls_targets, planner=planner, device=device,
                          max_memory=max_memory, frontier_dtype=frontier_dtype, schedule=schedule, spill_dir=spill_dir,
                          zip_heads=zip_heads, strict=strict, seed=seed, progress=progress,
-                         on_least_squares=on_least_squares, n_models=len(models))
+                         on_least_squares=on_least_squares, n_models=len(models), universe=universe)
     for i, model in enumerate(models):
         if i:
             check_same_architecture(models[0], model, model_name(i))

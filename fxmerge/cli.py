@@ -145,6 +145,7 @@ def cmd_merge(args) -> int:
                        device=device, seed=args.seed, norm_policy=args.norm_policy, ls_inputs=args.ls_inputs,
                        ridge=args.ridge, positions=args.positions, bn_stats=bn_stats, planner=args.planner,
                        max_memory=args.max_memory, frontier_dtype=args.frontier_dtype, strict=args.strict,
+                       universe=args.universe,
                        progress=not args.quiet and distributed.is_main(), shard=False)
     if not distributed.is_main():
         return EXIT_OK  # rank 0 writes the model and the report
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--b", metavar="CKPT", help="model B's state dict")
     m.add_argument("--models", nargs="+", metavar="CKPT",
                    help="two or more state dicts to merge (instead of --a/--b); the budget then lies in [1, N]")
+    m.add_argument("--universe", default=C.DEFAULT_UNIVERSE, choices=C.UNIVERSES,
+                   help="more than two models: aligned to model A's order (reference) or re-aligned to the mean of "
+                        f"all (mean; default {C.DEFAULT_UNIVERSE})")
     m.add_argument("--data", default="digits", help="calibration data: digits, generic or a folder of images (default digits)")
     m.add_argument("--calib", type=int, default=512, help="number of calibration images (default 512)")
     m.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")

@@ -45,8 +45,11 @@ COST_TOLERANCE = 0.01
 PINNED_SHARE_WARNING = 0.5
 # the most models one merge takes (a widened channel's role is a bit set over them)
 MAX_MODELS = 8
-# rounds of re-aligning every model to the mean of the others (``merging.universe``) at most
+# rounds of re-aligning every model to the mean of all (``merging.universe``) at most
 UNIVERSE_ROUNDS = 5
+# the shared order of more than two models: model A's ("reference") or re-aligned to the mean of all ("mean")
+UNIVERSES = ("mean", "reference")
+DEFAULT_UNIVERSE = "mean"  # chosen on the validation split (docs/n-models.md)
 
 # the demo's architectures: a half-width ResNet-18, a timm ViT, the same ViT written with nn.TransformerEncoder
 DEMO_ARCHS = ("resnet", "vit", "torch-vit")

@@ -17,14 +17,15 @@ from fxmerge.runtime.memory import available_memory, parse_memory
 # option -> its choices, for the options that pick from a list
 CHOICES = {"labels": C.LABELS, "norm_policy": C.NORM_POLICIES, "ls_inputs": C.LS_INPUTS, "bn_stats": C.BN_STATS,
            "frontier_dtype": C.FRONTIER_DTYPES, "schedule": C.SCHEDULES, "planner": C.PLANNER_SCORES,
-           "matching": C.MATCHINGS, "ls_targets": C.LS_TARGETS, "zip_heads": C.ZIP_HEADS}
+           "matching": C.MATCHINGS, "ls_targets": C.LS_TARGETS, "zip_heads": C.ZIP_HEADS, "universe": C.UNIVERSES}
 
 
 def merge_options(*, method: str, budget: Any, labels: str, matching: Optional[str], ridge: Any, positions: Any,
                   bn_stats: Optional[str], reset_bn: Optional[bool], norm_policy: str, ls_inputs: str,
                   ls_targets: str, planner: str, device: Any, max_memory: Any, frontier_dtype: str, schedule: str,
                   spill_dir: Optional[str], zip_heads: str, strict: bool, seed: int, progress: bool,
-                  on_least_squares: Optional[Callable], n_models: int = 2) -> MergeOptions:
+                  on_least_squares: Optional[Callable], n_models: int = 2,
+                  universe: str = C.DEFAULT_UNIVERSE) -> MergeOptions:
     """The checked options of a merge; the method's record fills what the
     caller left to it (budget, matching, BatchNorm and norm policies)."""
     m = get_method(method)
@@ -33,7 +34,7 @@ def merge_options(*, method: str, budget: Any, labels: str, matching: Optional[s
     picked = {"labels": labels, "norm_policy": m.norm_policy or norm_policy, "ls_inputs": ls_inputs,
               "bn_stats": "source" if m.bn_stats is None else bn_stats, "frontier_dtype": frontier_dtype,
               "schedule": schedule, "planner": planner, "matching": matching or m.matching or "activation",
-              "ls_targets": ls_targets, "zip_heads": zip_heads}
+              "ls_targets": ls_targets, "zip_heads": zip_heads, "universe": universe}
     for name, value in picked.items():
         if value not in CHOICES[name]:
             raise InputError(f"{name} must be one of {', '.join(CHOICES[name])}, got '{value}'")

@@ -246,12 +246,25 @@ def test_weight_matching_for_three_models_is_merge_many():
             assert rel(r.model(X), m(X)) < 1e-5
 
 
+def test_reference_universe_stops_at_model_a_order():
+    models = [net(s) for s in range(3)]
+    ref = fxmerge.merge(models, calib(), budget=1.0, method="perm", universe="reference")
+    assert ref.report["universe"]["rounds"] == 0
+    m = net(0)
+    copies, _, _ = permuted_copies(m, 3)
+    with torch.no_grad():
+        back = fxmerge.merge(copies, calib(), budget=1.5, method="perm", universe="reference", bn_stats="source")
+        assert rel(back.model(X), m(X)) < 1e-5
+
+
 def test_bad_input():
     a, b, c = net(0), net(1), net(2)
     with pytest.raises(InputError, match="at least two models"):
         fxmerge.merge([a], calib())
     with pytest.raises(InputError, match="between 1 and 3"):
         fxmerge.merge([a, b, c], calib(), budget=3.5)
+    with pytest.raises(InputError, match="universe must be one of mean, reference"):
+        fxmerge.merge([a, b, c], calib(), universe="median")
     other = build(8, [("residual", 2)]).eval()
     with pytest.raises(InputError, match="model C"):
         fxmerge.merge([a, b, other], calib())

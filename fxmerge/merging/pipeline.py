@@ -49,6 +49,7 @@ class MergeOptions:
     schedule: str = "frontier"
     spill_dir: Optional[str] = None
     zip_heads: str = "align"
+    universe: str = "mean"
     strict: bool = False
     seed: int = 0
     progress: bool = False

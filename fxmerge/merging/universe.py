@@ -7,7 +7,8 @@ through it and is consistent by construction:
 
 1. every model is matched to model A (activation matching from one lockstep
    pass of all models);
-2. every model is re-matched to the universe, the mean of every model's
+2. (``universe="mean"``, the default; ``"reference"`` stops at 1)
+   every model is re-matched to the universe, the mean of every model's
    aligned features, all in one pass, and re-aligned; rounds repeat until no
    assignment changes (at most ``UNIVERSE_ROUNDS``). A leave-one-out mean
    (each model against the others only) was tried: on random networks its
@@ -145,7 +146,7 @@ def match_universe(st: MergeState) -> Universe:
     # universe's features are means of activations (no module computes
     # them), so features seen only inside an opaque module keep step 1's order
     rounds = 0
-    for rounds in range(1, C.UNIVERSE_ROUNDS + 1):
+    for rounds in range(1, C.UNIVERSE_ROUNDS + 1 if o.universe == "mean" else 1):
         feeds = [(new(), universe_and(k)) for k in range(n)]
         collect(st, gms, feeds, f"universe round {rounds}")
         moves = [activation_matching(c, exclude=st.output_roots) for c, _ in feeds]
