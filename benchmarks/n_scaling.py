@@ -53,7 +53,7 @@ def child(arch: str, n: int, size: int, calib: int, budget: float) -> dict:
     merge_s = time.perf_counter() - t
     after = sources()
     r = res.report
-    return {"n": n, "sources_s": (before + after) / 2, "sources_before_after_s": (before, after), "merge_s": merge_s,
+    return {"n": n, "load": os.getloadavg()[0], "sources_s": (before + after) / 2, "sources_before_after_s": (before, after), "merge_s": merge_s,
             "timings": r["timings"], "peak_rss_mb": peak_rss_mb(),
             "frontier_peak_mb": r["sweep"].get("frontier_peak_bytes", 0) / 2**20,
             "cost_measured": r["cost_measured"], "rounds": r.get("universe", {}).get("rounds")}
@@ -85,7 +85,9 @@ def report(args, argv, rows: list, minutes: float) -> list:
                      f"{r['merge_s'] / base['merge_s']:.2f}x | {r['n'] / base['n']:.2f}x | {r['peak_rss_mb']:.0f} | "
                      f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {r['frontier_peak_mb']:.0f} | "
                      f"{r['rounds'] if r['rounds'] is not None else '-'} |")
-    lines += ["", "Phases (s):", ""]
+    lines += ["", "The machine's load (1-minute average) when each process ended: "
+              + ", ".join(f"N = {r['n']}: {r['load']:.1f}" for r in rows) + f" on {os.cpu_count()} CPU threads; "
+              "each row's ratios compare timings taken under that load.", "", "Phases (s):", ""]
     for r in rows:
         t = r["timings"]
         lines.append(f"- N = {r['n']}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
