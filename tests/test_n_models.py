@@ -246,6 +246,21 @@ def test_weight_matching_for_three_models_is_merge_many():
             assert rel(r.model(X), m(X)) < 1e-5
 
 
+def test_vit_with_three_models_aligns_to_the_mean():
+    # nodes whose value is no float tensor (an attention map not asked for,
+    # sizes) pass through the universe's statistics untouched
+    from fxmerge.training import demo_model
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(demo_model("vit", 4).eval())
+    x = torch.randn(32, 3, 32, 32)
+    data = [x[i:i + 8] for i in range(0, 32, 8)]
+    r = fxmerge.merge(models, data, budget=1.5, method="perm", labels="disjoint")
+    assert r.report["universe"]["rounds"] >= 1 and abs(r.report["cost_measured"] - 1.5) < 0.015
+
+
 def test_reference_universe_stops_at_model_a_order():
     models = [net(s) for s in range(3)]
     ref = fxmerge.merge(models, calib(), budget=1.0, method="perm", universe="reference")

@@ -97,10 +97,14 @@ def pair(i: int, j: int):
 
 
 def universe_and(k: int):
-    """Model ``k``'s values against the universe's: every model's mean."""
+    """Model ``k``'s values against the universe's: every model's mean (a
+    value that is no tensor, a size or a missing attention map, is passed
+    on as it is: no statistic reads it)."""
     def pick(values):
         every = [_tensor(v) for v in values]
-        return [sum(every) / len(every), _tensor(values[k])]
+        if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in every):
+            return [values[0], values[k]]
+        return [sum(every) / len(every), every[k]]
 
     return pick
 
