@@ -64,7 +64,8 @@ budget-size: $(STAMP)
 
 # merging 2, 3 and 4 models: PLeaS against the N-model baselines on digit tasks and styles
 n-models: $(STAMP)
-	$(PY) -m benchmarks.n_models --out docs/n-models.md
+	$(PY) -m benchmarks.n_models --families resnet18 --n 2,3,4 --threads 1 --out docs/n-models.md
+	$(PY) -m benchmarks.n_models --families vit,mbnet --n 3 --threads 1 --out docs/n-models-vit-mbnet.md
 
 # data-parallel merging under torchrun (gloo) against one process
 scaling: $(STAMP)
