@@ -27,7 +27,8 @@ from fxmerge.options import merge_options
 from fxmerge.report import MergePlan, MergeResult, build_report, describe_plan
 from fxmerge.runtime import distributed as dist
 from fxmerge.runtime.inputs import as_inputs, calibration_inputs, forward_inputs
-from fxmerge.runtime.validate import check_finite_state, check_same_architecture, count_images, example_from, reiterable
+from fxmerge.runtime.validate import (check_finite_state, check_same_architecture, count_images, example_from,
+                                      model_name, reiterable)
 
 __all__ = ["merge", "MergeResult", "MergePlan"]
 
@@ -132,11 +133,6 @@ def merge(
     st.merged.eval()
     st.timings["total"] = time.perf_counter() - t_start
     return MergeResult(st.merged, describe_plan(st), build_report(st), st.pg)
-
-
-def model_name(i: int) -> str:
-    """How messages name source model ``i``: A, B, C, ..."""
-    return chr(ord("A") + i) if i < 26 else f"#{i + 1}"
 
 
 def source_models(model_a, model_b, data) -> tuple:

@@ -18,12 +18,12 @@ import warnings
 
 from fxmerge import constants as C
 from fxmerge.analysis.channels import analyze
-from fxmerge.analysis.permute import permute_tensor
 from fxmerge.analysis.rules.registry import op_kind
 from fxmerge.analysis.tracing import trace
 from fxmerge.errors import BudgetError, BudgetWarning, InputError
 from fxmerge.runtime.runner import LockstepRunner
 from fxmerge.runtime.tensors import set_tensor, tensor_state
+from fxmerge.runtime.validate import model_name
 
 from .cost import ClusterCost, CostModel, measure_macs, node_costs
 from .clusters import plan_clusters
@@ -41,7 +41,7 @@ def pass_analyze(st: MergeState) -> None:
     """Trace model A, find its groups; every other model's weights go into
     A's graph."""
     st.pg = analyze(st.model_a, st.example_inputs, per_model_output=st.opts.labels == "disjoint", fold_weights=True)
-    st.sources = [st.pg.gm] + [weights_in_graph(st, m, chr(ord("A") + i + 1)) for i, m in enumerate(st.models[1:])]
+    st.sources = [st.pg.gm] + [weights_in_graph(st, m, model_name(i)) for i, m in enumerate(st.models) if i]
 
 
 def weights_in_graph(st: MergeState, model, name: str):

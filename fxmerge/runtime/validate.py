@@ -11,6 +11,12 @@ from fxmerge.errors import InputError
 from fxmerge.runtime.inputs import Inputs
 
 
+def model_name(i: int) -> str:
+    """How messages name source model ``i``: A, B, C, ... (at most
+    ``MAX_MODELS`` of them)."""
+    return chr(ord("A") + i)
+
+
 def check_same_architecture(a: nn.Module, b: nn.Module, name_b: str = "B") -> None:
     sa, sb = a.state_dict(), b.state_dict()
     for name, t in sa.items():
