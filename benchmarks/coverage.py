@@ -11,8 +11,9 @@ random initialisation, eval mode:
   (``fxmerge.analysis.apply``) with random permutations, leaves the output unchanged;
 * merging (``--merge``): weights initialised to zero are re-drawn first (so
   no comparison is of all-zero outputs); a permuted copy merged back at 1.5x
-  (permutation only, the sources' statistics; activation matching, else
-  weight matching) is the same function; two
+  (permutation only, the sources' statistics; activation matching from 8
+  images, else weight matching, else activation matching from 32) is the
+  same function; two
   random inits merged at 1.5x with PLeaS give a finite model whose measured
   cost is within 1% of 1.5x or the merge says why; at 2.0x the ensemble (or
   the budget is reported out of reach, naming the op); the largest
@@ -235,10 +236,14 @@ def merge_checks(source, name, kw, model, size, groups, side=None) -> dict:
     # a permuted copy, merged back at 1.5x: the widened model is the model once the permutation is found.
     # Activation matching from 8 generic images can pair units that no image tells apart (dead on them, alive
     # on the test input), weight matching (coordinate descent) can stop short of the permutation: the check
-    # reads activation matching, and weight matching where that falls short (the matching used is recorded)
+    # reads activation matching, and weight matching where that falls short, then activation matching from
+    # 32 images at 64 positions each (the matching used is recorded)
     b = groups.permuted_copy(model, groups.sampler(np.random.default_rng(3)))
-    for matching in ("activation", "weight"):
-        res = fxmerge.merge(model, b, data, budget=1.5, method="perm", matching=matching, bn_stats="source", **opts)
+    more = [torch.randn(4, *size, generator=g) for _ in range(8)]
+    for matching, calib, extra in (("activation", data, {}), ("weight", data, {}),
+                                   ("activation-32", more, {"positions": 64})):
+        res = fxmerge.merge(model, b, calib, budget=1.5, method="perm", matching=matching.split("-")[0],
+                            bn_stats="source", **{**opts, **extra})
         with torch.no_grad(), without_fast_path():
             error = _relative(_first(res.model(x)), want)
         if "self" not in out or error < out["self"]:
@@ -458,7 +463,7 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
             f"{len(merged)} of {len(traced_rows)} traced timm families merged "
             f"({100 * len(merged) / max(len(traced_rows), 1):.0f}%) and {len(tv_merged)} of {len(tv_rows_run)} torchvision "
             "models pass every merge check (weights initialised to zero re-drawn first): a permuted copy merged back "
-            f"at 1.5x (activation matching, else weight matching) is the same function (relative change < {SELF_TOLERANCE:.0e}), two inits at 1.5x with PLeaS give "
+            f"at 1.5x (activation matching from 8 images, else weight matching, else activation matching from 32) is the same function (relative change < {SELF_TOLERANCE:.0e}), two inits at 1.5x with PLeaS give "
             "a finite model whose measured cost is within 1% of 1.5x or the merge warns why, 2x is the ensemble "
             f"(relative change < {SELF_TOLERANCE:.0e}) where reachable with nothing kept merged",
             f"- not merged, over {MERGE_MAX_PARAMS / 1e6:.0f}M parameters (three merges of such a model take "
@@ -490,7 +495,7 @@ def _why(r) -> str:
         return r["error"] or "not merged"
     parts = []
     if r["self"] >= SELF_TOLERANCE:
-        parts.append(f"self-merge changes the output by {r['self']:.1e} (best of activation and weight matching)"
+        parts.append(f"self-merge changes the output by {r['self']:.1e} (best of activation matching from 8 and 32 images and weight matching)"
                      if r.get("self_matching") else f"self-merge changes the output by {r['self']:.1e}")
     if not r["finite"]:
         parts.append("non-finite outputs at 1.5x")

@@ -80,7 +80,8 @@ def kept_merged_summary(st: MergeState) -> list:
     for u, reasons in st.kept_merged.items():
         for why in reasons:
             count[why] = count.get(why, 0) + sizes.get(u, 0)
-    return [{"reason": why, "channels": n} for why, n in sorted(count.items(), key=lambda kv: -kv[1])]
+    kept = [{"reason": why, "channels": n} for why, n in sorted(count.items(), key=lambda kv: -kv[1])]
+    return kept + [{"reason": why, "channels": n} for why, n in st.pinned_layers.values()]
 
 
 def output_width(pg) -> int:

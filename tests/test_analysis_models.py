@@ -106,18 +106,24 @@ def test_cnn_families_verify(name, kinds):
     assert fxmerge.verify(model, x, groups).ok
 
 
-def test_opaque_op_is_pinned_and_reported():
-    """torchvision swin's wrapped window attention is opaque: its axes are
-    pinned, the op kind is listed, and what remains is still sound."""
+def test_a_wrapped_function_is_traced_into_and_an_op_without_a_rule_is_pinned():
+    """torchvision swin's window attention, hidden with ``torch.fx.wrap``, is
+    traced into: nothing is pinned and the groups are sound. A recurrent
+    layer has no rule: its axes are pinned, the op kind is listed, and what
+    remains is still sound."""
     model = torchvision.models.swin_t().eval()
     model.features = model.features[:2]
     model.norm = torch.nn.LayerNorm(96)
     model.head = torch.nn.Linear(96, 10)
     x = torch.randn(1, 3, 64, 64)
     groups = fxmerge.analyze(model, x)
-    pinned = {p.kind for p in groups.pinned}
-    assert any("shifted_window_attention" in k for k in pinned)
+    assert not groups.pinned and any(g.kind == "heads" for g in groups.groups)
     assert fxmerge.verify(model, x, groups).ok
+    recurrent = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GRU(8, 8, batch_first=True))
+    xs = torch.randn(2, 5, 6)
+    groups = fxmerge.analyze(recurrent, xs)
+    assert any("GRU" in p.kind for p in groups.pinned)
+    assert fxmerge.verify(recurrent, xs, groups).ok
 
 
 def test_json_and_networkx_exports():

@@ -157,6 +157,10 @@ class ChannelAnalysis(fx.Interpreter):
         tensor_args = tensors_in((args, kwargs))
         if not _has_tensor(meta) and self._is_shape_query(n, tensor_args):
             return meta
+        if rule is None and module is None and not tensor_args:
+            # a tensor made from python values alone (a table of positions):
+            # no channel of any model flows through it
+            return _fresh_like(meta, pinned=True)
         if rule is None:
             return self._opaque(n, kind, tensor_args, meta, "no rule for this op kind")
         ctx = RuleContext(self, n, module)

@@ -1,19 +1,17 @@
 """Turning a model into a checked ``torch.fx`` graph.
 
-``trace`` works on a deep copy (tracing can mutate module caches), respects
-timm's no-trace leaf modules and autowrapped functions, pins optional forward
-arguments to their defaults, records every node's value summary (``ValueProp``)
+``trace`` works on a deep copy (tracing can mutate module caches), traces
+with ``tracer.FxTracer`` (into timm's no-trace modules that no rule covers, at
+the example inputs' sizes), pins optional forward arguments to their defaults, records every node's value summary (``ValueProp``)
 and checks that the GraphModule reproduces the eager model.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
 import operator
 import os
-import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -22,110 +20,11 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from .rules import RULES
+from .tracer import FxTracer
 from .weight_folding import fold_weight_statistics
 from fxmerge.errors import TraceError
 from fxmerge.runtime.inputs import Inputs, as_inputs
-
-
-def _timm_notrace():
-    if "timm" not in sys.modules:  # a model without timm's layers (timm loads slowly)
-        return (), ()
-    try:
-        from timm.layers import _fx as timm_fx
-    except Exception:  # timm too old: plain tracing
-        return (), ()
-    mods = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
-    fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
-    return mods, fns
-
-
-def _encoder_layer(layer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-    """``nn.TransformerEncoderLayer.forward`` without its fused fast path
-    (whose checks are python control flow on tensor properties): the
-    same computation, traceable."""
-    x = src
-    if layer.norm_first:
-        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-        return x + layer._ff_block(layer.norm2(x))
-    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-    return layer.norm2(x + layer._ff_block(x))
-
-
-def _encoder(encoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
-    """``nn.TransformerEncoder.forward`` without the nested-tensor fast path."""
-    out = src
-    for mod in encoder.layers:
-        out = mod(out, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
-    return encoder.norm(out) if encoder.norm is not None else out
-
-
-def _decoder_layer(layer, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                   memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
-    """``nn.TransformerDecoderLayer.forward``, traceable."""
-    x = tgt
-    if layer.norm_first:
-        x = x + layer._sa_block(layer.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-        x = x + layer._mha_block(layer.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
-        return x + layer._ff_block(layer.norm3(x))
-    x = layer.norm1(x + layer._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-    x = layer.norm2(x + layer._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
-    return layer.norm3(x + layer._ff_block(x))
-
-
-def _decoder(decoder, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
-    """``nn.TransformerDecoder.forward``, traceable."""
-    out = tgt
-    for mod in decoder.layers:
-        out = mod(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
-                  memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
-                  memory_is_causal=memory_is_causal)
-    return decoder.norm(out) if decoder.norm is not None else out
-
-
-def _transformer(model, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, src_key_padding_mask=None,
-                 tgt_key_padding_mask=None, memory_key_padding_mask=None, src_is_causal=None, tgt_is_causal=None,
-                 memory_is_causal=False):
-    """``nn.Transformer.forward`` (encoder, then decoder on its memory), traceable."""
-    memory = model.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
-    return model.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                         tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-                         tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
-
-
-# torch.nn containers traced through with a forward of the same computation
-TRACEABLE_FORWARDS = {
-    torch.nn.Transformer: _transformer,
-    torch.nn.TransformerEncoderLayer: _encoder_layer,
-    torch.nn.TransformerEncoder: _encoder,
-    torch.nn.TransformerDecoderLayer: _decoder_layer,
-    torch.nn.TransformerDecoder: _decoder,
-}
-
-
-class FxTracer(fx.Tracer):
-    """A tracer that treats timm's registered no-trace modules as leaves,
-    autowraps its registered functions, and traces through the
-    ``torch.nn`` transformer containers (``TRACEABLE_FORWARDS``)."""
-
-    def __init__(self, leaf_modules: Sequence[type] = (), autowrap_functions: Sequence = ()):
-        timm_mods, timm_fns = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(timm_fns) + tuple(autowrap_functions))
-        self.leaf_types = tuple(timm_mods) + tuple(leaf_modules)
-        self.record_stack_traces = True
-
-    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        if type(m) in TRACEABLE_FORWARDS:
-            return False
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m, forward, args, kwargs):
-        traceable = TRACEABLE_FORWARDS.get(type(m))
-        if traceable is not None and not (self.leaf_types and isinstance(m, self.leaf_types)):
-            forward = functools.partial(traceable, m)
-        return super().call_module(m, forward, args, kwargs)
 
 
 def _user_frame(tb) -> Optional[str]:
@@ -225,7 +124,8 @@ def _node_source(n: fx.Node) -> Optional[str]:
     lines = [l.strip() for l in st.strip().splitlines() if l.strip()]
     # the innermost "File ..." entry outside torch itself, and its code line
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File ") and "/torch/" not in lines[i].replace(os.sep, "/"):
+        where = lines[i].replace(os.sep, "/")
+        if lines[i].startswith("File ") and "/torch/" not in where and "/fxmerge/analysis/tracer.py" not in where:
             code = lines[i + 1] if i + 1 < len(lines) else ""
             return f"{lines[i]}: {code}"
     return lines[-1]
@@ -242,6 +142,7 @@ class Traced:
     gm: fx.GraphModule
     example_inputs: Inputs
     concrete_args: dict = field(default_factory=dict)
+    specialized: tuple = ()  # modules traced at the example's sizes (``tracer.FxTracer``)
 
 
 def trace(
@@ -262,10 +163,23 @@ def trace(
     running the graph, or the comparison with the eager model fails.
     """
     inputs = as_inputs(example_inputs)
+    # first into what timm (or torch.fx.wrap) hides and no rule covers;
+    # where a hidden function defeats even that, with everything hidden kept whole
+    for into in (_no_rule, _nothing):
+        try:
+            return _trace_once(model, inputs, into, check=check, leaf_modules=leaf_modules, atol=atol, rtol=rtol,
+                               fold_weights=fold_weights)
+        except TraceError:
+            if into is _nothing:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _trace_once(model, inputs: Inputs, into, *, check, leaf_modules, atol, rtol, fold_weights) -> Traced:
     eager = copy.deepcopy(model).eval()
     root = copy.deepcopy(model).eval()
     concrete = _concrete_args(root, inputs)
-    tracer = FxTracer(leaf_modules=leaf_modules)
+    tracer = FxTracer(leaf_modules=leaf_modules, inputs=inputs, trace_into=into)
     try:
         graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as e:
@@ -283,7 +197,17 @@ def trace(
         traced_out = ValueProp(gm).run(*inputs.for_placeholders(gm))
         if check:
             _check_against_eager(gm, eager, inputs, traced_out, atol=atol, rtol=rtol)
-    return Traced(gm=gm, example_inputs=inputs, concrete_args=concrete)
+    return Traced(gm=gm, example_inputs=inputs, concrete_args=concrete, specialized=tuple(tracer.specialized))
+
+
+def _nothing(obj) -> bool:
+    return False
+
+
+def _no_rule(obj) -> bool:
+    """A module class or function the analysis has no rule for: better
+    traced into."""
+    return (RULES.for_class(obj) if isinstance(obj, type) else RULES.for_function(obj)) is None
 
 
 _IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,

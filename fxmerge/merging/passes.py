@@ -14,12 +14,16 @@ Every plan ends with ``check_budget``: what the plan cannot do is said.
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
+
+import torch
 
 from fxmerge import constants as C
 from fxmerge.analysis.channels import analyze
-from fxmerge.analysis.rules.registry import op_kind
-from fxmerge.analysis.tracing import trace
+from fxmerge.analysis.ir import is_pinned
+from fxmerge.analysis.rules.registry import op_kind, tensors_in, weight_layouts
+from fxmerge.analysis.tracing import TensorInfo, trace
 from fxmerge.errors import BudgetError, BudgetWarning, InputError
 from fxmerge.runtime.runner import LockstepRunner
 from fxmerge.runtime.tensors import set_tensor, tensor_state
@@ -54,6 +58,13 @@ def weights_in_graph(st: MergeState, model, name: str):
         # input's size) and tensors the tracer turned into graph constants:
         # read the model's own from a trace of a copy of it (the same graph, names)
         state = {**tensor_state(trace(model, st.example_inputs, check=False, fold_weights=True).gm), **state}
+    if any(k not in state for k in wanted):
+        # a table A cached in a forward already run (at this input size) and
+        # this model builds on its first call: run it once too
+        warmed = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            st.example_inputs.call(warmed)
+        state = {**tensor_state(trace(warmed, st.example_inputs, check=False, fold_weights=True).gm), **state}
     missing = [k for k in wanted if k not in state]
     if missing:
         raise InputError(f"model {name} has no tensor for {missing[0]!r} of model A's graph: "
@@ -173,6 +184,24 @@ def pass_widen(st: MergeState) -> None:
     st.merged = widen.run([tensor_state(gm) for gm in st.sources])
     st.per_model_views = widen.per_view
     check_shapes(st.merged, st.pg, st.widener, st.example_inputs)
+    check_pinned_layers(st)
+
+
+def check_pinned_layers(st: MergeState) -> None:
+    """A merge at budget N is promised to be the ensemble: a layer that reads
+    widened channels into pinned ones (outside the parts run per model view)
+    keeps each model's rows merged, so say so (``report["kept_merged"]``,
+    a ``BudgetWarning``; ``BudgetError`` under ``strict``)."""
+    st.pinned_layers = {n: v for n, v in pinned_layers(st.pg).items() if n not in st.per_model_views}
+    if not st.pinned_layers or st.opts.budget < st.n_models - 1e-6 or not st.method.budgeted or not st.budget_reachable:
+        return
+    st.budget_reachable = False
+    first = next(iter(st.pinned_layers.values()))[0]
+    more = f" (+{len(st.pinned_layers) - 1} more layers)" if len(st.pinned_layers) > 1 else ""
+    message = f"at {st.opts.budget:.2f}x the merged model is not the ensemble: {first}{more}"
+    if st.opts.strict:
+        raise BudgetError(message + " (strict)")
+    warnings.warn(message, BudgetWarning, stacklevel=5)
 
 
 @merge_pass("row_blocks", "widen")
@@ -221,18 +250,74 @@ def check_budget(st: MergeState) -> None:
     st.warnings.extend(messages)
 
 
-def outputs_features(pg) -> bool:
-    """Whether the model outputs features (a model without a classifier)
-    rather than a layer's own output: walking back from the output through
-    ops of one input, a node other than a contraction is reached."""
+def output_sources(pg) -> set:
+    """The nodes the model's outputs come from through ops of one input
+    (the classifier, or whatever a headless model ends with)."""
     contractions = {c.node for c in pg.contractions.values()}
     output = next(n for n in pg.gm.graph.nodes if n.op == "output")
+    sources = set()
     for node in output.all_input_nodes:
         while node.name not in contractions and len(node.all_input_nodes) == 1 and node.op != "placeholder":
             node = node.all_input_nodes[0]
-        if node.name not in contractions:
-            return True
-    return False
+        sources.add(node.name)
+    return sources
+
+
+def outputs_features(pg) -> bool:
+    """Whether the model outputs features (a model without a classifier)
+    rather than a layer's own output."""
+    contractions = {c.node for c in pg.contractions.values()}
+    return any(name not in contractions for name in output_sources(pg))
+
+
+# Ops that pass their tensor inputs on linearly (moved, summed, averaged,
+# scaled by a number): a merged row before them averages the models' outputs
+# as the ensemble does.
+_LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.getitem, operator.truediv, operator.mul, operator.neg,
+                     torch.add, torch.sub, torch.stack, torch.cat, torch.mean, torch.sum, torch.flatten}
+_LINEAR_METHODS = {"add", "sub", "mul", "div", "mean", "sum", "view", "reshape", "flatten", "permute", "transpose",
+                   "contiguous", "squeeze", "unsqueeze"}
+_LINEAR_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Flatten)
+
+
+def linear_to_output(gm) -> set:
+    """The nodes whose value reaches the graph's output through linear ops
+    only (moved, summed, averaged, scaled by a number)."""
+    through: set = set()  # such ops, and the output
+    for node in reversed(gm.graph.nodes):
+        if node.op == "output" or (node.users and all(u in through for u in node.users) and _linear(gm, node)):
+            through.add(node)
+    return {n for n in gm.graph.nodes if n.users and all(u in through for u in n.users)}
+
+
+def _linear(gm, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _LINEAR_MODULES)
+    if not (node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+            or node.op == "call_method" and node.target in _LINEAR_METHODS):
+        return False
+    factors = [i for i in node.all_input_nodes if isinstance(i.meta.get("fxm_value"), TensorInfo)]
+    return node.target not in (operator.mul, operator.truediv, "mul", "div") or len(factors) <= 1
+
+
+def pinned_layers(pg) -> dict:
+    """Layers that read widened channels into pinned ones (an op downstream
+    fixes their order), other than the model's output: each model's rows stay merged, so
+    no budget makes the merge the ensemble. Node name -> (the reason, how
+    many channels)."""
+    nodes = {n.name: n for n in pg.gm.graph.nodes}
+    linear = linear_to_output(pg.gm)
+    out = {}
+    for c in pg.contractions.values():
+        node = nodes[c.node]
+        tls = tensors_in(pg.layouts.get(node))
+        if node in linear or len(tls) != 1 or not is_pinned(tls[0].lays[c.output_axis]):
+            continue
+        if is_pinned(weight_layouts(pg, c)[c.weight_in_axis]):
+            continue  # reads no widened channel (a layer over the tokens, a table): it runs per role
+        kind = op_kind(node, pg.gm.get_submodule(node.target) if node.op == "call_module" else None)
+        out[c.node] = (f"the output channels of '{c.node}' ({kind}) are pinned", tls[0].shape[c.output_axis])
+    return out
 
 
 @merge_pass("check_cost", "widen")

@@ -85,6 +85,7 @@ class MergeState:
     sweep: dict = field(default_factory=dict)
     skipped_layers: list = field(default_factory=list)
     kept_merged: dict = field(default_factory=dict)  # root uid -> why it cannot widen (reasons)
+    pinned_layers: dict = field(default_factory=dict)  # layer -> (why its rows stay merged, channels)
     budget_reachable: bool = True
     pinned_share: float = 0.0
     macs_a: Optional[float] = None

@@ -171,7 +171,9 @@ class WidenGraph:
             elif node.op == "call_function" and node.target is operator.getitem:
                 self._rewrite_getitem(node, old)
             elif node.op == "call_function" and node.target is torch.nn.functional.group_norm:
-                self._rewrite_group_count(node, old)
+                self._rewrite_group_count(node, old, 1, "num_groups")
+            elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
+                self._rewrite_group_count(node, old, 6, "groups")
 
     def _rewrite_shape_args(self, node, old, start):
         new_shape = self.new_shape(old)
@@ -209,29 +211,32 @@ class WidenGraph:
         else:
             node.args = tuple(args[:start]) + ((tuple(sizes),) if packed else tuple(sizes))
 
-    def _rewrite_group_count(self, node, old):
-        """``F.group_norm(x, num_groups, ...)`` traced through a norm module:
-        blocks are widened whole, so the group count grows with the channels
-        (as ``nn.GroupNorm``'s resize rule does for the module)."""
+    def _rewrite_group_count(self, node, old, position: int, keyword: str):
+        """A group count given to a function (``F.group_norm(x, num_groups)``
+        traced through a norm module, ``F.conv2d(..., groups)`` of a
+        standardised convolution): blocks are widened whole, so the count
+        grows with the channels, as the modules' resize rules make it."""
         x_old = old.args[0]
         meta = x_old.meta.get("fxm_value")
         new_shape = self.new_shape(x_old)
         if new_shape is None or not isinstance(meta, TensorInfo) or new_shape[1] == meta.shape[1]:
             return
         old_c, new_c = meta.shape[1], new_shape[1]
-        if len(node.args) > 1:
-            groups = node.args[1]
+        given = len(node.args) > position
+        groups = node.args[position] if given else node.kwargs.get(keyword, 1)
+        if node.target in _FUNCTIONAL_CONVS and groups == 1:
+            return  # a dense convolution stays dense
+        if given:
             args = list(node.args)
-            args[1] = self._grown_groups(node, groups, old_c, new_c)
+            args[position] = self._grown_groups(node, groups, old_c, new_c)
             node.args = tuple(args)
-        elif "num_groups" in node.kwargs:
-            node.kwargs = {**node.kwargs,
-                           "num_groups": self._grown_groups(node, node.kwargs["num_groups"], old_c, new_c)}
+        elif keyword in node.kwargs:
+            node.kwargs = {**node.kwargs, keyword: self._grown_groups(node, groups, old_c, new_c)}
 
     @staticmethod
     def _grown_groups(node, groups, old_c: int, new_c: int) -> int:
         if not isinstance(groups, int) or (new_c * groups) % old_c:
-            raise RewriteError(f"cannot rewrite the group count of '{node.name}' (group_norm): {groups!r} groups "
+            raise RewriteError(f"cannot rewrite the group count of '{node.name}': {groups!r} groups "
                                f"for {old_c} channels widened to {new_c}")
         return groups * new_c // old_c
 
@@ -328,6 +333,8 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                     torch.conv1d, torch.conv2d, torch.conv3d}
 _ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, operator.pow, torch.mul, torch.div,
                torch.add, torch.sub, torch.pow}
 _ARITHMETIC_METHODS = {"mul", "div", "add", "sub", "pow", "__mul__", "__truediv__", "__add__", "__sub__", "__rmul__"}

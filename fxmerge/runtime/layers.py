@@ -41,6 +41,7 @@ class _RowBlocks(nn.Module):
 
     def _setup(self, parts: Sequence[nn.Module], in_index: Sequence[np.ndarray], out_index: Sequence[np.ndarray], n_in: int):
         self.parts = nn.ModuleList(parts)
+        self.n_in = n_in
         self._slices = []
         for i, idx in enumerate(in_index):
             sl = _as_slice(np.asarray(idx))
@@ -50,6 +51,28 @@ class _RowBlocks(nn.Module):
         inverse = np.argsort(order)
         self.reorder = not np.array_equal(inverse, np.arange(len(inverse)))
         self.register_buffer("out_order", torch.as_tensor(inverse, dtype=torch.long), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense widened weight, zero where a row reads none of a block's
+        inputs: what the layer computes, for code that reads ``.weight`` (a
+        model that takes its dtype and device from a layer's weight)."""
+        if not len(self.parts):
+            raise AttributeError(f"{type(self).__name__} slices its weight from an input: it holds none")
+        first = self.parts[0].weight
+        out_axis, in_axis = (1, 0) if getattr(self, "transposed", False) else (0, 1)
+        rows = torch.argsort(self.out_order)  # concatenated row -> its place
+        shape = list(first.shape)
+        shape[out_axis], shape[in_axis] = len(rows), self.n_in
+        dense = first.new_zeros(shape)
+        start = 0
+        for i, part in enumerate(self.parts):
+            n = part.weight.shape[out_axis]
+            block = dense.index_select(out_axis, rows[start:start + n])
+            block.index_copy_(in_axis, getattr(self, f"in_index_{i}"), part.weight)
+            dense.index_copy_(out_axis, rows[start:start + n], block)
+            start += n
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis if self.channel_axis >= 0 else x.ndim + self.channel_axis

@@ -88,6 +88,27 @@ class Windows(nn.Module):
         return self.head(w.mean((2, 3, 4, 5)))
 
 
+class MaskInPlace(nn.Module):
+    """A shifted-window mask built next to the features (``x.new_zeros``,
+    regions written in place, as torchvision's Swin does) and a constant
+    shaped like them (``zeros_like``): no channel flows into either."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.embed, self.head = nn.Linear(8, 24), nn.Conv2d(3, 8, 2, stride=2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)[:, :4]  # 4 tokens
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = t.new_zeros((n, n))
+        mask[:2, 2:] = -100.0
+        mask[2:, :2] = -100.0
+        attn = (q @ k.transpose(-2, -1) + mask).softmax(-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head((out + torch.zeros_like(out)).mean(1))
+
+
 def test_cat_and_split_keep_each_part_apart():
     assert kinds(check(CatSplit, X)).get("concat", 0) >= 2
 
@@ -108,6 +129,10 @@ def test_integer_tensor_indexing_keeps_heads_free():
     groups = check(BiasTable, X)
     assert "heads" in kinds(groups)
     assert any(("table", 1) in g.members for g in groups.groups if g.kind == "heads")
+
+
+def test_a_mask_built_in_place_and_constants_pin_no_channel():
+    assert kinds(check(MaskInPlace, X)).get("heads", 0) >= 1
 
 
 def test_tensor_unfold_windows_keep_channels_free():

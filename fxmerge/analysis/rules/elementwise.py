@@ -30,14 +30,15 @@ UNARY_FUNCTIONS = [
     torch.abs, torch.neg, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip,
     torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round,
     torch.detach, torch.clone, torch.nan_to_num,
-    operator.neg, operator.pos, operator.abs, _tv_stochastic_depth,
+    operator.neg, operator.pos, operator.abs, operator.invert, torch.logical_not, torch.bitwise_not,
+    _tv_stochastic_depth,
 ]
 
 UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "sqrt", "rsqrt",
     "abs", "neg", "square", "sin", "cos", "erf", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
     "float", "half", "double", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach",
-    "cpu", "cuda", "requires_grad_", "sign", "floor", "ceil", "round",
+    "cpu", "cuda", "requires_grad_", "sign", "floor", "ceil", "round", "long", "int", "bool", "logical_not",
     "reciprocal", "nan_to_num", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "mish",
 ]
 

@@ -213,7 +213,9 @@ class RuleRegistry:
         return deco
 
     def for_module(self, mod: torch.nn.Module) -> Optional[Rule]:
-        cls = type(mod)
+        return self.for_class(type(mod))
+
+    def for_class(self, cls: type) -> Optional[Rule]:
         rule = self.modules.get(cls)
         if rule is None:
             rule = self.modules.get(f"{cls.__module__}.{cls.__qualname__}")
@@ -391,8 +393,12 @@ class RuleContext:
         """Pin a layout for this op kind's ``reason``, and record it when it
         was free (the merge report names what keeps channels from widening)."""
         if not is_pinned(lay):
-            self.analysis.rule_pins.setdefault(op_kind(self.node, self.module), reason)
+            self.record_pin(reason)
         pin(lay)
+
+    def record_pin(self, reason: str) -> None:
+        """Record that this op kind pinned an axis that was free, and why."""
+        self.analysis.rule_pins.setdefault(op_kind(self.node, self.module), reason)
 
     def normalization(self, axes: int, *, rms: bool = False) -> None:
         """Record that this node normalises its input over its ``axes``

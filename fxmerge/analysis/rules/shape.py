@@ -85,7 +85,12 @@ def reshape_layouts(x: TL, out_shape: tuple) -> tuple:
 @RULES.module(nn.Flatten, nn.Unflatten)
 @widening("layout")
 def reshape(ctx, x, *args, **kwargs):
-    return ctx.tl(reshape_layouts(x, ctx.out_shape))
+    free = [lay for lay in x.lays if not is_pinned(lay)]
+    out = reshape_layouts(x, ctx.out_shape)
+    if any(is_pinned(lay) for lay in free):
+        ctx.record_pin("splits channels joined with another axis where no block of them ends (channels folded "
+                       "into the batch or the positions): their order is fixed")
+    return ctx.tl(out)
 
 
 # ----------------------------------------------------------------------------
@@ -478,3 +483,4 @@ def channel_shuffle(ctx, x, *args, **kwargs):
     ctx.mixing(split.lays[1], split.lays[2])
     steps = [("perm", (0, 2, 1) + tuple(3 + i for i in range(n))), ("reshape", (b, c, *rest))]
     return _through_reshapes(ctx, split, steps)
+
