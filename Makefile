@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 PINNED  := timm==1.0.31 networkx==3.6.1 scipy==1.17.1 numpy==2.4.6 tqdm==4.70.1 safetensors==0.8.0 \
            scikit-learn==1.9.1 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 pytest-xdist==3.8.0
 
-.PHONY: install test demo groups bench bench-quick perf tune budget-curve budget-size seeds pleas-free coverage scaling n-models digest gpu-check clean
+.PHONY: install test demo groups bench bench-quick perf tune budget-curve budget-size seeds pleas-free coverage scaling n-models digest stale gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -75,6 +75,10 @@ scaling: $(STAMP)
 # restructuring: make digest DIGESTS=before.json at the old commit, make digest COMPARE=before.json at the new)
 digest: $(STAMP)
 	$(PY) -m benchmarks.digest $(if $(DIGESTS),--out $(DIGESTS)) $(if $(COMPARE),--compare $(COMPARE))
+
+# the results pages whose figures predate the last change to fxmerge/ (exit 1 if any)
+stale:
+	python3 -m benchmarks.provenance
 
 # on a machine with a CUDA GPU: the CUDA tests and the CUDA performance figures
 gpu-check:

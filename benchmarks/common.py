@@ -29,6 +29,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import fxmerge  # noqa: E402
+from benchmarks.provenance import SOURCE_COMMIT  # noqa: E402
 from fxmerge.runtime.data import digit_task, digits, generic, styled  # noqa: E402
 from fxmerge.training import TASK_A, TASK_B, TRAIN, demo_model, evaluate, train  # noqa: E402
 
@@ -210,13 +211,13 @@ def suite_pairs(args):
 
 
 def environment() -> str:
-    """The library versions a report was produced with."""
+    """The library versions and the commit a report was produced with."""
     import scipy
     import timm
     import torchvision
 
     return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-            f"scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__}; "
+            f"scipy {scipy.__version__}, numpy {np.__version__}, fxmerge {fxmerge.__version__} at commit {SOURCE_COMMIT}; "
             f"{platform.machine()}, {os.cpu_count()} CPU threads")
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 import fxmerge  # noqa: E402
+from benchmarks.provenance import SOURCE_COMMIT  # noqa: E402
 from fxmerge.runtime import models  # noqa: E402
 from fxmerge.analysis.apply import apply_to_model  # noqa: E402
 from fxmerge.analysis.tracing import without_fast_path  # noqa: E402
@@ -60,23 +61,7 @@ CACHE_DIR = os.path.join(HERE, "..", ".cache")
 DEFAULT_OUT = os.path.abspath(os.path.join(HERE, "..", "docs", "coverage.md"))
 
 
-def source_commit() -> str:
-    """The commit the sweep runs (read when it starts: the code it imported),
-    marked ``+changes`` when fxmerge/ differs from it."""
-    import subprocess
-
-    root = os.path.join(HERE, "..")
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fxmerge"], cwd=root, capture_output=True,
-                               text=True).stdout.strip()
-        return head + ("+changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-COMMIT = source_commit()
+COMMIT = SOURCE_COMMIT
 COMMAND = "python -m benchmarks.coverage"
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.common import ROOT, log
+from benchmarks.common import log
 
 import fxmerge
 from fxmerge.runtime.data import digit_task, digits, styled
@@ -44,7 +43,6 @@ TASKS = {2: ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)),
 DOMAINS = {2: ("clean", "edges"), 3: ("clean", "inverted", "edges"), 4: ("clean", "inverted", "edges", "noisy")}
 SCENARIOS = ("tasks", "domains")
 FAMILIES = ("resnet18", "vit", "mbnet")
-STARTED_AT = ["unknown"]  # the commit when the run started
 
 
 def sources(family: str, scenario: str, n: int) -> list:
@@ -239,22 +237,9 @@ def plot(results: dict, out_dir: str) -> list:
     return files
 
 
-def commit() -> str:
-    """The commit the code runs at (read when a run starts: later commits do
-    not describe it), marked when fxmerge/ or benchmarks/ differ from it."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fxmerge", "benchmarks"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def report(args, argv, results, minutes) -> list:
     lines = ["# Merging N models", "",
-             f"Produced by `python -m benchmarks.n_models {' '.join(argv)}` at commit {STARTED_AT[0]} in {minutes:.1f} "
+             f"Produced by `python -m benchmarks.n_models {' '.join(argv)}` in {minutes:.1f} "
              f"minutes; {common.environment()}.", "",
              "Digits split into N tasks (each model keeps its classifier; joint accuracy over all digits) or "
              "learned in N styles (one shared head; mean accuracy over the styles); sources trained from seeds "
@@ -291,7 +276,6 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    STARTED_AT[0] = commit()
 
     def run(args) -> dict:
         results = {}

@@ -19,3 +19,14 @@ def test_benchmark_script_answers_help(script):
 
 def test_shared_benchmark_module_compiles():
     compile((SCRIPTS[0].parent / "common.py").read_text(), "common.py", "exec")
+
+
+def test_a_page_is_stale_unless_it_states_a_commit_fxmerge_has_not_changed_since():
+    sys.path.insert(0, str(SCRIPTS[0].parent.parent))
+    from benchmarks.provenance import _git, staleness
+
+    head = _git("rev-parse", "--short", "HEAD")
+    assert staleness(f"Produced by `make x`; fxmerge 0.3.0 at commit {head}; 2 CPU threads.") == ""
+    assert staleness("Produced by `make x`; fxmerge 0.3.0; 2 CPU threads.") == "states no commit"
+    assert "uncommitted" in staleness(f"Produced by `make x` at commit {head}+changes.")
+    assert "not in this repository" in staleness("Produced by `make x` at commit 0000000.")
