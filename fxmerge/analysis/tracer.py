@@ -242,7 +242,7 @@ class FxTracer(fx.Tracer):
         # read) and reads of failed attempts: nothing reads them any more
         unread = set(self.sizes) | set(self.abandoned)
         for node in reversed(graph.nodes):
-            if node in unread and not node.users and node.op != "placeholder":
+            if node in unread and not node.users and not node.is_impure():  # asserts stay
                 unread.update(i for i in node.all_input_nodes if i.op == "get_attr")
                 graph.erase_node(node)
         self.values.clear()
