@@ -86,8 +86,9 @@ def linear_probe(model, train_split, test_split) -> float:
 
 def method_runs(name: str, quick: bool) -> list:
     """(row label, method, budget, calibration source, extra options). At
-    2.0x nothing is merged, so pleas, perm and zipit all compute the
-    ensemble (a tested property): the ensemble row stands for them there."""
+    2.0x nothing is merged: PLeaS (the sources' BatchNorm statistics)
+    computes the ensemble, so the ensemble row stands for it there; perm and
+    zipit, which reset the statistics, are not run at 2.0x."""
     budgets = (1.0, 1.5) if quick else BUDGETS[:-1]
     runs = [(m, m, b, "digits", {}) for m in ("pleas", "perm", "zipit") for b in budgets]
     if name == "vit":  # ZipIt! as its paper: heads averaged index by index
@@ -289,8 +290,10 @@ def write_report(results, args, argv, total, done) -> None:
              f"{args.calib} training images (or as many procedural `generic` images for pleas-free); every accuracy "
              "below is on the **test** split, which no default of fxmerge was chosen on (those were chosen on the "
              "validation split: [algorithm.md](algorithm.md#defaults-chosen-on-the-validation-split)). "
-             "At 2.0x nothing is merged: pleas, perm and zipit all compute the ensemble (a tested property), so the "
-             "ensemble row stands for them there. "
+             "At 2.0x nothing is merged: PLeaS, with its default (the sources' BatchNorm statistics), computes the "
+             "ensemble (a tested property), so the ensemble row stands for it there; perm and zipit reset the "
+             "statistics on the calibration data, as their papers do, which moves their 2.0x models off the "
+             "ensemble (not run here). "
              "Cost is the measured multiply-accumulates of the merged model over one source model.", ""]
     lines += ["## Claims", ""] + claims(results) + [""]
     if FAILURES:
