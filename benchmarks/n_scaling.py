@@ -22,7 +22,6 @@ import time
 import torch
 
 from benchmarks.common import ROOT, environment, log, write
-from benchmarks.n_models import commit
 from benchmarks.performance import GeneratedBatches, peak_rss_mb
 
 
@@ -71,7 +70,7 @@ def run_child(args, n: int) -> dict:
 def report(args, argv, rows: list, minutes: float) -> list:
     base = rows[0]
     lines = [f"# Merging N models: time and memory against N ({args.arch})", "",
-             f"Produced by `python -m benchmarks.n_scaling {' '.join(argv)}` at commit {args.commit} in {minutes:.1f} "
+             f"Produced by `python -m benchmarks.n_scaling {' '.join(argv)}` in {minutes:.1f} "
              f"minutes; {environment()}.", "",
              f"Random-init {args.arch} source models (seeds 0..N-1, 10 classes), {args.calib} generic "
              f"{args.size}x{args.size} calibration images generated batch by batch, PLeaS at budget {args.budget}x "
@@ -114,7 +113,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         print(json.dumps(child(args.arch, args.child, args.size, args.calib, args.budget)))
         return 0
-    args.commit = commit()  # read now: later commits do not describe this run
     t0 = time.perf_counter()
     rows = []
     for n in (int(v) for v in args.n.split(",")):
