@@ -405,7 +405,7 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
     applier_ok = [r for r in applied if r["applier"] < 1e-6]
     cmd = getattr(args, "original", " ".join([COMMAND] + sys.argv[1:]))  # the command as it was run
     if reruns:
-        cmd += "`, then, after fixes, " + ", ".join(f"`{COMMAND} --rerun {r}`"
+        cmd += "`, then " + ", ".join(f"`{COMMAND} --rerun {r}`"
                                                      for r in reruns)
         cmd += " (those rows are from the re-runs)"
     else:
