@@ -229,6 +229,7 @@ def test_pinned_layers_keep_two_x_from_claiming_the_ensemble():
         res = fxmerge.merge(a, b, data, budget=2.0, method="perm", bn_stats="source")
     assert not res.report["budget_reachable"]
     assert any("'c1'" in k["reason"] and k["channels"] == 24 for k in res.report["kept_merged"])
+    assert any("not the ensemble" in w and "'c1'" in w for w in res.report["warnings"])
     assert rel(res.model(x), (a(x) + b(x)) / 2) > 1e-3  # indeed not the ensemble
     with pytest.raises(BudgetError):
         fxmerge.merge(a, b, data, budget=2.0, method="perm", bn_stats="source", strict=True)

@@ -198,10 +198,7 @@ def check_pinned_layers(st: MergeState) -> None:
     st.budget_reachable = False
     first = next(iter(st.pinned_layers.values()))[0]
     more = f" (+{len(st.pinned_layers) - 1} more layers)" if len(st.pinned_layers) > 1 else ""
-    message = f"at {st.opts.budget:.2f}x the merged model is not the ensemble: {first}{more}"
-    if st.opts.strict:
-        raise BudgetError(message + " (strict)")
-    warnings.warn(message, BudgetWarning, stacklevel=5)
+    say(st, f"at {st.opts.budget:.2f}x the merged model is not the ensemble: {first}{more}", stacklevel=5)
 
 
 @merge_pass("row_blocks", "widen")
@@ -244,30 +241,31 @@ def check_budget(st: MergeState) -> None:
         messages.append(f"{100 * st.pinned_share:.0f}% of the conv/linear weights cannot be permuted (pinned op kinds: "
                         f"{kinds}): the merge averages them index by index")
     for m in messages:
-        if o.strict:
-            raise BudgetError(m + " (strict)")
-        warnings.warn(m, BudgetWarning, stacklevel=5)
-    st.warnings.extend(messages)
+        say(st, m, stacklevel=5)
 
 
-def output_sources(pg) -> set:
-    """The nodes the model's outputs come from through ops of one input
-    (the classifier, or whatever a headless model ends with)."""
-    contractions = {c.node for c in pg.contractions.values()}
-    output = next(n for n in pg.gm.graph.nodes if n.op == "output")
-    sources = set()
-    for node in output.all_input_nodes:
-        while node.name not in contractions and len(node.all_input_nodes) == 1 and node.op != "placeholder":
-            node = node.all_input_nodes[0]
-        sources.add(node.name)
-    return sources
+def say(st: MergeState, message: str, *, stacklevel: int) -> None:
+    """What the merge cannot do, said: a ``BudgetWarning`` (``stacklevel``
+    as the caller's) and a line in ``report["warnings"]``, or ``BudgetError``
+    under ``strict``."""
+    if st.opts.strict:
+        raise BudgetError(message + " (strict)")
+    warnings.warn(message, BudgetWarning, stacklevel=stacklevel + 1)
+    st.warnings.append(message)
 
 
 def outputs_features(pg) -> bool:
     """Whether the model outputs features (a model without a classifier)
-    rather than a layer's own output."""
+    rather than a layer's own output: walking back from the output through
+    ops of one input, a node other than a contraction is reached."""
     contractions = {c.node for c in pg.contractions.values()}
-    return any(name not in contractions for name in output_sources(pg))
+    output = next(n for n in pg.gm.graph.nodes if n.op == "output")
+    for node in output.all_input_nodes:
+        while node.name not in contractions and len(node.all_input_nodes) == 1 and node.op != "placeholder":
+            node = node.all_input_nodes[0]
+        if node.name not in contractions:
+            return True
+    return False
 
 
 # Ops that pass their tensor inputs on linearly (moved, summed, averaged,
@@ -342,10 +340,7 @@ def pass_check_cost(st: MergeState) -> None:
         if kinds:
             message += (f": the plan does not count how the cost of {'; '.join(kinds[:4])} grows when channels "
                         "widen; there the widened model mixes the models' features (at 2x it is not the ensemble)")
-    if st.opts.strict:
-        raise BudgetError(message + " (strict)")
-    warnings.warn(message, BudgetWarning, stacklevel=4)
-    st.warnings.append(message)
+    say(st, message, stacklevel=4)
 
 
 def cost_departures(st: MergeState) -> list:
