@@ -8,9 +8,9 @@ attention read back heads last, activations in place.
 
 For every one: the groups verify; a permuted copy merges back to the same
 function at 1x (matching on activations and on weights, with and without
-least squares); at 2x the merged model is the ensemble, or, where an op
-combines the channels it would widen, the budget is reported out of reach
-with that op named; at 1.5x the measured cost is the planned one; the
+least squares); at 2x the merged model is the ensemble (an op that combines
+the channels it would widen runs once per model view), or, where blocks
+cannot widen within, the budget is reported out of reach with the reason; at 1.5x the measured cost is the planned one; the
 merge's statistics stay far below 4 GB.
 """
 import copy
@@ -366,15 +366,15 @@ NETS = {
     "split": (SplitNet, None, False),
     "reshape": (ReshapeNet, None, False),
     "conv_transpose": (UNetLike, None, False),
-    "customized_layer": (CustomizedNet, None, True),
-    "cosine_classifier": (CosineClassifier, None, True),
-    "channel_softmax": (ChannelSoftmaxNet, None, True),
+    "customized_layer": (CustomizedNet, None, False),
+    "cosine_classifier": (CosineClassifier, None, False),
+    "channel_softmax": (ChannelSoftmaxNet, None, False),
     "two_inputs_two_outputs": (TwoInputsTwoOutputs, "two", False),
     "flatten_linear": (FlattenNet, None, False),
     "packed_bias": (PackedBiasNet, None, False),
     "same_padding": (SamePaddingNet, None, False),
     "group_norm": (GroupNormNet, None, False),
-    "split_attention": (SplitAttentionNet, None, True),
+    "split_attention": (SplitAttentionNet, None, "widen whole, never within"),
     "stacked_multipliers": (StackedMultipliersNet, None, False),
     "per_head_qkv": (PerHeadQKVNet, None, False),
     "in_place": (InPlaceNet, None, False),

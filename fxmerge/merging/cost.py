@@ -37,6 +37,7 @@ import torch.nn as nn
 from fxmerge.analysis.ir import find, fold, layout_size
 from fxmerge.analysis.rules.registry import tensors_in, weight_layouts, weight_shape
 from fxmerge.runtime.inputs import as_inputs
+from .parts import view_parts
 
 
 def linear_form(lay, sizes: dict | None = None) -> tuple:
@@ -100,6 +101,27 @@ class ProductCost:
 
 
 @dataclass
+class PartCost:
+    """A part run once per model view as soon as one of its combined axes
+    widens (``parts.view_parts``): its layers and products then cost the
+    source's, once per model."""
+
+    nodes: frozenset
+    triggers: list  # linear forms of the combined layouts' merged counts
+    # measured cost of the part's nodes the model does not cover (opaque
+    # modules, in ``constant`` once): run once more per extra model view
+    unmodelled: float = 0.0
+
+
+def layer_source_cost(l: LayerCost) -> float:
+    return l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in)
+
+
+def product_source_cost(p: ProductCost) -> float:
+    return p.scale * float(np.prod([d for d, _ in p.dims]))
+
+
+@dataclass
 class CostModel:
     layers: list
     uids: list  # column order of k
@@ -108,6 +130,7 @@ class CostModel:
     # the cost of what the model cannot see into or widen (opaque modules,
     # ops on pinned axes): the same in the source and the merged model
     constant: float = 0.0
+    parts: list = field(default_factory=list)  # PartCost
 
     @classmethod
     def from_groups(cls, pg, source_macs: float | None = None) -> "CostModel":
@@ -149,8 +172,15 @@ class CostModel:
                 for uid in form[1]:
                     uids.setdefault(uid, len(uids))
             products.append(ProductCost(p.node, 1.0 / max(1, batch), dims))
+        parts = []
+        for part in view_parts(pg):
+            triggers = [linear_form(lay, sizes) for lay in part.lays]
+            for form in triggers:
+                for uid in form[1]:
+                    uids.setdefault(uid, len(uids))
+            parts.append(PartCost(part.nodes, triggers))
         order = sorted(uids, key=uids.get)
-        model = cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64), products)
+        model = cls(layers, order, np.array([sizes[u] for u in order], dtype=np.int64), products, parts=parts)
         if source_macs is not None:
             model.constant = max(0.0, source_macs - model.modelled_source_cost())
         return model
@@ -167,7 +197,25 @@ class CostModel:
         const, coef = form
         return const + sum(c * k[u] for u, c in coef.items())
 
-    def _layer_cost(self, l: LayerCost, kd: dict) -> float:
+    def active_parts(self, kd: dict) -> list:
+        """The parts that run once per model view under ``kd``."""
+        full = self.full_counts
+        return [p for p in self.parts if any(self._K(form, kd) < self._K(form, full) for form in p.triggers)]
+
+    def per_view_nodes(self, kd: dict) -> set:
+        """Nodes of the parts that run once per model view under ``kd``."""
+        return set().union(*[p.nodes for p in self.active_parts(kd)])
+
+    def count_unmodelled(self, node_macs: dict) -> None:
+        """Each part's measured cost (``node_macs``: node -> MACs of the
+        source) of the nodes no layer or product covers."""
+        modelled = {l.node for l in self.layers} | {p.node for p in self.products}
+        for part in self.parts:
+            part.unmodelled = sum(node_macs.get(n, 0.0) for n in part.nodes if n not in modelled)
+
+    def _layer_cost(self, l: LayerCost, kd: dict, per_view: set = frozenset()) -> float:
+        if l.node in per_view:
+            return 2 * layer_source_cost(l)
         ko = self._K(l.out_form, kd)
         widened = [(d, self._K(form, kd)) for d, form in l.positions]
         spread = float(np.prod([(2 * d - k) / d for d, k in widened]))
@@ -180,7 +228,9 @@ class CostModel:
             return spread * l.scale * l.per_group_in * (2 * l.d_out - ko)
         return spread * l.scale * (2 * l.d_out * l.d_in - ko * self._K(l.in_form, kd))
 
-    def _product_cost(self, p: ProductCost, kd: dict) -> float:
+    def _product_cost(self, p: ProductCost, kd: dict, per_view: set = frozenset()) -> float:
+        if p.node in per_view:
+            return 2 * product_source_cost(p)
         widths = [(d, self._K(form, kd)) for d, form in p.dims]
         if sum(k < d for d, k in widths) > 1:
             return 2 * p.scale * float(np.prod([d for d, _ in widths]))  # once per model view
@@ -188,27 +238,29 @@ class CostModel:
 
     def cost(self, k: np.ndarray) -> float:
         kd = dict(zip(self.uids, k.tolist()))
-        total = 0.0
+        active = self.active_parts(kd)
+        per_view = set().union(*[p.nodes for p in active])
+        total = sum(p.unmodelled for p in active)  # once more: two views
         for l in self.layers:
-            total += self._layer_cost(l, kd)
+            total += self._layer_cost(l, kd, per_view)
         for p in self.products:
-            total += self._product_cost(p, kd)
+            total += self._product_cost(p, kd, per_view)
         return total + self.constant
 
     def node_costs(self, k: dict) -> dict:
         """The modelled cost of every node the model covers, for merge
         counts ``k`` (root uid -> merged pairs; roots not given merge fully)."""
         kd = {u: k.get(u, s) for u, s in zip(self.uids, self.sizes.tolist())}
+        per_view = self.per_view_nodes(kd)
         out: dict = {}
         for l in self.layers:
-            out[l.node] = out.get(l.node, 0.0) + self._layer_cost(l, kd)
+            out[l.node] = out.get(l.node, 0.0) + self._layer_cost(l, kd, per_view)
         for p in self.products:
-            out[p.node] = out.get(p.node, 0.0) + self._product_cost(p, kd)
+            out[p.node] = out.get(p.node, 0.0) + self._product_cost(p, kd, per_view)
         return out
 
     def modelled_source_cost(self) -> float:
-        return (sum(l.scale * l.d_out * (l.per_group_in if l.grouped else l.d_in) for l in self.layers)
-                + sum(p.scale * float(np.prod([d for d, _ in p.dims])) for p in self.products))
+        return sum(map(layer_source_cost, self.layers)) + sum(map(product_source_cost, self.products))
 
     def source_cost(self) -> float:
         return self.modelled_source_cost() + self.constant
@@ -247,7 +299,14 @@ class ClusterCost:
     def _widened(self, h: np.ndarray, d: float) -> bool:
         return h[-1] < d - 1e-9
 
-    def layer_cost(self, l: LayerCost, hists: dict, full: dict) -> float:
+    def active_parts(self, hists: dict, full: dict) -> list:
+        """The parts that run once per model view (see ``CostModel``)."""
+        return [p for p in self.model.parts
+                if any(self._widened(self._H(form, hists), self._H(form, full)[-1]) for form in p.triggers)]
+
+    def layer_cost(self, l: LayerCost, hists: dict, full: dict, per_view: set = frozenset()) -> float:
+        if l.node in per_view:
+            return self.n * layer_source_cost(l)
         ho, hi = self._H(l.out_form, hists), self._H(l.in_form, hists)
         widened = [(d, self._H(form, hists)) for d, form in l.positions]
         spread = float(np.prod([h.sum() / d for d, h in widened]))
@@ -258,7 +317,9 @@ class ClusterCost:
             return spread * l.scale * l.per_group_in * ho.sum()
         return spread * l.scale * float(ho @ self.touch @ hi)
 
-    def product_cost(self, p: ProductCost, hists: dict) -> float:
+    def product_cost(self, p: ProductCost, hists: dict, per_view: set = frozenset()) -> float:
+        if p.node in per_view:
+            return self.n * product_source_cost(p)
         widths = [(d, self._H(form, hists)) for d, form in p.dims]
         if sum(self._widened(h, d) for d, h in widths) > 1:
             return self.n * p.scale * float(np.prod([d for d, _ in widths]))
@@ -270,15 +331,19 @@ class ClusterCost:
         m = self.model
         full = {u: self.merged(s) for u, s in zip(m.uids, m.sizes.tolist())}
         hd = {**full, **hists}
+        per_view = set().union(*[p.nodes for p in self.active_parts(hd, full)])
         out: dict = {}
         for l in m.layers:
-            out[l.node] = out.get(l.node, 0.0) + self.layer_cost(l, hd, full)
+            out[l.node] = out.get(l.node, 0.0) + self.layer_cost(l, hd, full, per_view)
         for p in m.products:
-            out[p.node] = out.get(p.node, 0.0) + self.product_cost(p, hd)
+            out[p.node] = out.get(p.node, 0.0) + self.product_cost(p, hd, per_view)
         return out
 
     def cost(self, hists: dict) -> float:
-        return sum(self.node_costs(hists).values()) + self.model.constant
+        m = self.model
+        full = {u: self.merged(s) for u, s in zip(m.uids, m.sizes.tolist())}
+        again = (self.n - 1) * sum(p.unmodelled for p in self.active_parts({**full, **hists}, full))
+        return sum(self.node_costs(hists).values()) + m.constant + again
 
 
 def position_forms(pg, node, output_axis: int, sizes: dict) -> list:
@@ -370,7 +435,11 @@ def node_costs(gm: torch.fx.GraphModule, example) -> dict:
     fast = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        try:
+            with torch.no_grad():
+                Counter(gm).run(*inputs.for_placeholders(gm))
+        except AssertionError:  # a view of a parameter made under no_grad (see ``measure_macs``)
+            costs.clear()
             Counter(gm).run(*inputs.for_placeholders(gm))
     finally:
         mha.set_fastpath_enabled(fast)

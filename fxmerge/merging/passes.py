@@ -14,16 +14,15 @@ Every plan ends with ``check_budget``: what the plan cannot do is said.
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 
 import torch
 
 from fxmerge import constants as C
 from fxmerge.analysis.channels import analyze
-from fxmerge.analysis.ir import is_pinned
-from fxmerge.analysis.rules.registry import op_kind, tensors_in, weight_layouts
-from fxmerge.analysis.tracing import TensorInfo, trace
+from fxmerge.analysis.ir import layout_size
+from fxmerge.analysis.rules.registry import op_kind
+from fxmerge.analysis.tracing import trace
 from fxmerge.errors import BudgetError, BudgetWarning, InputError
 from fxmerge.runtime.runner import LockstepRunner
 from fxmerge.runtime.tensors import set_tensor, tensor_state
@@ -34,6 +33,7 @@ from .clusters import plan_clusters
 from .matching import activation_matching, permuted, weight_matching
 from .statistics import ActivationCollector
 from .universe import match_universe
+from .parts import pinned_layers
 from .pipeline import MergeState, lockstep_pass, merge_pass
 from .plan import merged_only_roots, normalized_roots, plan_budget
 from .rewrite import WidenGraph, check_shapes, split_contractions
@@ -133,7 +133,12 @@ def cost_model_of(st: MergeState) -> CostModel:
     of A minus the modelled ones."""
     if st.macs_a is None:
         st.macs_a = measure_macs(st.gm_a, st.example_inputs)
-    return CostModel.from_groups(st.pg, source_macs=st.macs_a)
+    model = CostModel.from_groups(st.pg, source_macs=st.macs_a)
+    if model.parts:  # what runs per model view but no layer covers (an opaque module) is counted too
+        if st.node_macs_a is None:
+            st.node_macs_a = node_costs(st.gm_a, st.example_inputs)
+        model.count_unmodelled(st.node_macs_a)
+    return model
 
 
 @merge_pass("plan", "plan")
@@ -192,7 +197,9 @@ def check_pinned_layers(st: MergeState) -> None:
     widened channels into pinned ones (outside the parts run per model view)
     keeps each model's rows merged, so say so (``report["kept_merged"]``,
     a ``BudgetWarning``; ``BudgetError`` under ``strict``)."""
-    st.pinned_layers = {n: v for n, v in pinned_layers(st.pg).items() if n not in st.per_model_views}
+    st.pinned_layers = {n: (f"the output channels of '{n}' ({kind}) are pinned", channels)
+                        for n, (kind, lay, channels) in pinned_layers(st.pg).items()
+                        if n not in st.per_model_views and st.widener.size(lay) != layout_size(lay)}
     if not st.pinned_layers or st.opts.budget < st.n_models - 1e-6 or not st.method.budgeted or not st.budget_reachable:
         return
     st.budget_reachable = False
@@ -266,56 +273,6 @@ def outputs_features(pg) -> bool:
         if node.name not in contractions:
             return True
     return False
-
-
-# Ops that pass their tensor inputs on linearly (moved, summed, averaged,
-# scaled by a number): a merged row before them averages the models' outputs
-# as the ensemble does.
-_LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.getitem, operator.truediv, operator.mul, operator.neg,
-                     torch.add, torch.sub, torch.stack, torch.cat, torch.mean, torch.sum, torch.flatten}
-_LINEAR_METHODS = {"add", "sub", "mul", "div", "mean", "sum", "view", "reshape", "flatten", "permute", "transpose",
-                   "contiguous", "squeeze", "unsqueeze"}
-_LINEAR_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Flatten)
-
-
-def linear_to_output(gm) -> set:
-    """The nodes whose value reaches the graph's output through linear ops
-    only (moved, summed, averaged, scaled by a number)."""
-    through: set = set()  # such ops, and the output
-    for node in reversed(gm.graph.nodes):
-        if node.op == "output" or (node.users and all(u in through for u in node.users) and _linear(gm, node)):
-            through.add(node)
-    return {n for n in gm.graph.nodes if n.users and all(u in through for u in n.users)}
-
-
-def _linear(gm, node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _LINEAR_MODULES)
-    if not (node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
-            or node.op == "call_method" and node.target in _LINEAR_METHODS):
-        return False
-    factors = [i for i in node.all_input_nodes if isinstance(i.meta.get("fxm_value"), TensorInfo)]
-    return node.target not in (operator.mul, operator.truediv, "mul", "div") or len(factors) <= 1
-
-
-def pinned_layers(pg) -> dict:
-    """Layers that read widened channels into pinned ones (an op downstream
-    fixes their order), other than the model's output: each model's rows stay merged, so
-    no budget makes the merge the ensemble. Node name -> (the reason, how
-    many channels)."""
-    nodes = {n.name: n for n in pg.gm.graph.nodes}
-    linear = linear_to_output(pg.gm)
-    out = {}
-    for c in pg.contractions.values():
-        node = nodes[c.node]
-        tls = tensors_in(pg.layouts.get(node))
-        if node in linear or len(tls) != 1 or not is_pinned(tls[0].lays[c.output_axis]):
-            continue
-        if is_pinned(weight_layouts(pg, c)[c.weight_in_axis]):
-            continue  # reads no widened channel (a layer over the tokens, a table): it runs per role
-        kind = op_kind(node, pg.gm.get_submodule(node.target) if node.op == "call_module" else None)
-        out[c.node] = (f"the output channels of '{c.node}' ({kind}) are pinned", tls[0].shape[c.output_axis])
-    return out
 
 
 @merge_pass("check_cost", "widen")

@@ -89,6 +89,7 @@ class MergeState:
     budget_reachable: bool = True
     pinned_share: float = 0.0
     macs_a: Optional[float] = None
+    node_macs_a: Optional[dict] = None  # per node, where parts run per model view
     macs_merged: Optional[float] = None  # measured once the model is emitted
     warnings: list = field(default_factory=list)
     row_block_layers: int = 0

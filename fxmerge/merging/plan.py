@@ -143,9 +143,9 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
     cannot move (a grouped op over a concatenation), channels inside blocks
     that widen whole, features a normalisation reads across the whole axis
     (all of them under ``norm_policy="merged"``, those the rewrite cannot
-    split otherwise), and features an op combines (``Mixing``: reductions,
-    softmax, normalize over channels). Each root maps to the list of its
-    reasons."""
+    split otherwise). Features an op combines (``Mixing``: reductions,
+    softmax, normalize over channels) widen: the op runs once per model view
+    (``views.mixing_parts``). Each root maps to the list of its reasons."""
     from fxmerge.analysis.rules.registry import op_kind
     from .rewrite import normalized_layouts, splittable
 
@@ -169,9 +169,6 @@ def merged_only_roots(pg, norm_policy: str) -> dict:
                       + (" (norm_policy='merged')" if norm_policy == "merged" else " and cannot be split per model"))
             for lay in normalized_layouts(pg, node, norm):
                 keep(lay, reason)
-    for m in pg.mixings:
-        for lay in m.lays:
-            keep(lay, f"{m.kind} combines them")
     return why
 
 

@@ -37,7 +37,7 @@ from fxmerge.runtime.layers import PartialFunctional
 from fxmerge.analysis.rules.registry import RESIZE, ROW_BLOCKS, SPLIT_NORM, tensors_in, weight_layouts
 from fxmerge.analysis.tracing import TensorInfo, ValueProp
 from fxmerge.runtime.tensors import replace_module, set_tensor, split_name
-from .views import emit_views, role_split_layers
+from .views import emit_views, role_split_layers, view_regions
 from .widening import LayoutWidener, row_blocks, widen_tensor
 
 
@@ -86,8 +86,9 @@ class WidenGraph:
                 new = rule(mod, shapes)
                 if isinstance(new, nn.Module) and new is not mod:  # the rule replaces the module
                     replace_module(gm, mod_name, new)
-        self._rewrite_constants(gm)
-        self.per_view = emit_views(gm, self.pg, self.widener, states)
+        regions = view_regions(pg, self.widener)
+        self._rewrite_constants(gm, skip={name for r in regions for name in r.nodes})  # views keep the source's
+        self.per_view = emit_views(gm, self.pg, self.widener, states, regions)
         self.per_view += role_split_layers(gm, self.pg, self.widener, states)
         self._split_normalizations(gm)
         gm.to(model_device(pg.gm))  # modules the rewrite made (split norms) join the model's device
@@ -154,9 +155,11 @@ class WidenGraph:
             SPLIT_NORM.for_node(gm, node)(gm, node, norm, ws[-1].role, calls)  # splittable norms normalise one axis
 
     # -- shape constants ---------------------------------------------------
-    def _rewrite_constants(self, gm: fx.GraphModule) -> None:
+    def _rewrite_constants(self, gm: fx.GraphModule, skip: set) -> None:
         old_nodes = {n.name: n for n in self.pg.gm.graph.nodes}
         for node in gm.graph.nodes:
+            if node.name in skip:
+                continue
             old = old_nodes[node.name]
             if node.op == "call_method" and node.target in ("reshape", "view", "expand"):
                 self._rewrite_shape_args(node, old, start=1)

@@ -14,6 +14,9 @@ with that model's aligned weights, and places the outputs back on their
 widened axes, a merged channel taking the mean of the two views. The cost
 model counts such a part twice at the source's cost (``CostModel``), as the
 module computes it.
+
+Ops that combine widened features (a softmax or GroupNorm over channels, a
+layer into pinned channels) are the other such parts (``parts.view_parts``).
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ from fxmerge.analysis.rules.registry import tensors_in
 from fxmerge.analysis.tracing import TensorInfo
 from fxmerge.runtime.layers import ModelViews, RoleSplit
 from fxmerge.runtime.tensors import set_tensor
+from .parts import closed_components, view_parts
 from .widening import LayoutWidener, model_bit, role_order
+
+
+SOURCE_NAME = "fxm_source_name"  # a part's output: the name of the source node it stands for
 
 
 @dataclass
@@ -41,6 +48,7 @@ class Region:
     nodes: list = field(default_factory=list)  # names, graph order
     inputs: list = field(default_factory=list)  # fx.Nodes of the source graph read from outside (tensors)
     constants: dict = field(default_factory=dict)  # numbers read from outside (sizes): their source values
+    sizes: list = field(default_factory=list)  # fx.Nodes computing a size read from outside off the inputs
     outputs: list = field(default_factory=list)  # fx.Nodes of the region read outside it
 
 
@@ -54,7 +62,8 @@ def grown_axes(pg, widener: LayoutWidener, node: fx.Node) -> list:
 
 def view_regions(pg, widener: LayoutWidener) -> list:
     """The parts of the graph that compute a tensor widened along two axes,
-    with the nodes that read one, as connected regions in graph order."""
+    with the nodes that read one, and the ``parts.view_parts`` whose combined
+    axes widen, as connected regions in graph order."""
     nodes = list(pg.gm.graph.nodes)
     coupled = {n.name for n in nodes if n.op not in ("get_attr", "placeholder", "output")
                and len(grown_axes(pg, widener, n)) > 1}
@@ -62,28 +71,13 @@ def view_regions(pg, widener: LayoutWidener) -> list:
     for n in nodes:
         if n.name in coupled:
             member |= {u.name for u in n.users if u.op != "output"}
-    member |= _between(nodes, member)
-    # connected components over edges between members
-    parent = {name: name for name in member}
-
-    def root(name):
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
-    for n in nodes:
-        if n.name in member:
-            for i in n.all_input_nodes:
-                if i.name in member:
-                    parent[root(i.name)] = root(n.name)
-    regions: dict = {}
-    for n in nodes:
-        if n.name in member:
-            regions.setdefault(root(n.name), Region()).nodes.append(n.name)
+    for part in view_parts(pg):
+        if any(widener.size(lay) != layout_size(lay) for lay in part.lays):
+            member |= part.nodes
+    regions = [Region(nodes=names) for names in closed_components(nodes, member)]
     by_name = {n.name: n for n in nodes}
     out = []
-    for region in regions.values():
+    for region in regions:
         inside = set(region.nodes)
         for name in region.nodes:
             n = by_name[name]
@@ -93,8 +87,10 @@ def view_regions(pg, widener: LayoutWidener) -> list:
                 value = i.meta.get("fxm_value")
                 if isinstance(value, TensorInfo):
                     region.inputs.append(i)
+                elif _read_sizes(i, region):
+                    pass  # recomputed per view off its inputs: the view's own channels, the batch at hand
                 elif _is_constant(value):
-                    region.constants[i] = value  # a size read off a widened tensor: the view's is the source's
+                    region.constants[i] = value  # a number the graph fixed
                 else:
                     raise RewriteError(f"cannot run '{name}' per model view: it reads '{i.name}', "
                                        "neither a tensor nor a number")
@@ -104,24 +100,39 @@ def view_regions(pg, widener: LayoutWidener) -> list:
     return out
 
 
+_SIZE_FUNCTIONS = {getattr, operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub,
+                   operator.truediv, operator.pow, operator.mod, operator.neg, int}
+
+
+def _read_sizes(node: fx.Node, region: Region) -> bool:
+    """If ``node`` is a size computed from tensors by shape reads and
+    arithmetic (``b, c, h, w = x.shape``; ``c // heads``), let the region
+    recompute it from those tensors (added to its inputs) and return True."""
+    chain, leaves, stack = [], [], [node]
+    while stack:
+        n = stack.pop()
+        if n in chain or n in leaves:
+            continue
+        if isinstance(n.meta.get("fxm_value"), TensorInfo):
+            leaves.append(n)
+            continue
+        if not ((n.op == "call_function" and n.target in _SIZE_FUNCTIONS)
+                or (n.op == "call_method" and n.target in ("size", "dim"))):
+            return False
+        chain.append(n)
+        stack.extend(n.all_input_nodes)
+    if not leaves or any(t.name in region.nodes for t in leaves):
+        return False
+    region.inputs.extend(t for t in leaves if t not in region.inputs)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    region.sizes = sorted(set(region.sizes) | set(chain), key=order.get)
+    return True
+
+
 def _is_constant(value) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_is_constant(v) for v in value)
     return isinstance(value, (int, float, bool, type(None), torch.Size, str, torch.dtype, torch.device))
-
-
-def _between(nodes: list, member: set) -> set:
-    """Nodes on a path from one member to another (a slice of the tokens
-    taken out and put back): a part runs as one module, so it must hold
-    every node between its own."""
-    below, above = set(), set()
-    for n in nodes:
-        if any(i.name in member or i.name in below for i in n.all_input_nodes):
-            below.add(n.name)
-    for n in reversed(nodes):
-        if any(u.name in member or u.name in above for u in n.users):
-            above.add(n.name)
-    return (below & above) - member
 
 
 def _view_index(widener: LayoutWidener, lay, bit: int) -> np.ndarray:
@@ -138,6 +149,8 @@ def _view_graph(pg, region: Region) -> fx.GraphModule:
     for i, node in enumerate(region.inputs):
         env[node] = graph.placeholder(f"input_{i}")
     env.update(region.constants)
+    for node in region.sizes:
+        env[node] = graph.node_copy(node, lambda a: env[a])
     for name in region.nodes:
         node = by_name[name]
         for i in node.all_input_nodes:
@@ -198,28 +211,47 @@ def views_module(pg, region: Region, widener: LayoutWidener, states: list) -> Mo
     return ModelViews(views, gathers, scatters, scatter_index)
 
 
-def emit_views(gm: fx.GraphModule, pg, widener: LayoutWidener, states: list) -> list:
-    """Replace every region of ``gm`` (the widened copy of ``pg``'s graph) by
-    its ``ModelViews`` module. Returns the names of the nodes now run per view."""
+def _early_readers(gm: fx.GraphModule, region: Region, last: fx.Node) -> list:
+    """Nodes outside the part that read its outputs, or such a node's
+    result, before its last node (a shape read where the forward starts):
+    they move after the part's call, in graph order."""
+    inside = set(region.nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    readers = {u.name for o in region.outputs for u in o.users}  # outputs are the source graph's nodes
+    stack = [n for n in gm.graph.nodes if n.name in readers]
+    early: set = set()
+    while stack:
+        n = stack.pop()
+        if n.name in inside or n in early or order[n] > order[last]:
+            continue
+        early.add(n)
+        stack.extend(n.users)
+    return sorted(early, key=order.get)
+
+
+def emit_views(gm: fx.GraphModule, pg, widener: LayoutWidener, states: list, regions: list) -> list:
+    """Replace every region of ``gm`` (the widened copy of ``pg``'s graph;
+    ``view_regions``) by its ``ModelViews`` module. Returns the names of the
+    nodes now run per view."""
     replaced = []
-    for region in view_regions(pg, widener):
+    for region in regions:
         target = f"fxm_views_{region.nodes[0]}"
         gm.add_submodule(target, views_module(pg, region, widener, states))
         nodes = {n.name: n for n in gm.graph.nodes}
         inside = set(region.nodes)
         last = nodes[region.nodes[-1]]
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        for o in region.outputs:
-            early = [u.name for u in nodes[o.name].users if u.name not in inside and order[u] < order[last]]
-            if early:
-                raise RewriteError(f"cannot run '{o.name}' per model view: '{early[0]}' reads it before the part ends")
+        early = _early_readers(gm, region, last)
         with gm.graph.inserting_after(last):
             call = gm.graph.call_module(target, tuple(nodes[i.name] for i in region.inputs))
         previous = call
         for j, o in enumerate(region.outputs):
             with gm.graph.inserting_after(previous):
                 previous = gm.graph.call_function(operator.getitem, (call, j))
+            previous.meta[SOURCE_NAME] = o.name
             nodes[o.name].replace_all_uses_with(previous, delete_user_cb=lambda u: u.name not in inside)
+        for n in early:  # after the part, in their order
+            previous.append(n)
+            previous = n
         modules, feeds = set(), {}
         for name in reversed(region.nodes):
             node = nodes[name]
@@ -234,7 +266,25 @@ def emit_views(gm: fx.GraphModule, pg, widener: LayoutWidener, states: list) -> 
         for m in modules - still_called:
             gm.delete_submodule(m)
         replaced += region.nodes
+    if replaced:
+        _restore_names(gm)
     return replaced
+
+
+def _restore_names(gm: fx.GraphModule) -> None:
+    """Give each part's outputs back the names of the source nodes they
+    replace (graphs are matched by node name: least squares reads a layer's
+    input in the merged model under its name in the sources)."""
+    graph, env = fx.Graph(), {}
+    for n in gm.graph.nodes:
+        if SOURCE_NAME in n.meta:
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            env[n] = graph.create_node(n.op, n.target, args, {}, name=n.meta[SOURCE_NAME])
+            env[n].meta = dict(n.meta)
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    gm.graph = graph
+    gm.recompile()
 
 
 def role_split_layers(gm: fx.GraphModule, pg, widener: LayoutWidener, states: list) -> list:

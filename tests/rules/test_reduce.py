@@ -1,5 +1,5 @@
-"""Reductions: symmetric ones keep the kept axes (over channels they keep
-them merged when widened); order-dependent ones pin what they scan."""
+"""Reductions: symmetric ones keep the kept axes (over widened channels they
+run once per model view); order-dependent ones pin what they scan."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,8 +42,8 @@ def test_pooling_over_positions_keeps_channels_free():
     assert kinds(check(SpatialPooling, X)) == {"residual": 1}  # three pooled sums joined
 
 
-def test_a_reduction_over_channels_keeps_them_merged_when_widened():
-    check(ChannelReduction, X, exact_two_x=False)
+def test_a_reduction_over_channels_runs_per_model_view_when_widened():
+    check(ChannelReduction, X)
 
 
 def test_an_order_dependent_scan_pins_its_axis_and_says_so():
@@ -74,5 +74,5 @@ def test_local_response_norm_pins_its_channel_order():
     check(LRN, X, pinned={"call_module:nn.LocalResponseNorm"}, exact_two_x=False)
 
 
-def test_cosine_similarity_keeps_the_compared_features_merged():
-    check(Cosine, X, exact_two_x=False)
+def test_cosine_similarity_compares_each_model_s_own_features():
+    check(Cosine, X)

@@ -47,7 +47,7 @@ def matmul(ctx, a, b):
         return ctx.tl(a.lays[:-1])
     ctx.unify(a.lays[-1], b.lays[-2])
     # the product sums over the contracted features: within a head they
-    # never widen; a contracted channel axis stays merged
+    # never widen; over a widened channel axis it runs once per model view
     ctx.mixing(a.lays[-1])
     if a.ndim >= 3 and b.ndim >= 3 and _is_activation(a) and _is_activation(b):
         # activation x activation: attention scores (q k^T) or mixing (attn v)
@@ -134,7 +134,7 @@ def einsum(ctx, equation, *operands):
         for other in real[1:]:
             ctx.unify(real[0], other)
         if ch not in rhs and real:
-            ctx.mixing(real[0])  # summed over: stays merged
+            ctx.mixing(real[0])  # summed over: once per model view where it widens
             if len(entries) > 1 and len(operands) > 1:
                 ctx.hint(real[0], "qk")
     for ch in rhs:

@@ -89,7 +89,7 @@ def broadcast_layouts(ctx, operands, out_shape):
                 # a one-channel segment of a channel axis broadcast across
                 # another axis (FocalNet's gates[:, l:l + 1]): widened, it
                 # would hold one entry per model and no longer broadcast, so
-                # it stays merged (pinned size-1 axes need no record)
+                # the product runs once per model view (pinned size-1 axes need no record)
                 ctx.mixing(t.lays[t.ndim - 1 - k])
         if not axis_lays:
             if size != 1:

@@ -95,7 +95,7 @@ def conv_module(ctx, x, *args, **kwargs):
     # Weight standardisation (StdConv) normalises each output filter over all
     # of its inputs: symmetric in the input channels, so the rule is the same
     # for permutations, but a widened input would be standardised over both
-    # models' weights at once: the input channels stay merged.
+    # models' weights at once: where they widen, it runs once per model view.
     m = ctx.module
     w = ctx.param("weight")
     out = conv_layout(ctx, x, w, ctx.param("bias"), m.groups)

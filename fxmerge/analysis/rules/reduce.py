@@ -1,7 +1,8 @@
 """Reductions. A symmetric reduction (sum, mean, max, var, norm, ...) does not
 care about the order along the reduced axes, so it adds no constraint there;
 the kept axes pass through. Under widening it would combine both models'
-features, so the reduced axes are kept merged (``mixes``). Order-dependent
+features, so where the reduced axes widen it runs once per model view
+(``mixes``). Order-dependent
 scans (cumsum, argmax, sort, ...) pin the axis they scan."""
 from __future__ import annotations
 

@@ -76,8 +76,8 @@ WIDENING = {
                    "channels keep their own",
     "normalizes": "statistics over all features of an axis (LayerNorm, RMSNorm): split per model where the rewrite "
                   "can (norm_policy='split'), otherwise kept merged",
-    "mixes": "combines the features along an axis (a reduction, softmax or normalisation over channels): the axis "
-             "is kept merged, never widened",
+    "mixes": "combines the features along an axis (a reduction, softmax or normalisation over channels): where the "
+             "axis widens the op runs once per model view, on that model's own features",
     "attention": "heads widen or merge whole; within a head nothing widens",
     "pins": "depends on the order along an axis: the axis is pinned (identity permutation)",
 }
@@ -160,8 +160,8 @@ class Mixing:
     """An op that combines the features along an axis (a reduction,
     softmax or normalisation over channels). It commutes with permutations,
     but once the axis is widened it would combine both models' features,
-    which the ensemble never does: the merge keeps the roots of ``lays``
-    fully merged (``kind`` is the op kind, for the report)."""
+    which the ensemble never does: where ``lays`` widen, the merge runs the
+    op once per model view (``kind`` is the op kind, for the report)."""
 
     node: str
     kind: str

@@ -479,7 +479,7 @@ def channel_shuffle(ctx, x, *args, **kwargs):
     split = TL(reshape_layouts(x, (b, g, c // g, *rest)), (b, g, c // g, *rest))
     # the rewrite keeps the module's ``groups`` constant and has no widened
     # layout for an interleaving of two free axes: the channels permute
-    # (blocks and within blocks) but stay merged
+    # (blocks and within blocks); widened, the shuffle runs once per model view
     ctx.mixing(split.lays[1], split.lays[2])
     steps = [("perm", (0, 2, 1) + tuple(3 + i for i in range(n))), ("reshape", (b, c, *rest))]
     return _through_reshapes(ctx, split, steps)
