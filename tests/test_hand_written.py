@@ -2,7 +2,10 @@
 widening: window attention whose head width and scale are read from the
 input's shape, GroupNorm (widened a group at a time) and an MLP-Mixer's
 token mixing (a layer along another axis while the channels widen; with its
-hidden tokens widened too it runs once per model view). A permuted copy
+hidden tokens widened too it runs once per model view), and ops that
+combine the channels or read them into pinned ones, run once per model view
+(a LayerNorm over channels by hand, single-head attention over channels, a
+layer into an LSTM). A permuted copy
 merges back at every budget within 1% of it; at 2x every net is the
 ensemble; least squares skips what it cannot pair and says so; a cost the
 plan did not count is a warning naming the op, an error under ``strict``."""
@@ -137,6 +140,59 @@ class GroupNormNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class ChannelLayerNorm(nn.Module):
+    """ConvNeXt-style LayerNorm over the channels of an NCHW map written by
+    hand: the mean and variance over channels meet the features again."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, dim, 3, padding=1), nn.Conv2d(dim, dim, 3, padding=1)
+        self.weight, self.bias = nn.Parameter(1 + 0.1 * torch.randn(dim)), nn.Parameter(0.1 * torch.randn(dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.c1(x)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6) * self.weight[:, None, None] + self.bias[:, None, None]
+        return self.head(F.relu(self.c2(F.relu(x))).mean((2, 3)))
+
+
+class ChannelAttention(nn.Module):
+    """Single-head attention whose scores sum over every channel (CPU-bone,
+    iFormer): the channels widen, the scores are each model's own."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.qkv, self.proj, self.head = nn.Conv2d(dim, 3 * dim, 1), nn.Conv2d(dim, dim, 1), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, h, w)
+        return self.head((x + self.proj(o)).mean((2, 3)))
+
+
+class Recurrent(nn.Module):
+    """A layer into an LSTM, which fxmerge does not see into (its channels
+    are pinned), read back by a layer into free channels, then a channel
+    MLP (Sequencer)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.into, self.lstm, self.out = nn.Linear(dim, 12), nn.LSTM(12, 8, batch_first=True), nn.Linear(8, dim)
+        self.fc1, self.fc2, self.head = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        h, _ = self.lstm(self.into(t))
+        t = t + self.out(h)
+        return self.head((t + self.fc2(F.relu(self.fc1(t)))).mean(1))
+
+
 def model(seed, cls=Mixer):
     torch.manual_seed(seed)
     return cls().eval()
@@ -157,7 +213,8 @@ def rel(x, y):
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet, StandardizedNet, CoordinateBias],
+@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet, StandardizedNet, CoordinateBias,
+                                 ChannelLayerNorm, ChannelAttention, Recurrent],
                          ids=lambda c: c.__name__)
 def test_a_permuted_copy_merges_back_at_every_budget(cls, budget):
     a = model(0, cls)
@@ -169,7 +226,8 @@ def test_a_permuted_copy_merges_back_at_every_budget(cls, budget):
     assert abs(res.report["cost_measured"] - budget) <= 0.01 * budget
 
 
-@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet, StandardizedNet, CoordinateBias],
+@pytest.mark.parametrize("cls", [Mixer, TokenMixer, WindowAttention, GroupNormNet, StandardizedNet, CoordinateBias,
+                                 ChannelLayerNorm, ChannelAttention, Recurrent],
                          ids=lambda c: c.__name__)
 def test_at_two_x_the_merge_is_the_ensemble(cls):
     a, b = model(0, cls), model(1, cls)
