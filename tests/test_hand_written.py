@@ -160,18 +160,21 @@ class ChannelLayerNorm(nn.Module):
 
 class ChannelAttention(nn.Module):
     """Single-head attention whose scores sum over every channel (CPU-bone,
-    iFormer): the channels widen, the scores are each model's own."""
+    iFormer), with a learned position bias made from a table (HaloNet): the
+    channels widen, the scores and the bias are each model's own."""
 
     def __init__(self, dim=32):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 4, 4)
         self.qkv, self.proj, self.head = nn.Conv2d(dim, 3 * dim, 1), nn.Conv2d(dim, dim, 1), nn.Linear(dim, 10)
+        self.table = nn.Parameter(torch.randn(16, 16))
 
     def forward(self, x):
         x = self.embed(x)
         b, c, h, w = x.shape
         q, k, v = self.qkv(x).flatten(2).transpose(1, 2).chunk(3, dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, h, w)
+        bias = self.table.transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, c, h, w)
         return self.head((x + self.proj(o)).mean((2, 3)))
 
 

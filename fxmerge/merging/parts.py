@@ -45,7 +45,7 @@ def view_parts(pg) -> list:
     """The parts the combining ops span, joined where they touch."""
     nodes = list(pg.gm.graph.nodes)
     by_name = {n.name: n for n in nodes}
-    activations = _activations(nodes)
+    computed = activations(nodes)
     seeds = [(m.node, m.kind, m.lays) for m in pg.mixings]
     for name, (kind, lay, _) in pinned_layers(pg).items():
         if not _carries_features(pg, by_name[name]):  # (a layer over the tokens keeps the channels free)
@@ -56,7 +56,7 @@ def view_parts(pg) -> list:
         member.add(name)
         while frontier:
             n = frontier.pop()
-            if n.name in activations and _carries_features(pg, n):
+            if n.name in computed and _carries_features(pg, n):
                 continue  # the per-model result is back on a free axis: placed there per view
             for u in n.users:
                 if u.op != "output" and u.name not in member:
@@ -71,7 +71,7 @@ def view_parts(pg) -> list:
     return parts
 
 
-def _activations(nodes: list) -> set:
+def activations(nodes: list) -> set:
     """Names of the nodes computed from the inputs (not from weights alone)."""
     out = set()
     for n in nodes:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from fxmerge.analysis.rules.registry import tensors_in
 from fxmerge.analysis.tracing import TensorInfo
 from fxmerge.runtime.layers import ModelViews, RoleSplit
 from fxmerge.runtime.tensors import set_tensor
-from .parts import closed_components, view_parts
+from .parts import activations, closed_components, view_parts
 from .widening import LayoutWidener, model_bit, role_order
 
 
@@ -48,7 +49,9 @@ class Region:
     nodes: list = field(default_factory=list)  # names, graph order
     inputs: list = field(default_factory=list)  # fx.Nodes of the source graph read from outside (tensors)
     constants: dict = field(default_factory=dict)  # numbers read from outside (sizes): their source values
-    sizes: list = field(default_factory=list)  # fx.Nodes computing a size read from outside off the inputs
+    # fx.Nodes each view computes again: sizes read off its inputs, tensors
+    # made from weights alone (a position table: each model's own)
+    recomputed: list = field(default_factory=list)
     outputs: list = field(default_factory=list)  # fx.Nodes of the region read outside it
 
 
@@ -75,6 +78,7 @@ def view_regions(pg, widener: LayoutWidener) -> list:
         if any(widener.size(lay) != layout_size(lay) for lay in part.lays):
             member |= part.nodes
     regions = [Region(nodes=names) for names in closed_components(nodes, member)]
+    computed = activations(nodes)
     by_name = {n.name: n for n in nodes}
     out = []
     for region in regions:
@@ -82,10 +86,14 @@ def view_regions(pg, widener: LayoutWidener) -> list:
         for name in region.nodes:
             n = by_name[name]
             for i in n.all_input_nodes:
-                if i.name in inside or i.op == "get_attr" or i in region.inputs or i in region.constants:
+                if (i.name in inside or i.op == "get_attr" or i in region.inputs or i in region.constants
+                        or i in region.recomputed):
                     continue
                 value = i.meta.get("fxm_value")
-                if isinstance(value, TensorInfo):
+                chain = _weights_only(i, computed)
+                if chain is not None:
+                    _recompute(region, chain)  # each view from its own model's weights
+                elif isinstance(value, TensorInfo):
                     region.inputs.append(i)
                 elif _read_sizes(i, region):
                     pass  # recomputed per view off its inputs: the view's own channels, the batch at hand
@@ -124,9 +132,28 @@ def _read_sizes(node: fx.Node, region: Region) -> bool:
     if not leaves or any(t.name in region.nodes for t in leaves):
         return False
     region.inputs.extend(t for t in leaves if t not in region.inputs)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    region.sizes = sorted(set(region.sizes) | set(chain), key=order.get)
+    _recompute(region, chain)
     return True
+
+
+def _weights_only(node: fx.Node, computed: set) -> Optional[list]:
+    """The nodes that make ``node`` from weights alone (it and its
+    ancestors, attributes included), or None where an input reaches it."""
+    chain, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if n in chain:
+            continue
+        if n.name in computed:
+            return None
+        chain.append(n)
+        stack.extend(n.all_input_nodes)
+    return chain
+
+
+def _recompute(region: Region, chain: list) -> None:
+    order = {n: i for i, n in enumerate(chain[0].graph.nodes)}
+    region.recomputed = sorted(set(region.recomputed) | set(chain), key=order.get)
 
 
 def _is_constant(value) -> bool:
@@ -149,7 +176,7 @@ def _view_graph(pg, region: Region) -> fx.GraphModule:
     for i, node in enumerate(region.inputs):
         env[node] = graph.placeholder(f"input_{i}")
     env.update(region.constants)
-    for node in region.sizes:
+    for node in region.recomputed:
         env[node] = graph.node_copy(node, lambda a: env[a])
     for name in region.nodes:
         node = by_name[name]
