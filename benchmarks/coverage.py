@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import fxmerge  # noqa: E402
-from benchmarks.provenance import SOURCE_COMMIT  # noqa: E402
+from benchmarks.provenance import SOURCE_COMMIT, STATED  # noqa: E402
 from fxmerge.runtime import models  # noqa: E402
 from fxmerge.analysis.apply import apply_to_model  # noqa: E402
 from fxmerge.analysis.tracing import without_fast_path  # noqa: E402
@@ -353,7 +353,7 @@ def main():
     minutes = (time.perf_counter() - t_start) / 60
     os.makedirs(CACHE_DIR, exist_ok=True)
     with open(rows_cache(args.out), "w") as f:
-        json.dump({"argv": sys.argv[1:], "rows": rows, "tv_rows": tv_rows, "minutes": minutes}, f)
+        json.dump({"argv": sys.argv[1:], "rows": rows, "tv_rows": tv_rows, "minutes": minutes, "commit": COMMIT}, f)
     write_report(args, rows, tv_rows, minutes)
 
 
@@ -374,12 +374,18 @@ def rerun(args, names):
                 print(_line(row), flush=True)
     flags = (" --merge" if args.merge else "") + (f" --merge-anyway {args.merge_anyway}" if args.merge_anyway else "")
     flags += f" --out {args.out}" if os.path.abspath(args.out) != DEFAULT_OUT else ""
+    if "commit" not in saved:  # a sweep saved before its rows carried their commit: the page's
+        with open(args.out) as f:
+            stated = STATED.search(f.read())
+        saved["commit"] = stated.group(0)[len("at commit "):] if stated else "unknown"
     saved.setdefault("reruns", []).append(",".join(names) + flags)
+    saved.setdefault("rerun_commits", [saved["commit"]] * (len(saved["reruns"]) - 1)).append(COMMIT)
     saved["minutes"] += (time.perf_counter() - t_start) / 60
     with open(cache, "w") as f:
         json.dump(saved, f)
     args.original = " ".join([COMMAND] + saved["argv"])
-    write_report(args, saved["rows"], saved["tv_rows"], saved["minutes"], saved["reruns"])
+    write_report(args, saved["rows"], saved["tv_rows"], saved["minutes"], saved["reruns"],
+                 commits=(saved["commit"], saved["rerun_commits"]))
 
 
 def _line(r):
@@ -391,7 +397,9 @@ def _line(r):
             f"applier={applier} {r['time']:.2f}s{m} {r['error']}")
 
 
-def write_report(args, rows, tv_rows, minutes, reruns=()):
+def write_report(args, rows, tv_rows, minutes, reruns=(), commits=None):
+    """The page. ``commits``: the sweep's commit and each re-run's (the page
+    states the sweep's: rows it did not re-run describe that code)."""
     import timm
     import torchvision
 
@@ -404,9 +412,9 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
     applied = [r for r in all_rows if r["applier"] is not None]
     applier_ok = [r for r in applied if r["applier"] < 1e-6]
     cmd = getattr(args, "original", " ".join([COMMAND] + sys.argv[1:]))  # the command as it was run
+    sweep_commit, rerun_commits = commits or (COMMIT, [COMMIT] * len(reruns))
     if reruns:
-        cmd += "`, then " + ", ".join(f"`{COMMAND} --rerun {r}`"
-                                                     for r in reruns)
+        cmd += "`, then " + ", ".join(f"`{COMMAND} --rerun {r}` (at {c})" for r, c in zip(reruns, rerun_commits))
         cmd += " (those rows are from the re-runs)"
     else:
         cmd += "`"
@@ -414,8 +422,8 @@ def write_report(args, rows, tv_rows, minutes, reruns=()):
         "# Coverage over the model zoo",
         "",
         f"Produced by `{cmd} in {minutes:.0f} minutes; torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, timm {timm.__version__}, fxmerge {fxmerge.__version__} at commit "
-        f"{COMMIT}, python "
+        f"{torchvision.__version__}, timm {timm.__version__}, fxmerge {fxmerge.__version__}, the sweep at commit "
+        f"{sweep_commit}, python "
         f"{platform.python_version()}, {os.cpu_count()} CPU threads; random initialisation, eval mode, each "
         "model's default input size (rebuilt at 224 when larger than 448).",
         "",
