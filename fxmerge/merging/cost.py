@@ -328,22 +328,30 @@ class ClusterCost:
     def node_costs(self, hists: dict) -> dict:
         """The modelled cost of every node the model covers (roots not in
         ``hists`` merge fully)."""
+        return self._node_costs(*self._evaluated(hists))
+
+    def cost(self, hists: dict) -> float:
+        hd, full, active = self._evaluated(hists)
+        again = (self.n - 1) * sum(p.unmodelled for p in active)  # what no layer covers, once more per view
+        return sum(self._node_costs(hd, full, active).values()) + self.model.constant + again
+
+    def _evaluated(self, hists: dict) -> tuple:
+        """Every root's histogram (``hists`` over fully merged roots), the
+        fully merged ones, and the parts that run per model view."""
         m = self.model
         full = {u: self.merged(s) for u, s in zip(m.uids, m.sizes.tolist())}
         hd = {**full, **hists}
-        per_view = set().union(*[p.nodes for p in self.active_parts(hd, full)])
+        return hd, full, self.active_parts(hd, full)
+
+    def _node_costs(self, hd: dict, full: dict, active: list) -> dict:
+        m = self.model
+        per_view = set().union(*[p.nodes for p in active])
         out: dict = {}
         for l in m.layers:
             out[l.node] = out.get(l.node, 0.0) + self.layer_cost(l, hd, full, per_view)
         for p in m.products:
             out[p.node] = out.get(p.node, 0.0) + self.product_cost(p, hd, per_view)
         return out
-
-    def cost(self, hists: dict) -> float:
-        m = self.model
-        full = {u: self.merged(s) for u, s in zip(m.uids, m.sizes.tolist())}
-        again = (self.n - 1) * sum(p.unmodelled for p in self.active_parts({**full, **hists}, full))
-        return sum(self.node_costs(hists).values()) + m.constant + again
 
 
 def position_forms(pg, node, output_axis: int, sizes: dict) -> list:
